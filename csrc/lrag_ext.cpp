@@ -1,0 +1,60 @@
+// The compiled module lrag_ext._C: every op schema (one TORCH_LIBRARY block) and the host-side objects
+// exposed with pybind11. Kernels register their implementations in csrc/cpu/*.cpp and csrc/cuda/*.cu.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#ifndef LRAG_TORCH_VERSION
+#define LRAG_TORCH_VERSION "unknown"
+#endif
+#ifndef LRAG_CUDA_VERSION
+#define LRAG_CUDA_VERSION ""
+#endif
+#ifndef LRAG_CUDA_ARCHS
+#define LRAG_CUDA_ARCHS ""
+#endif
+
+TORCH_LIBRARY(lrag_ext, m) {
+  // For each stream b: the top-k logical ids in [lo[b], hi[b]) of its paged embedding history by cosine
+  // similarity dot(q, e) / ((|q| + 1e-8)(|e| + 1e-8)) with queries[b]; scores float32 descending, ties to the
+  // lower id, padded with (-inf, -1) when fewer than k ids are eligible.
+  m.def("cosine_topk(Tensor queries, Tensor pages, Tensor page_table, Tensor lo, Tensor hi, int k) -> (Tensor, Tensor)");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["torch_version"] = LRAG_TORCH_VERSION;
+#ifdef LRAG_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_version"] = LRAG_CUDA_VERSION;
+#else
+  info["cuda"] = false;
+  info["cuda_version"] = pybind11::none();
+#endif
+  std::vector<std::string> archs;
+  std::string all = LRAG_CUDA_ARCHS, cur;
+  for (char c : all + ";") {
+    if (c == ';' || c == ' ') {
+      if (!cur.empty()) archs.push_back(cur);
+      cur.clear();
+    } else {
+      cur += c;
+    }
+  }
+  info["cuda_archs"] = archs;
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "lrag_ext compiled kernels (ops are registered under torch.ops.lrag_ext)";
+  m.def("build_info", &build_info,
+        "Build facts: torch_version it was compiled against, cuda (bool), cuda_version, cuda_archs, openmp.");
+}

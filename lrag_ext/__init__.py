@@ -1,0 +1,22 @@
+"""lrag_ext: retrieval memory kernels for autoregressive video diffusion (LongLive-RAG).
+
+The compiled ops live under ``torch.ops.lrag_ext``; this package wraps each in a documented function
+(:mod:`lrag_ext.ops`) and defines its semantics in pure PyTorch (:mod:`lrag_ext.reference`).
+"""
+from lrag_ext._extension import load_compiled_module as _load
+
+_C = _load()
+
+from lrag_ext import ops, reference  # noqa: E402  (ops need _C loaded first)
+from lrag_ext.ops import cosine_topk  # noqa: E402
+
+__version__ = "0.1.0"
+
+
+def build_info() -> dict:
+    """How the compiled module was built: ``torch_version``, ``cuda`` (bool), ``cuda_version``, ``cuda_archs``,
+    ``openmp``."""
+    return dict(_C.build_info())
+
+
+__all__ = ["build_info", "cosine_topk", "ops", "reference"]

@@ -1,0 +1,132 @@
+"""Build of the compiled module ``lrag_ext._C``.
+
+C++ sources (``csrc/*.cpp``, ``csrc/cpu/*.cpp``) are always built. CUDA sources (``csrc/cuda/*.cu``) are built
+when the installed torch is a CUDA build *and* a CUDA toolkit (``nvcc``) is found: the decision never looks at a
+visible GPU, so GPU-less machines still produce GPU binaries.
+
+Environment:
+  LRAG_EXT_CUDA=auto|0|1    auto (default): build CUDA when possible; 0: never; 1: always (fail if impossible)
+  TORCH_CUDA_ARCH_LIST      target archs; defaults to "8.0;9.0" when no GPU is visible
+  CUDA_HOME                 the toolkit root (the directory holding bin/nvcc)
+  LRAG_EXT_DEBUG=1          -O0 -g host code, -lineinfo device code
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+from setuptools import find_packages, setup
+
+import torch
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "8.0;9.0"
+
+
+def _find_cuda_home() -> str | None:
+    """Toolkit root: $CUDA_HOME, else what nvcc itself reports (it may be a wrapper script on PATH)."""
+    env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if env and os.path.exists(os.path.join(env, "bin", "nvcc")):
+        return env
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        out = subprocess.run([nvcc, "-x", "cu", "-E", "-v", "-"], input="", capture_output=True, text=True,
+                             timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in (out.stdout + out.stderr).splitlines():
+        if "TOP=" in line:
+            return os.path.realpath(line.split("TOP=", 1)[1].strip())
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+
+
+def _nvidia_wheel_includes() -> list[str]:
+    """Header folders of the NVIDIA wheels a CUDA torch depends on (cuBLAS, cuSPARSE... headers live there)."""
+    dirs = []
+    for sp in sys.path:
+        root = os.path.join(sp, "nvidia")
+        if os.path.isdir(root):
+            dirs += sorted(d for d in glob.glob(os.path.join(root, "*", "include")) if os.path.isdir(d))
+    return dirs
+
+
+def _want_cuda() -> tuple[bool, str | None]:
+    mode = os.environ.get("LRAG_EXT_CUDA", "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        raise SystemExit(f"LRAG_EXT_CUDA must be auto, 0 or 1, got {mode!r}")
+    if mode == "0":
+        return False, None
+    cuda_home = _find_cuda_home()
+    problems = []
+    if torch.version.cuda is None:
+        problems.append(f"torch {torch.__version__} is not a CUDA build")
+    if cuda_home is None:
+        problems.append("no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)")
+    if problems:
+        if mode == "1":
+            raise SystemExit("LRAG_EXT_CUDA=1 but CUDA cannot be built: " + "; ".join(problems))
+        return False, None
+    return True, cuda_home
+
+
+def _extension():
+    with_cuda, cuda_home = _want_cuda()
+    debug = os.environ.get("LRAG_EXT_DEBUG") == "1"
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    cxx += ["-std=c++17", "-fopenmp"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    extra = {"cxx": cxx}
+    archs = ""
+    if with_cuda:
+        os.environ["CUDA_HOME"] = cuda_home
+        cpp_extension.CUDA_HOME = cuda_home  # torch guessed it at import time, possibly from a wrapper script
+        if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        include_dirs += _nvidia_wheel_includes()
+        cxx.append("-DLRAG_WITH_CUDA")
+        extra["nvcc"] = ["-O3", "-std=c++17", "-DLRAG_WITH_CUDA", "--expt-relaxed-constexpr"] + (
+            ["-lineinfo"] if debug else [])
+        ext_cls = cpp_extension.CUDAExtension
+    else:
+        ext_cls = cpp_extension.CppExtension
+    for flags in extra.values():  # build facts reported by lrag_ext.build_info()
+        flags += ["-DLRAG_TORCH_VERSION=\"%s\"" % torch.__version__, "-DLRAG_CUDA_ARCHS=\"%s\"" % archs, "-DLRAG_CUDA_VERSION=\"%s\"" % (torch.version.cuda or "")]
+    ext = ext_cls("lrag_ext._C", sources, include_dirs=include_dirs, extra_compile_args=extra,
+                  extra_link_args=["-fopenmp"])
+    return ext, {"torch_version": torch.__version__, "torch_cuda": torch.version.cuda, "with_cuda": with_cuda,
+                 "cuda_archs": archs}
+
+
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's BuildExtension + a ``_build_meta.json`` beside the module, readable without loading it.
+
+    ``lrag_ext/__init__.py`` reads it to explain an ABI mismatch (module built for another torch) instead of
+    surfacing an undefined-symbol error.
+    """
+
+    def run(self):
+        super().run()
+        for ext in self.extensions:
+            path = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), "_build_meta.json")
+            with open(path, "w") as f:
+                json.dump(BUILD_META, f, indent=1)
+
+
+EXTENSION, BUILD_META = _extension()
+
+setup(
+    packages=find_packages(include=["lrag_ext", "lrag_ext.*"]) + find_packages("python", include=["lrag", "lrag.*"]),
+    package_dir={"lrag": "python/lrag"},
+    ext_modules=[EXTENSION],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
