@@ -12,6 +12,9 @@ from lrag_ext.ops import cosine_topk, gather_kv, kv_pool_empty, write_kv  # noqa
 
 SlotAllocator = _C.SlotAllocator
 
+from lrag_ext.memory import KVLayout, MemoryConfig, RetrievalMemory, RetrievalPlan  # noqa: E402
+from lrag_ext.policy import RetrievalPolicy  # noqa: E402
+
 __version__ = "0.1.0"
 
 
@@ -21,5 +24,5 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["SlotAllocator", "build_info", "cosine_topk", "gather_kv", "kv_pool_empty", "ops", "reference",
-           "write_kv"]
+__all__ = ["KVLayout", "MemoryConfig", "RetrievalMemory", "RetrievalPlan", "RetrievalPolicy", "SlotAllocator",
+           "build_info", "cosine_topk", "gather_kv", "kv_pool_empty", "ops", "reference", "write_kv"]
