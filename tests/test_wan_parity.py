@@ -111,6 +111,7 @@ def test_longlive_native_matches_reference(rag):
     res = Pipeline(model).generate(io["text_embeds"], 30, mode="native", noise=io["init_noise"],
                                    renoise=io["renoise"])
     _close(res.latents, native_io["output_latents"], "LongLive native output latents")
+    assert torch.equal(res.latents, native_io["output_latents"])
     # README §4 (iii): blocks 0-1 equal the retrieval model's, block 2 on differ (its local window is shorter).
     _close(res.latents[:, :6], io["output_latents"][:, :6], "native vs retrieval model, blocks 0-1")
     assert (res.latents[:, 6:9] - io["output_latents"][:, 6:9]).abs().max() > 1e-3
@@ -118,6 +119,7 @@ def test_longlive_native_matches_reference(rag):
 
 def test_longlive_rag_matches_reference(rag, rag_result):
     _check_trace(rag_result[0], rag[2])
+    assert torch.equal(rag_result[0].x0[:, :, 0], rag[2]["x0_per_forward"])   # bit-exact, as SPEC §7 says
 
 
 def test_longlive_rag_memory_selection(rag, rag_result):
