@@ -133,6 +133,9 @@ class KVCache:
         self.text: TextContext | None = None
         self.last_block_k: torch.Tensor | None = None
         self.last_block_v: torch.Tensor | None = None
+        self._mem_version = 0                    # bumped by set_memory / clear_memory
+        self._prefix: dict = {}                  # layer -> (roped committed keys, values) of the current block
+        self._prefix_key: tuple | None = None
 
     @property
     def batch(self) -> int:
@@ -169,9 +172,11 @@ class KVCache:
         self.mem_k[:, :, :m] = k.to(self.mem_k.dtype)
         self.mem_v[:, :, :m] = v.to(self.mem_v.dtype)
         self.mem_positions = positions.to(self.mem_k.device)
+        self._mem_version += 1
 
     def clear_memory(self) -> None:
         self.mem_positions = self.mem_positions[:0]
+        self._mem_version += 1
 
     def block_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V ``[layers, B, F, T, H, d]`` (un-roped) of the last committed block (its t = 0 context rerun)."""
@@ -211,6 +216,32 @@ class KVCache:
         pos = torch.cat([plan.sink_pos, self.mem_positions.cpu(), plan.local_pos])
         return torch.cat(keys, dim=1), torch.cat(vals, dim=1), pos
 
+    def roped_attention_kv(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, plan: _Plan,
+                           rope: Rope3D):
+        """Roped keys and values ``[B, Nk, T, H, d]`` for ``layer``.
+
+        The committed part of the key set (sink, memory, committed local frames) and its positions do not change
+        between the forwards of one block, so it is roped once per block and reused; only the block's own frames
+        are roped per forward. RoPE acts per token, so the result equals roping the whole key set at once.
+        """
+        if plan.n_sink > plan.n_committed or plan.local_start > plan.n_committed:
+            # the block overlaps the sink (first block) or is not wholly attended: rope everything
+            keys, vals, pos = self.attention_kv(layer, k_new, v_new, plan)
+            return rope.apply(keys, pos), vals
+        key = (self.num_frames, k_new.shape[1], self._mem_version)
+        if self._prefix_key != key:
+            self._prefix, self._prefix_key = {}, key
+        if layer not in self._prefix:
+            n_c, m = plan.n_committed, self.mem_count
+            ck, cv = self.k[layer, :, :n_c], self.v[layer, :, :n_c]
+            keys = torch.cat([ck[:, :plan.n_sink], self.mem_k[layer, :, :m], ck[:, plan.local_start:]], dim=1)
+            vals = torch.cat([cv[:, :plan.n_sink], self.mem_v[layer, :, :m], cv[:, plan.local_start:]], dim=1)
+            pos = torch.cat([plan.sink_pos, self.mem_positions.cpu(), plan.local_pos[:n_c - plan.local_start]])
+            self._prefix[layer] = (rope.apply(keys, pos), vals)
+        k_old, v_old = self._prefix[layer]
+        k_cur = rope.apply(k_new, plan.local_pos[plan.n_committed - plan.local_start:])
+        return torch.cat([k_old, k_cur], dim=1), torch.cat([v_old, v_new], dim=1)
+
     def commit(self, new_k: list[torch.Tensor], new_v: list[torch.Tensor], plan: _Plan) -> None:
         """Writes the block's K/V (one ``[B, F, T, H, d]`` per layer), evicting the oldest non-sink frames."""
         n_keep = len(plan.keep_ids)
@@ -240,10 +271,9 @@ class SelfAttention(nn.Module):
         q = self.norm_q(self.q(x)).view(shape)
         k = self.norm_k(self.k(x)).view(shape)
         v = self.v(x).view(shape)
-        keys, vals, kpos = cache.attention_kv(layer, k, v, plan)
+        keys, vals = cache.roped_attention_kv(layer, k, v, plan, rope)
         q_r = rope.apply(q, plan.query_pos).flatten(1, 2)
-        k_r = rope.apply(keys, kpos).flatten(1, 2)
-        return self.o(_sdpa(q_r, k_r, vals.flatten(1, 2))), (k, v)
+        return self.o(_sdpa(q_r, keys.flatten(1, 2), vals.flatten(1, 2))), (k, v)
 
 
 class CrossAttention(nn.Module):

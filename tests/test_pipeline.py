@@ -1,0 +1,58 @@
+"""Pipeline behaviour beyond the single-stream parity runs: batches, drawn noise, argument errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import fixture_path
+from lrag.checkpoint import load_generator
+from lrag.config import RetrievalConfig, tiny_from_run_json
+from lrag.models.wan import CausalWanModel
+from lrag.pipeline import Pipeline, mean_descriptor
+from test_wan_parity import LookupEmbedder
+
+
+@pytest.fixture(scope="module")
+def setup():
+    run = json.load(open(fixture_path("rag_tiny_run.json")))
+    model = load_generator(CausalWanModel(tiny_from_run_json(run)), fixture_path("rag_tiny_ckpt.pt"))
+    return model, load_file(fixture_path("rag_tiny_io.safetensors"))
+
+
+def test_batch_of_two_streams_matches_reference(setup):
+    # two identical streams, each with its own memory: both reproduce the reference's retrieval run (8 blocks)
+    model, io = setup
+    nb = 8
+    renoise = io["renoise"][:nb].unsqueeze(2).expand(-1, -1, 2, -1, -1, -1, -1).reshape(nb, 3, 6, 16, 8, 8)
+    pipe = Pipeline(model, embed=LookupEmbedder(io["output_latents"][0], io["descriptors"]))
+    res = pipe.generate(io["text_embeds"].expand(2, -1, -1), 3 * nb, mode="rag",
+                        noise=io["init_noise"][:, :3 * nb].expand(2, -1, -1, -1, -1), renoise=renoise)
+    for b in range(2):
+        err = (res.latents[b] - io["output_latents"][0, :3 * nb]).abs().max().item()
+        assert err <= 1e-4, f"stream {b}: {err}"
+    rec = res.memory_log[-1]
+    assert rec["block"] == 7 and rec["selected_global_frames"] == [[4, 3, 1, 2]] * 2
+
+
+def test_drawn_noise_is_reproducible(setup):
+    model, io = setup
+    pipe = Pipeline(model, embed=mean_descriptor, retrieval=RetrievalConfig(k=2, recent_exclude=0))
+    runs = [pipe.generate(io["text_embeds"], 6, generator=torch.Generator().manual_seed(s)).latents for s in (3, 3, 4)]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+def test_errors(setup):
+    model, io = setup
+    pipe = Pipeline(model)
+    text = io["text_embeds"]
+    with pytest.raises(ValueError, match="mode must be"):
+        pipe.generate(text, 6, mode="memory")
+    with pytest.raises(ValueError, match="multiple of frames_per_block"):
+        pipe.generate(text, 7)
+    with pytest.raises(ValueError, match="noise must be"):
+        pipe.generate(text, 6, noise=io["init_noise"])
+    with pytest.raises(ValueError, match="renoise must be"):
+        pipe.generate(text, 6, noise=io["init_noise"][:, :6], renoise=io["renoise"])
