@@ -106,16 +106,20 @@ def tiny_from_run_json(run: dict | str, **overrides) -> WanConfig:
     """The tiny test model of the official fixtures, from a ``*_run.json`` (dict or path).
 
     Reads ``tiny_model_config_json`` for the DiT, and the run's block size and window/sink for the schedule;
-    the latent size follows from ``tokens_per_frame`` (square latents).
+    the latent size follows from ``tokens_per_frame`` and the patch (square latents, as in the fixtures).
     """
     if isinstance(run, str):
         run = json.load(open(run))
     kwargs = run["resolved_config"].get("model_kwargs", {})
-    side = int(round(math.sqrt(run["tokens_per_frame"]))) * 2
+    model_cfg = run["tiny_model_config_json"]
+    if isinstance(model_cfg, str):
+        model_cfg = json.loads(model_cfg)
+    patch = model_cfg.get("patch_size", (1, 2, 2))
+    side = int(round(math.sqrt(run["tokens_per_frame"]))) * patch[1]
     base = dict(latent_height=side, latent_width=side, frames_per_block=run["num_frame_per_block"],
                 window=kwargs.get("local_attn_size", 12), sink=kwargs.get("sink_size", 1))
     base.update(overrides)
-    return WanConfig.from_wan_config(run["tiny_model_config_json"], **base)
+    return WanConfig.from_wan_config(model_cfg, **base)
 
 
 @dataclass(frozen=True)

@@ -142,7 +142,10 @@ class Pipeline:
             timings = {}
             t_block = time.perf_counter()
             record = self._retrieve(b, s, cache, memories, embeddings) if rag else None
+            _sync(device)
             timings["retrieval"] = time.perf_counter() - t_block
+            if record is not None:
+                record["retrieval_s"] = timings["retrieval"]
 
             t0 = time.perf_counter()
             x = noise[:, s:s + F]
