@@ -56,3 +56,35 @@ def test_errors(setup):
         pipe.generate(text, 6, noise=io["init_noise"])
     with pytest.raises(ValueError, match="renoise must be"):
         pipe.generate(text, 6, noise=io["init_noise"][:, :6], renoise=io["renoise"])
+
+
+@pytest.mark.parametrize("policy, block6", [(0, [0]), ("absolute", [1]), ("ordered", [6])])
+def test_memory_position_policies(setup, policy, block6):
+    # Block 6 retrieves frame 1 whatever the policy; later selections depend on the (now different) frames, so
+    # there the positions are checked against the policy's rule. The embedder is lenient here: from block 6 on
+    # the frames differ from the recorded ones except for policy 0.
+    model, io = setup
+    pipe = Pipeline(model, embed=LookupEmbedder(io["output_latents"][0], io["descriptors"], tol=float("inf")),
+                    retrieval=RetrievalConfig(memory_position=policy))
+    res = pipe.generate(io["text_embeds"], 27, noise=io["init_noise"][:, :27], renoise=io["renoise"][:9])
+    assert [rec["block"] for rec in res.memory_log] == [6, 7, 8]
+    assert res.memory_log[0]["memory_positions"] == [block6]
+    for rec in res.memory_log:
+        frames, pos = torch.tensor(rec["selected_global_frames"][0]), rec["memory_positions"][0]
+        if policy == "absolute":
+            assert pos == frames.tolist()
+        elif policy == "ordered":   # the local window starts at slot 7: memory on slots 7-m..6, oldest first
+            assert pos == (7 - len(frames) + frames.argsort().argsort()).tolist()
+        else:
+            assert pos == [0] * len(frames)
+    same = torch.equal(res.latents, io["output_latents"][:, :27])
+    assert same == (policy == 0)
+
+
+def test_retrieval_config_errors():
+    with pytest.raises(ValueError, match="memory_position"):
+        RetrievalConfig(memory_position="sink")
+    with pytest.raises(ValueError, match="memory_position"):
+        RetrievalConfig(memory_position=-1)
+    with pytest.raises(ValueError, match="k must be"):
+        RetrievalConfig(k=0)

@@ -91,7 +91,8 @@ def _attended(cache, cfg):
     ids = torch.arange(cache.num_frames, cache.num_frames + cfg.frames_per_block, dtype=torch.float32)
     new = ids.reshape(1, -1, 1, 1, 1).expand(1, -1, cfg.tokens_per_frame, cfg.num_heads, cfg.head_dim)
     k, v, pos = cache.attention_kv(0, new, -new, plan)
-    return k[0, :, 0, 0, 0].long().tolist(), pos.tolist(), plan.query_pos.tolist()
+    assert pos.shape == (1, k.shape[1])
+    return k[0, :, 0, 0, 0].long().tolist(), pos[0].tolist(), plan.query_pos.tolist()
 
 
 def test_window_mode_positions(model, cfg):
@@ -181,7 +182,7 @@ def test_errors_leave_state_unchanged(model, cfg):
         cache.set_memory(mem, mem)
     with pytest.raises(ValueError, match="memory k/v must be"):
         cache.set_memory(mem[..., :4], mem[..., :4])
-    with pytest.raises(ValueError, match="one entry per memory frame"):
+    with pytest.raises(ValueError, match=r"positions must be an int, \[m=2\]"):
         cache.set_memory(mem[:, :2], mem[:, :2], torch.tensor([0, 1, 2]))
     assert cache.mem_count == 0 and cache.num_frames == 0
     with pytest.raises(ValueError, match="position_mode"):

@@ -122,16 +122,29 @@ def tiny_from_run_json(run: dict | str, **overrides) -> WanConfig:
     return WanConfig.from_wan_config(model_cfg, **base)
 
 
+MEMORY_POSITION_POLICIES = ("absolute", "ordered")
+
+
 @dataclass(frozen=True)
 class RetrievalConfig:
     """The LongLive-RAG retrieval schedule: ``k`` frames retrieved per block, the ``recent_exclude`` most recently
-    evicted frames never retrieved, retrieved frames' temporal RoPE position(s) given by ``memory_position``."""
+    evicted frames never retrieved.
+
+    ``memory_position`` is the temporal RoPE position policy of the retrieved frames:
+    an int (all at that position; 0 = the sink's phase, the reference's choice), ``"absolute"`` (their global
+    frame index, for absolute-RoPE caches) or ``"ordered"`` (in temporal order, on the positions just before the
+    local window's first frame, clamped at 0).
+    """
 
     k: int = 6
     recent_exclude: int = 5
-    memory_position: int = 0
+    memory_position: int | str = 0
 
     def __post_init__(self) -> None:
+        pos = self.memory_position
+        if not ((isinstance(pos, int) and pos >= 0) or pos in MEMORY_POSITION_POLICIES):
+            raise ValueError(f"RetrievalConfig.memory_position must be an int >= 0 or one of "
+                             f"{MEMORY_POSITION_POLICIES}, got {pos!r}")
         if self.k < 1:
             raise ValueError(f"RetrievalConfig.k must be >= 1, got {self.k}")
         if self.recent_exclude < 0:

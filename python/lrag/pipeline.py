@@ -3,7 +3,8 @@
 Per block of ``F`` frames starting at frame ``s`` (see docs/generator.md):
 
 1. ``rag`` mode: query = embedding of frame ``s - 1``; ``memory.retrieve`` -> up to K frames; their K/V go into
-   the cache's memory slots (temporal RoPE position ``RetrievalConfig.memory_position``, 0 as the reference).
+   the cache's memory slots (temporal RoPE positions by ``RetrievalConfig.memory_position``: 0, as the
+   reference, by default).
 2. Denoise: for each warped timestep ``t_j``: flow = model(x, t_j); x0 = x - sigma(t_j) flow (float64); unless
    last, x = (1 - sigma_{j+1}) x0 + sigma_{j+1} eps (float32, eps from ``renoise`` or the generator).
 3. Context rerun: one more forward on the clean x0 at t = ``context_noise`` (0) commits the block's clean,
@@ -204,7 +205,8 @@ class Pipeline:
         kv = [memory.gather(sel) for memory, sel in zip(memories, selections)]
         k = torch.stack([k for k, _ in kv], dim=1)                 # [layers, B, m, T, H, d]
         v = torch.stack([v for _, v in kv], dim=1)
-        cache.set_memory(k, v, self.retrieval.memory_position)
+        positions = self._memory_positions(cache, torch.stack([sel.frames for sel in selections]))
+        cache.set_memory(k, v, positions)
         sink = self.cfg.sink
         return {
             "block": b,
@@ -215,7 +217,19 @@ class Pipeline:
             "selected_pool_indices": [(sel.frames - sink).tolist() for sel in selections],
             "selected_global_frames": [sel.frames.tolist() for sel in selections],
             "selected_similarities": [sel.scores.tolist() for sel in selections],
+            "memory_positions": positions.tolist(),
         }
+
+    def _memory_positions(self, cache, frames: torch.Tensor) -> torch.Tensor:
+        """``[B, m]`` temporal positions of the selected ``frames`` ``[B, m]`` under the configured policy."""
+        policy = self.retrieval.memory_position
+        if policy == "absolute":
+            return frames.clone()
+        if policy == "ordered":
+            first_local = int(cache.plan(self.cfg.frames_per_block).local_pos[0])
+            rank = frames.argsort(dim=1).argsort(dim=1)                  # 0 = the oldest selected frame
+            return (first_local - frames.shape[1] + rank).clamp(min=0)
+        return torch.full_like(frames, policy)
 
 
 def _sync(device: torch.device) -> None:

@@ -47,15 +47,17 @@ class Rope3D:
         return self
 
     def factors(self, positions: torch.Tensor) -> torch.Tensor:
-        """``[F, T, 1, c]`` complex128 rotation of ``F`` frames at temporal ``positions`` ``[F]`` (int64)."""
+        """Complex128 rotation ``[..., F, T, 1, c]`` of frames at temporal ``positions`` ``[..., F]`` (int64)."""
         if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= self.max_positions):
             raise ValueError(f"RoPE positions must lie in [0, {self.max_positions}), got {positions.tolist()}")
-        t = self.temporal[positions]                                                           # [F, ct]
-        F, T = positions.shape[0], self.spatial.shape[0]
-        return torch.cat([t[:, None, :].expand(F, T, -1), self.spatial[None].expand(F, T, -1)], dim=-1)[:, :, None]
+        t = self.temporal[positions]                                                           # [..., F, ct]
+        T = self.spatial.shape[0]
+        t = t.unsqueeze(-2).expand(*t.shape[:-1], T, t.shape[-1])                            # [..., F, T, ct]
+        return torch.cat([t, self.spatial.expand(*t.shape[:-1], -1)], dim=-1).unsqueeze(-2)
 
     def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotates ``x`` ``[B, F, T, H, d]`` with frame ``i`` at temporal position ``positions[i]``.
+        """Rotates ``x`` ``[B, F, T, H, d]`` with frame ``i`` at temporal position ``positions[i]`` (``[F]``), or
+        ``positions[b, i]`` per stream (``[B, F]``).
 
         Returns a tensor of ``x``'s shape and dtype (contiguous).
         """

@@ -127,14 +127,14 @@ class KVCache:
         mshape = (cfg.num_layers, batch, memory_slots, cfg.tokens_per_frame, cfg.num_heads, cfg.head_dim)
         self.mem_k = torch.zeros(mshape, dtype=dtype, device=device)
         self.mem_v = torch.zeros(mshape, dtype=dtype, device=device)
-        self.mem_positions = torch.zeros(0, dtype=torch.long, device=device)
+        self.mem_positions = torch.zeros((batch, 0), dtype=torch.long)   # [B, m] on the host: it sizes the keys
         self.frame_ids: list[int] = []
         self.num_frames = 0
         self.text: TextContext | None = None
         self.last_block_k: torch.Tensor | None = None
         self.last_block_v: torch.Tensor | None = None
         self._mem_version = 0                    # bumped by set_memory / clear_memory
-        self._prefix: dict = {}                  # layer -> (roped committed keys, values) of the current block
+        self._prefix: dict = {}                  # layer -> roped committed keys of the current block
         self._prefix_key: tuple | None = None
 
     @property
@@ -143,14 +143,15 @@ class KVCache:
 
     @property
     def mem_count(self) -> int:
-        return int(self.mem_positions.numel())
+        return int(self.mem_positions.shape[1])
 
     def set_memory(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor | int = 0) -> None:
         """Places ``m`` retrieved frames into the memory slots (once per block, before its forwards).
 
         Args:
             k, v: ``[layers, m, T, H, d]`` (batch 1) or ``[layers, B, m, T, H, d]``, un-roped.
-            positions: ``[m]`` temporal RoPE positions, or one int for all (0 = the sink's phase, as the reference).
+            positions: temporal RoPE positions: one int for all (0 = the sink's phase, as the reference), ``[m]``
+                for every stream, or ``[B, m]`` per stream.
 
         Raises:
             ValueError: wrong shapes, ``m > memory_slots``, or positions of the wrong length. The cache is unchanged.
@@ -164,18 +165,22 @@ class KVCache:
         m = k.shape[2]
         if m > self.memory_slots:
             raise ValueError(f"{m} memory frames exceed the cache's memory_slots={self.memory_slots}")
-        if isinstance(positions, int):
-            positions = torch.full((m,), positions, dtype=torch.long)
-        positions = torch.as_tensor(positions, dtype=torch.long).reshape(-1)
-        if positions.numel() != m:
-            raise ValueError(f"positions must have one entry per memory frame ({m}), got {positions.numel()}")
+        positions = torch.as_tensor(positions, dtype=torch.long).cpu()
+        if positions.dim() == 0:
+            positions = positions.expand(m)
+        if positions.dim() == 1:
+            positions = positions[None].expand(B, -1)
+        if positions.shape != (B, m):
+            raise ValueError(f"positions must be an int, [m={m}] or [B={B}, m={m}], got {list(positions.shape)}")
+        if positions.numel() and int(positions.min()) < 0:
+            raise ValueError(f"positions must be >= 0, got {positions.tolist()}")
         self.mem_k[:, :, :m] = k.to(self.mem_k.dtype)
         self.mem_v[:, :, :m] = v.to(self.mem_v.dtype)
-        self.mem_positions = positions.to(self.mem_k.device)
+        self.mem_positions = positions.clone()
         self._mem_version += 1
 
     def clear_memory(self) -> None:
-        self.mem_positions = self.mem_positions[:0]
+        self.mem_positions = self.mem_positions[:, :0]
         self._mem_version += 1
 
     def block_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,14 +212,18 @@ class KVCache:
                      keep_start=keep_start, keep_ids=ids[:n_sink] + ids[keep_start:])
 
     def attention_kv(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, plan: _Plan):
-        """Un-roped keys, values ``[B, Nk, T, H, d]`` and key positions ``[Nk]`` for ``layer``."""
+        """Un-roped keys, values ``[B, Nk, T, H, d]`` and key positions ``[B, Nk]`` for ``layer``."""
         full_k = torch.cat([self.k[layer, :, :plan.n_committed], k_new], dim=1)
         full_v = torch.cat([self.v[layer, :, :plan.n_committed], v_new], dim=1)
         m = self.mem_count
         keys = [full_k[:, :plan.n_sink], self.mem_k[layer, :, :m], full_k[:, plan.local_start:]]
         vals = [full_v[:, :plan.n_sink], self.mem_v[layer, :, :m], full_v[:, plan.local_start:]]
-        pos = torch.cat([plan.sink_pos, self.mem_positions.cpu(), plan.local_pos])
-        return torch.cat(keys, dim=1), torch.cat(vals, dim=1), pos
+        return torch.cat(keys, dim=1), torch.cat(vals, dim=1), self._positions(plan, plan.local_pos)
+
+    def _positions(self, plan: _Plan, local_pos: torch.Tensor) -> torch.Tensor:
+        """``[B, n_sink + m + len(local_pos)]`` positions of ``[sink | memory | local]`` keys."""
+        B = self.batch
+        return torch.cat([plan.sink_pos.expand(B, -1), self.mem_positions, local_pos.expand(B, -1)], dim=1)
 
     def roped_attention_kv(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, plan: _Plan,
                            rope: Rope3D):
@@ -228,19 +237,18 @@ class KVCache:
             # the block overlaps the sink (first block) or is not wholly attended: rope everything
             keys, vals, pos = self.attention_kv(layer, k_new, v_new, plan)
             return rope.apply(keys, pos), vals
+        n_c, m = plan.n_committed, self.mem_count
         key = (self.num_frames, k_new.shape[1], self._mem_version)
         if self._prefix_key != key:
             self._prefix, self._prefix_key = {}, key
         if layer not in self._prefix:
-            n_c, m = plan.n_committed, self.mem_count
-            ck, cv = self.k[layer, :, :n_c], self.v[layer, :, :n_c]
+            ck = self.k[layer, :, :n_c]
             keys = torch.cat([ck[:, :plan.n_sink], self.mem_k[layer, :, :m], ck[:, plan.local_start:]], dim=1)
-            vals = torch.cat([cv[:, :plan.n_sink], self.mem_v[layer, :, :m], cv[:, plan.local_start:]], dim=1)
-            pos = torch.cat([plan.sink_pos, self.mem_positions.cpu(), plan.local_pos[:n_c - plan.local_start]])
-            self._prefix[layer] = (rope.apply(keys, pos), vals)
-        k_old, v_old = self._prefix[layer]
-        k_cur = rope.apply(k_new, plan.local_pos[plan.n_committed - plan.local_start:])
-        return torch.cat([k_old, k_cur], dim=1), torch.cat([v_old, v_new], dim=1)
+            self._prefix[layer] = rope.apply(keys, self._positions(plan, plan.local_pos[:n_c - plan.local_start]))
+        cv = self.v[layer, :, :n_c]
+        vals = torch.cat([cv[:, :plan.n_sink], self.mem_v[layer, :, :m], cv[:, plan.local_start:], v_new], dim=1)
+        k_cur = rope.apply(k_new, plan.local_pos[n_c - plan.local_start:])
+        return torch.cat([self._prefix[layer], k_cur], dim=1), vals
 
     def commit(self, new_k: list[torch.Tensor], new_v: list[torch.Tensor], plan: _Plan) -> None:
         """Writes the block's K/V (one ``[B, F, T, H, d]`` per layer), evicting the oldest non-sink frames."""
