@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import fixture_path
-from lrag.checkpoint import load_generator, normalize_keys, select_state_dict
-from lrag.config import tiny_from_run_json
+from lrag.checkpoint import build_generator, load_generator, normalize_keys, select_state_dict
+from lrag.config import tiny_from_run_json, wan_1_3b
 from lrag.models.wan import CausalWanModel
 
 
@@ -88,3 +88,27 @@ def test_select_errors(ckpt, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_generator(CausalWanModel(tiny_from_run_json(json.load(open(fixture_path("sf_tiny_run.json"))))),
                        str(tmp_path / "nope.pt"))
+
+
+def test_build_generator_without_random_init(cfg, ckpt):
+    model = build_generator(cfg, fixture_path("sf_tiny_ckpt.pt"))
+    assert _same(model, ckpt["generator_ema"]) and model.device.type == "cpu"
+    assert model.rope.temporal.device.type == "cpu" and not model.training
+    half = build_generator(cfg, ckpt, dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16
+
+
+def test_full_size_layout_on_meta(ckpt):
+    # Wan2.1-T2V-1.3B: 1,418,996,800 parameters, the same names as the released (tiny) checkpoints, 30 blocks
+    with torch.device("meta"):
+        model = CausalWanModel(wan_1_3b())
+    assert sum(p.numel() for p in model.parameters()) == 1_418_996_800
+    sd = model.state_dict()
+    tiny = {k for k in normalize_keys(ckpt["generator_ema"])}
+    per_block = {k.split(".", 2)[2] for k in tiny if k.startswith("blocks.0.")}
+    expect = {k for k in tiny if not k.startswith("blocks.")} | {f"blocks.{i}.{n}" for i in range(30) for n in per_block}
+    assert set(sd) == expect
+    assert sd["patch_embedding.weight"].shape == (1536, 16, 1, 2, 2)
+    assert sd["blocks.29.ffn.0.weight"].shape == (8960, 1536)
+    assert sd["text_embedding.0.weight"].shape == (1536, 4096)
+    assert sd["head.head.weight"].shape == (64, 1536)

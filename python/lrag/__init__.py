@@ -7,7 +7,7 @@
 - :mod:`lrag.memory`: the :class:`Memory` protocol the loop calls and :class:`TensorMemory`.
 - :mod:`lrag.pipeline`: :class:`Pipeline`, the block loop (``native`` / ``rag``).
 """
-from lrag.checkpoint import load_generator
+from lrag.checkpoint import build_generator, load_generator
 from lrag.config import RetrievalConfig, WanConfig, tiny_from_run_json, wan_1_3b
 from lrag.memory import Memory, Selection, TensorMemory
 from lrag.models.wan import CausalWanModel, KVCache
@@ -15,5 +15,5 @@ from lrag.pipeline import GenerationResult, Pipeline
 from lrag.scheduler import FlowMatchScheduler
 
 __all__ = ["CausalWanModel", "FlowMatchScheduler", "GenerationResult", "KVCache", "Memory", "Pipeline",
-           "RetrievalConfig", "Selection", "TensorMemory", "WanConfig", "load_generator", "tiny_from_run_json",
+           "RetrievalConfig", "Selection", "TensorMemory", "WanConfig", "build_generator", "load_generator", "tiny_from_run_json",
            "wan_1_3b"]

@@ -70,7 +70,7 @@ def normalize_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_generator(model: CausalWanModel, path_or_ckpt, use_ema: bool | None = None,
-                   dtype: torch.dtype | None = None) -> CausalWanModel:
+                   dtype: torch.dtype | None = None, assign: bool = False) -> CausalWanModel:
     """Loads generator weights into ``model`` strictly (every parameter, no extras, matching shapes).
 
     Args:
@@ -79,6 +79,7 @@ def load_generator(model: CausalWanModel, path_or_ckpt, use_ema: bool | None = N
             already loaded checkpoint dict.
         use_ema: see :func:`select_state_dict`.
         dtype: cast the model to this dtype after loading (e.g. ``torch.bfloat16``).
+        assign: take the checkpoint's tensors as the parameters (for a model built on the ``meta`` device).
 
     Returns:
         ``model``, in eval mode.
@@ -98,7 +99,24 @@ def load_generator(model: CausalWanModel, path_or_ckpt, use_ema: bool | None = N
                          f"  missing keys ({len(missing)}): {missing}\n"
                          f"  unexpected keys ({len(unexpected)}): {unexpected}\n"
                          f"  shape mismatches ({len(bad_shape)}): {bad_shape}")
-    model.load_state_dict(sd, strict=True)
+    model.load_state_dict(sd, strict=True, assign=assign)
     if dtype is not None:
         model.to(dtype)
     return model.eval()
+
+
+def build_generator(cfg, path_or_ckpt, use_ema: bool | None = None, dtype: torch.dtype | None = None,
+                    device=None) -> CausalWanModel:
+    """Builds a :class:`CausalWanModel` for ``cfg`` directly from a checkpoint, without first initialising (and
+    allocating) random weights: the model is created on the ``meta`` device and takes the loaded tensors.
+
+    Args:
+        cfg: the :class:`~lrag.config.WanConfig` the checkpoint was trained with.
+        path_or_ckpt, use_ema: as :func:`load_generator`.
+        dtype: parameter dtype (default: the checkpoint's).
+        device: where to put the model (default: CPU).
+    """
+    with torch.device("meta"):
+        model = CausalWanModel(cfg)
+    load_generator(model, path_or_ckpt, use_ema=use_ema, assign=True)
+    return model.to(device=device or "cpu", dtype=dtype).eval()

@@ -31,6 +31,7 @@ class FlowMatchScheduler:
         s = torch.linspace(1.0, 0.0, num_train_timesteps + 1, dtype=torch.float32)[:-1]
         self.sigmas = shift * s / (1 + (shift - 1) * s)                  # [N] float32, descending
         self.timesteps = self.sigmas * num_train_timesteps               # [N] float32
+        self._tables: dict = {}
 
     def warp(self, steps) -> torch.Tensor:
         """Nominal denoising steps (ints in [0, N]) -> the table's float32 timesteps."""
@@ -41,14 +42,19 @@ class FlowMatchScheduler:
         table = torch.cat([self.timesteps, torch.zeros(1)])
         return table[self.num_train_timesteps - steps]
 
-    def _nearest(self, t: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        return torch.argmin((table[None, :] - t.reshape(-1, 1)).abs(), dim=1)
+    def _table(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(timesteps, sigmas) in ``dtype`` on ``device``, cached so that lookups never copy to the host."""
+        key = (dtype, device)
+        if key not in self._tables:
+            self._tables[key] = (self.timesteps.to(device, dtype), self.sigmas.to(device, dtype))
+        return self._tables[key]
 
     def sigma(self, t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Sigma ``[N]`` of the table entry nearest to each of ``t`` ``[N]`` (looked up in ``dtype``)."""
-        t = torch.as_tensor(t).reshape(-1).cpu()
-        idx = self._nearest(t.to(dtype), self.timesteps.to(dtype))
-        return self.sigmas.to(dtype)[idx]
+        """Sigma ``[N]`` of the table entry nearest to each of ``t`` ``[N]`` (looked up in ``dtype``, on ``t``'s
+        device)."""
+        t = torch.as_tensor(t).reshape(-1)
+        timesteps, sigmas = self._table(dtype, t.device)
+        return sigmas[torch.argmin((timesteps[None, :] - t.to(dtype)[:, None]).abs(), dim=1)]
 
     def to_x0(self, flow: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``x0 = x_t - sigma(t) flow`` in float64, returned in ``flow``'s dtype.
@@ -57,7 +63,7 @@ class FlowMatchScheduler:
             flow, x_t: ``[B, F, C, H, W]``.
             t: ``[B, F]`` timesteps.
         """
-        sigma = self.sigma(t, torch.float64).to(flow.device).reshape(*t.shape, 1, 1, 1)
+        sigma = self.sigma(t.to(flow.device), torch.float64).reshape(*t.shape, 1, 1, 1)
         return (x_t.double() - sigma * flow.double()).to(flow.dtype)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -69,5 +75,5 @@ class FlowMatchScheduler:
         """
         if noise.shape != x0.shape:
             raise ValueError(f"noise must have x0's shape {tuple(x0.shape)}, got {tuple(noise.shape)}")
-        sigma = self.sigma(t).to(x0.device).reshape(*t.shape, 1, 1, 1)
+        sigma = self.sigma(t.to(x0.device)).reshape(*t.shape, 1, 1, 1)
         return ((1 - sigma) * x0 + sigma * noise).type_as(noise)

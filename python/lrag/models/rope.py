@@ -12,8 +12,9 @@ import torch
 
 def axis_table(max_positions: int, pairs: int, theta: float) -> torch.Tensor:
     """``[max_positions, pairs]`` complex128 table ``exp(i * p * theta^(-2j/(2 pairs)))``."""
-    inv = 1.0 / torch.pow(theta, torch.arange(0, 2 * pairs, 2, dtype=torch.float64).div(2 * pairs))
-    angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv)
+    # explicitly on the CPU, so that building the model under a meta / cuda device context keeps real tables
+    inv = 1.0 / torch.pow(theta, torch.arange(0, 2 * pairs, 2, dtype=torch.float64, device="cpu").div(2 * pairs))
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float64, device="cpu"), inv)
     return torch.polar(torch.ones_like(angles), angles)
 
 
