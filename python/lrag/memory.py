@@ -71,10 +71,13 @@ class TensorMemory:
         recent_exclude: the R most recently evicted frames are not candidates (R = 5).
         sink: sink frames of the attention window (never candidates).
         window: attention window in frames (frames older than the window are evicted to the pool).
-        device: where K/V are kept (default: where the first block comes from).
+        device: where K/V and embeddings are kept. The default, host memory, is what the reference does: the pool
+            grows by one frame's K/V per frame (287.5 MB in bf16 for Wan 1.3B), which no GPU holds for long. Host
+            pools are pinned when CUDA is available, so the per-block gather copies fast. ``None`` keeps them where
+            the blocks come from.
     """
 
-    def __init__(self, k: int = 6, recent_exclude: int = 5, sink: int = 1, window: int = 12, device=None):
+    def __init__(self, k: int = 6, recent_exclude: int = 5, sink: int = 1, window: int = 12, device="cpu"):
         if k < 1 or recent_exclude < 0 or sink < 0 or window <= sink:
             raise ValueError(f"need k >= 1, recent_exclude >= 0, 0 <= sink < window; got k={k}, "
                              f"recent_exclude={recent_exclude}, sink={sink}, window={window}")
@@ -93,10 +96,12 @@ class TensorMemory:
         if need <= cap:
             return
         new_cap = max(need, 2 * cap, 16)
-        device = self.device or like_kv.device
-        k = like_kv.new_zeros((like_kv.shape[0], new_cap, *like_kv.shape[2:]), device=device)
-        v = torch.zeros_like(k)
-        emb = torch.zeros((new_cap, like_emb.shape[1]), dtype=torch.float32, device=like_emb.device)
+        device = torch.device(self.device or like_kv.device)
+        pin = device.type == "cpu" and torch.cuda.is_available()
+        k = torch.zeros((like_kv.shape[0], new_cap, *like_kv.shape[2:]), dtype=like_kv.dtype, device=device,
+                        pin_memory=pin)
+        v = torch.zeros(k.shape, dtype=k.dtype, device=device, pin_memory=pin)
+        emb = torch.zeros((new_cap, like_emb.shape[1]), dtype=torch.float32, device=device)
         if self._k is not None:
             k[:, :cap], v[:, :cap], emb[:cap] = self._k, self._v, self._emb
         self._k, self._v, self._emb = k, v, emb
