@@ -104,9 +104,10 @@ def test_full_size_layout_on_meta(ckpt):
         model = CausalWanModel(wan_1_3b())
     assert sum(p.numel() for p in model.parameters()) == 1_418_996_800
     sd = model.state_dict()
-    tiny = {k for k in normalize_keys(ckpt["generator_ema"])}
+    tiny = set(normalize_keys(ckpt["generator_ema"]))
     per_block = {k.split(".", 2)[2] for k in tiny if k.startswith("blocks.0.")}
-    expect = {k for k in tiny if not k.startswith("blocks.")} | {f"blocks.{i}.{n}" for i in range(30) for n in per_block}
+    expect = {k for k in tiny if not k.startswith("blocks.")}
+    expect |= {f"blocks.{i}.{n}" for i in range(30) for n in per_block}
     assert set(sd) == expect
     assert sd["patch_embedding.weight"].shape == (1536, 16, 1, 2, 2)
     assert sd["blocks.29.ffn.0.weight"].shape == (8960, 1536)

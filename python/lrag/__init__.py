@@ -15,5 +15,5 @@ from lrag.pipeline import GenerationResult, Pipeline
 from lrag.scheduler import FlowMatchScheduler
 
 __all__ = ["CausalWanModel", "FlowMatchScheduler", "GenerationResult", "KVCache", "Memory", "Pipeline",
-           "RetrievalConfig", "Selection", "TensorMemory", "WanConfig", "build_generator", "load_generator", "tiny_from_run_json",
-           "wan_1_3b"]
+           "RetrievalConfig", "Selection", "TensorMemory", "WanConfig", "build_generator", "load_generator",
+           "tiny_from_run_json", "wan_1_3b"]
