@@ -88,3 +88,19 @@ def test_retrieval_config_errors():
         RetrievalConfig(memory_position=-1)
     with pytest.raises(ValueError, match="k must be"):
         RetrievalConfig(k=0)
+
+
+def test_mode_and_position_overrides(setup):
+    # rag on an absolute-RoPE cache (e.g. Self-Forcing weights) with memory at the frames' own indices, and
+    # native on window-relative positions: both run, retrieve where expected and differ from the defaults
+    model, io = setup
+    args = dict(noise=io["init_noise"][:, :24], renoise=io["renoise"][:8])
+    pipe = Pipeline(model, retrieval=RetrievalConfig(memory_position="absolute"))
+    res = pipe.generate(io["text_embeds"], 24, mode="rag", position_mode="absolute", **args)
+    assert [rec["block"] for rec in res.memory_log] == [6, 7]
+    assert res.memory_log[0]["memory_positions"] == [[1]]
+    native_window = Pipeline(model).generate(io["text_embeds"], 24, mode="native", position_mode="window", **args)
+    native = Pipeline(model).generate(io["text_embeds"], 24, mode="native", **args)
+    assert native_window.memory_log == [] and torch.isfinite(native_window.latents).all()
+    assert torch.equal(native_window.latents[:, :3], native.latents[:, :3])   # block 0: same positions either way
+    assert not torch.equal(native_window.latents, native.latents)
