@@ -177,3 +177,23 @@ def test_decoy_weights_do_not_reproduce(sf):
     res = Pipeline(decoy).generate(io["text_embeds"], 3, mode="native", noise=io["init_noise"][:, :3],
                                    renoise=io["renoise"][:1], trace=True)
     assert (res.x0[0, 0, 0] - io["x0_per_forward"][0, 0]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("device_frames, host_frames", [(0, None), (2, None), (3, 23)])
+def test_rag_output_does_not_depend_on_the_memory_tier(rag, rag_result, device_frames, host_frames):
+    # All K/V in host slots, a 2-frame device tier (frames move device -> host every block), and a bounded host tier
+    # grown in two segments (16 + 7 slots; with the 3 device slots exactly the 26 non-sink frames of 9 blocks) must
+    # all give the reference's bits.
+    from lrag.config import RetrievalConfig
+
+    run, model, io = rag
+    pipe = Pipeline(model, embed=LookupEmbedder(io["output_latents"][0], io["descriptors"]),
+                    retrieval=RetrievalConfig(device_frames=device_frames, host_frames=host_frames))
+    res = pipe.generate(io["text_embeds"], run["num_output_frames"], mode="rag", noise=io["init_noise"],
+                        renoise=io["renoise"])
+    assert torch.equal(res.latents, rag_result[0].latents)
+    assert [r["selected_global_frames"] for r in res.memory_log] == \
+        [r["selected_global_frames"] for r in rag_result[0].memory_log]
+    segments = pipe.memory._segments
+    assert segments[0].allocator.num_slots == device_frames
+    assert sum(seg.allocator.num_slots - seg.allocator.num_free for seg in segments[1:]) > 0

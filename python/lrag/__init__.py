@@ -4,16 +4,13 @@
 - :mod:`lrag.models.wan`: :class:`CausalWanModel`, the causal Wan DiT with a ``[sink | memory | local]`` KV cache.
 - :mod:`lrag.checkpoint`: :func:`load_generator` for released Self-Forcing / Causal-Forcing / LongLive weights.
 - :mod:`lrag.scheduler`: the few-step flow-matching sampler.
-- :mod:`lrag.memory`: the :class:`Memory` protocol the loop calls and :class:`TensorMemory`.
-- :mod:`lrag.pipeline`: :class:`Pipeline`, the block loop (``native`` / ``rag``).
+- :mod:`lrag.pipeline`: :class:`Pipeline`, the block loop (``native`` / ``rag``, with :class:`lrag_ext.RetrievalMemory`).
 """
 from lrag.checkpoint import build_generator, load_generator
 from lrag.config import RetrievalConfig, WanConfig, tiny_from_run_json, wan_1_3b
-from lrag.memory import Memory, Selection, TensorMemory
 from lrag.models.wan import CausalWanModel, KVCache
 from lrag.pipeline import GenerationResult, Pipeline
 from lrag.scheduler import FlowMatchScheduler
 
-__all__ = ["CausalWanModel", "FlowMatchScheduler", "GenerationResult", "KVCache", "Memory", "Pipeline",
-           "RetrievalConfig", "Selection", "TensorMemory", "WanConfig", "build_generator", "load_generator",
-           "tiny_from_run_json", "wan_1_3b"]
+__all__ = ["CausalWanModel", "FlowMatchScheduler", "GenerationResult", "KVCache", "Pipeline", "RetrievalConfig",
+           "WanConfig", "build_generator", "load_generator", "tiny_from_run_json", "wan_1_3b"]

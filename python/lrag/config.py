@@ -130,6 +130,10 @@ class RetrievalConfig:
     """The LongLive-RAG retrieval schedule: ``k`` frames retrieved per block, the ``recent_exclude`` most recently
     evicted frames never retrieved.
 
+    ``device_frames`` / ``host_frames`` / ``max_frames`` size the :class:`lrag_ext.RetrievalMemory` tiers: K/V of
+    up to ``device_frames`` frames on the model's device, older ones in (pinned) host memory up to ``host_frames``
+    (``None``: unbounded), embeddings of up to ``max_frames`` frames over all streams.
+
     ``memory_position`` is the temporal RoPE position policy of the retrieved frames:
     an int (all at that position; 0 = the sink's phase, the reference's choice), ``"absolute"`` (their global
     frame index, for absolute-RoPE caches) or ``"ordered"`` (in temporal order, on the positions just before the
@@ -139,6 +143,9 @@ class RetrievalConfig:
     k: int = 6
     recent_exclude: int = 5
     memory_position: int | str = 0
+    device_frames: int = 64
+    host_frames: int | None = None
+    max_frames: int = 4096
 
     def __post_init__(self) -> None:
         pos = self.memory_position

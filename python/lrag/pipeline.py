@@ -2,13 +2,16 @@
 
 Per block of ``F`` frames starting at frame ``s`` (see docs/generator.md):
 
-1. ``rag`` mode: query = embedding of frame ``s - 1``; ``memory.retrieve`` -> up to K frames; their K/V go into
-   the cache's memory slots (temporal RoPE positions by ``RetrievalConfig.memory_position``: 0, as the
-   reference, by default).
+1. ``rag`` mode: query = embedding of frame ``s - 1`` (the last frame appended to the memory);
+   :meth:`lrag_ext.RetrievalMemory.retrieve` selects up to K frames for all streams in one search, and
+   :meth:`~lrag_ext.RetrievalMemory.gather` writes their K/V straight into the cache's memory slots, once per
+   block (temporal RoPE positions by ``RetrievalConfig.memory_position``: 0, as the reference, by default; the
+   model applies RoPE by position at attention time).
 2. Denoise: for each warped timestep ``t_j``: flow = model(x, t_j); x0 = x - sigma(t_j) flow (float64); unless
    last, x = (1 - sigma_{j+1}) x0 + sigma_{j+1} eps (float32, eps from ``renoise`` or the generator).
 3. Context rerun: one more forward on the clean x0 at t = ``context_noise`` (0) commits the block's clean,
-   un-roped K/V to the cache; ``rag`` mode then appends them with the frames' embeddings to the memory.
+   un-roped K/V to the cache; ``rag`` mode then appends them with the frames' embeddings to the memory (one
+   memory stream per batch element).
 """
 from __future__ import annotations
 
@@ -18,8 +21,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+import lrag_ext
 from lrag.config import RetrievalConfig
-from lrag.memory import Memory, TensorMemory
 from lrag.models.wan import CausalWanModel
 from lrag.scheduler import FlowMatchScheduler
 
@@ -59,16 +62,16 @@ class Pipeline:
         denoising_steps: nominal steps, warped through the scheduler table ([1000, 750, 500, 250]).
         scheduler: defaults to ``FlowMatchScheduler(shift=5.0)``.
         context_noise: timestep of the context rerun (0).
-        retrieval: K, R and the memory frames' temporal position for ``rag`` mode.
+        retrieval: K, R, the memory frames' temporal position and the memory tiers for ``rag`` mode.
         embed: ``[N, C, H, W] -> [N, D]`` frame embedder for retrieval (default: spatial mean).
-        memory_factory: builds one :class:`~lrag.memory.Memory` per stream (default: :class:`TensorMemory`
-            with K, R from ``retrieval`` and sink/window from the model config).
+
+    ``rag`` mode keeps its retrieval memory (an :class:`lrag_ext.RetrievalMemory`, one memory stream per batch
+    element) in :attr:`memory` after :meth:`generate`, for inspection or :meth:`~lrag_ext.RetrievalMemory.save`.
     """
 
     def __init__(self, model: CausalWanModel, denoising_steps: Sequence[int] = (1000, 750, 500, 250),
                  scheduler: FlowMatchScheduler | None = None, context_noise: float = 0.0,
-                 retrieval: RetrievalConfig | None = None, embed: Embedder | None = None,
-                 memory_factory: Callable[[], Memory] | None = None):
+                 retrieval: RetrievalConfig | None = None, embed: Embedder | None = None):
         self.model = model
         self.cfg = model.cfg
         self.scheduler = scheduler or FlowMatchScheduler(5.0)
@@ -76,8 +79,18 @@ class Pipeline:
         self.context_noise = float(context_noise)
         self.retrieval = retrieval or RetrievalConfig()
         self.embed = embed or mean_descriptor
-        r, cfg = self.retrieval, self.cfg
-        self.memory_factory = memory_factory or (lambda: TensorMemory(r.k, r.recent_exclude, cfg.sink, cfg.window))
+        self.memory: lrag_ext.RetrievalMemory | None = None
+
+    def _new_memory(self, embed_dim: int) -> lrag_ext.RetrievalMemory:
+        """The retrieval memory of one generation: the policy from the model config and ``retrieval``, K/V in the
+        backbone's layout and dtype."""
+        cfg, r = self.cfg, self.retrieval
+        layout = lrag_ext.KVLayout(num_layers=cfg.num_layers, tokens_per_frame=cfg.tokens_per_frame,
+                                   num_heads=cfg.num_heads, head_dim=cfg.head_dim, rope_theta=cfg.rope_theta)
+        return lrag_ext.RetrievalMemory(lrag_ext.MemoryConfig(
+            top_k=r.k, recent_exclude=r.recent_exclude, sink_frames=cfg.sink, window_frames=cfg.window,
+            embed_dim=embed_dim, storage="kv", kv_layout=layout, device=self.model.device, dtype=self.model.dtype,
+            max_frames=r.max_frames, device_frames=r.device_frames, host_frames=r.host_frames))
 
     def _check(self, text, num_frames, mode, noise, renoise, B):
         cfg, F = self.cfg, self.cfg.frames_per_block
@@ -129,8 +142,8 @@ class Pipeline:
         cache = model.new_cache(B, position_mode or ("window" if rag else "absolute"),
                                 memory_slots=self.retrieval.k if rag else 0)
         model.set_text(cache, text_embeddings)
-        memories = [self.memory_factory() for _ in range(B)] if rag else []
-        embeddings: list[list[torch.Tensor]] = [[] for _ in range(B)]   # per stream, per frame [D]
+        self.memory = None          # created at the first append, when the embedding size is known
+        streams: list[int] = []
         out = torch.zeros(shape, dtype=dtype, device=device)
         steps = len(self.timesteps)
         result = GenerationResult(out)
@@ -142,11 +155,9 @@ class Pipeline:
             s = b * F
             timings = {}
             t_block = time.perf_counter()
-            record = self._retrieve(b, s, cache, memories, embeddings) if rag else None
+            plan = self._retrieve(s, cache, streams) if rag else None
             _sync(device)
             timings["retrieval"] = time.perf_counter() - t_block
-            if record is not None:
-                record["retrieval_s"] = timings["retrieval"]
 
             t0 = time.perf_counter()
             x = noise[:, s:s + F]
@@ -176,13 +187,16 @@ class Pipeline:
             t0 = time.perf_counter()
             if rag:
                 k, v = cache.block_kv()
-                for i, memory in enumerate(memories):
+                for i in range(B):
                     emb = self.embed(x0[i])
-                    embeddings[i].extend(emb.float().unbind(0))
-                    memory.append((k[:, i], v[:, i]), emb)
+                    if self.memory is None:
+                        self.memory = self._new_memory(emb.shape[-1])
+                        streams = [self.memory.add_stream() for _ in range(B)]
+                    self.memory.append(streams[i], emb, k=k[:, i], v=v[:, i])
             _sync(device)
             timings["memory"] = time.perf_counter() - t0
             timings["total"] = time.perf_counter() - t_block
+            record = self._record(b, s, plan, cache, streams, timings["retrieval"]) if plan is not None else None
 
             block = BlockResult(b, s, x0, timings, record)
             if callback is not None:
@@ -192,44 +206,51 @@ class Pipeline:
                 result.memory_log.append(record)
         return result
 
-    def _retrieve(self, b: int, s: int, cache, memories, embeddings) -> Optional[dict]:
-        """Retrieval for the block starting at ``s``: fills (or clears) the cache's memory slots and returns the
-        log record (``None`` when nothing was retrieved)."""
+    def _retrieve(self, s: int, cache, streams: list[int]) -> Optional["lrag_ext.RetrievalPlan"]:
+        """Retrieval for the block starting at ``s``: fills (or clears) the cache's memory slots; returns the plan,
+        or ``None`` when nothing was retrieved. No host synchronisation unless a position policy needs the ids."""
         cache.clear_memory()
         if s == 0:
             return None
-        selections = [memory.retrieve(embeddings[i][s - 1], s) for i, memory in enumerate(memories)]
-        m = len(selections[0])
+        plan = self.memory.retrieve(streams)
+        m = plan.counts[0]                   # every stream holds the same number of frames
         if m == 0:
             return None
-        kv = [memory.gather(sel) for memory, sel in zip(memories, selections)]
-        k = torch.stack([k for k, _ in kv], dim=1)                 # [layers, B, m, T, H, d]
-        v = torch.stack([v for _, v in kv], dim=1)
-        positions = self._memory_positions(cache, torch.stack([sel.frames for sel in selections]))
-        cache.set_memory(k, v, positions)
-        sink = self.cfg.sink
+        mem_k, mem_v = cache.memory_buffers()
+        slots = torch.arange(plan.ids.shape[1], device=mem_k.device).expand(len(streams), -1)
+        # K goes in un-roped (delta 0): the model applies RoPE by position at attention time.
+        self.memory.gather(plan, mem_k, mem_v, dst_frame=slots, positions="sink")
+        cache.set_memory_positions(self._memory_positions(cache, plan, m))
+        return plan
+
+    def _record(self, b: int, s: int, plan, cache, streams: list[int], retrieval_s: float) -> dict:
+        """The block's log record (the reference's fields, one list per stream); reads the selection on the host."""
+        logs = [self.memory.log(st)[-1] for st in streams]
         return {
             "block": b,
             "query_frame": s,                    # the reference logs the block start, not the query frame s-1
             "query_embedding_frame": s - 1,
-            "num_evicted": max(0, s - self.cfg.window),
-            "num_candidates": selections[0].num_candidates,
-            "selected_pool_indices": [(sel.frames - sink).tolist() for sel in selections],
-            "selected_global_frames": [sel.frames.tolist() for sel in selections],
-            "selected_similarities": [sel.scores.tolist() for sel in selections],
-            "memory_positions": positions.tolist(),
+            "num_evicted": logs[0]["num_evicted"],
+            "num_candidates": logs[0]["num_eligible"],
+            "selected_pool_indices": [rec["selected_pool_indices"] for rec in logs],
+            "selected_global_frames": [rec["selected_global_frames"] for rec in logs],
+            "selected_similarities": [rec["selected_similarities"] for rec in logs],
+            "memory_positions": cache.mem_positions.tolist(),
+            "retrieval_s": retrieval_s,
         }
 
-    def _memory_positions(self, cache, frames: torch.Tensor) -> torch.Tensor:
-        """``[B, m]`` temporal positions of the selected ``frames`` ``[B, m]`` under the configured policy."""
+    def _memory_positions(self, cache, plan, m: int) -> torch.Tensor:
+        """``[B, m]`` temporal positions of the plan's first ``m`` selected frames under the configured policy."""
         policy = self.retrieval.memory_position
+        B = len(plan.streams)
+        if isinstance(policy, int):
+            return torch.full((B, m), policy, dtype=torch.long)
+        frames = plan.ids[:, :m].cpu()
         if policy == "absolute":
-            return frames.clone()
-        if policy == "ordered":
-            first_local = int(cache.plan(self.cfg.frames_per_block).local_pos[0])
-            rank = frames.argsort(dim=1).argsort(dim=1)                  # 0 = the oldest selected frame
-            return (first_local - frames.shape[1] + rank).clamp(min=0)
-        return torch.full_like(frames, policy)
+            return frames
+        first_local = int(cache.plan(self.cfg.frames_per_block).local_pos[0])      # "ordered"
+        rank = frames.argsort(dim=1).argsort(dim=1)                  # 0 = the oldest selected frame
+        return (first_local - m + rank).clamp(min=0)
 
 
 def _sync(device: torch.device) -> None:

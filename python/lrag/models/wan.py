@@ -165,6 +165,29 @@ class KVCache:
         m = k.shape[2]
         if m > self.memory_slots:
             raise ValueError(f"{m} memory frames exceed the cache's memory_slots={self.memory_slots}")
+        positions = self._check_positions(positions, m)
+        self.mem_k[:, :, :m] = k.to(self.mem_k.dtype)
+        self.mem_v[:, :, :m] = v.to(self.mem_v.dtype)
+        self.set_memory_positions(positions)
+
+    def memory_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The memory slots ``mem_k, mem_v`` ``[layers, B, memory_slots, T, H, d]`` (un-roped), for a retrieval
+        memory to write into directly (``lrag_ext.RetrievalMemory.gather``); then call
+        :meth:`set_memory_positions` to declare how many slots are filled."""
+        return self.mem_k, self.mem_v
+
+    def set_memory_positions(self, positions: torch.Tensor) -> None:
+        """Declares that the first ``m`` memory slots hold retrieved frames at temporal ``positions`` ``[B, m]``."""
+        if not isinstance(positions, torch.Tensor) or positions.dim() != 2:
+            raise ValueError(f"positions must be a [B={self.batch}, m] tensor, got {positions!r}")
+        positions = self._check_positions(positions, positions.shape[1])
+        if positions.shape[1] > self.memory_slots:
+            raise ValueError(f"{positions.shape[1]} memory frames exceed the cache's memory_slots={self.memory_slots}")
+        self.mem_positions = positions.clone()
+        self._mem_version += 1
+
+    def _check_positions(self, positions, m: int) -> torch.Tensor:
+        B = self.batch
         positions = torch.as_tensor(positions, dtype=torch.long).cpu()
         if positions.dim() == 0:
             positions = positions.expand(m)
@@ -174,10 +197,7 @@ class KVCache:
             raise ValueError(f"positions must be an int, [m={m}] or [B={B}, m={m}], got {list(positions.shape)}")
         if positions.numel() and int(positions.min()) < 0:
             raise ValueError(f"positions must be >= 0, got {positions.tolist()}")
-        self.mem_k[:, :, :m] = k.to(self.mem_k.dtype)
-        self.mem_v[:, :, :m] = v.to(self.mem_v.dtype)
-        self.mem_positions = positions.clone()
-        self._mem_version += 1
+        return positions
 
     def clear_memory(self) -> None:
         self.mem_positions = self.mem_positions[:, :0]
