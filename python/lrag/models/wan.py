@@ -451,6 +451,26 @@ class CausalWanModel(nn.Module):
         out = self.head(tokens, e.unflatten(0, (B, frames)).unsqueeze(2))
         return self.unpatchify(out)
 
+    def recompute_kv(self, latents: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clean, un-roped K/V of stored latent frames, recomputed by one t = 0 forward (LongLive's re-cache).
+
+        The ``m`` frames are run as one block on a fresh window-relative cache with ``cache``'s text context, so
+        they attend to each other only. Used by the ``"latent"`` memory mode, which keeps 200 KB latents per
+        frame instead of their K/V (287.5 MB for Wan 1.3B).
+
+        Args:
+            latents: ``[B, m, C, H, W]``, ``1 <= m <= window - sink``.
+            cache: the generation's cache (for its batch size and text context).
+
+        Returns:
+            K, V ``[layers, B, m, T, H, d]``.
+        """
+        scratch = self.new_cache(cache.batch, "window", memory_slots=0, dtype=cache.k.dtype)
+        scratch.text = cache.text
+        t0 = torch.zeros(latents.shape[:2], dtype=torch.float32, device=latents.device)
+        self(latents.to(device=self.device, dtype=self.dtype), t0, scratch, update_cache=True)
+        return scratch.block_kv()
+
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, F, T, pt*ph*pw*C]`` -> ``[B, F, C, H, W]``."""
         cfg = self.cfg
