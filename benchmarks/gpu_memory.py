@@ -14,24 +14,10 @@ from __future__ import annotations
 import torch
 
 import lrag_ext
+from gpu_timing import median_ms
 
 L, T, H, D = 30, 1560, 12, 128
 K, R, SINK, WINDOW, EMBED = 6, 5, 1, 12, 1024
-
-
-def timed(fn, iters=10):
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
 
 
 def build(history, device_frames, host_frames, frame_kv):
@@ -56,7 +42,7 @@ def main():
     # The newest K/V frames fit the tiers; retrieval reaches the frames >= R + window old that are still stored.
     for history, dev, host, where in ((480, 40, 0, "device"), (480, 4, 36, "host"), (5000, 40, 0, "device")):
         mem, s = build(history, dev, host, frame_kv)
-        ms = timed(lambda: mem.gather(mem.retrieve([s]), cache_k, cache_v))
+        ms = median_ms(lambda: mem.gather(mem.retrieve([s]), cache_k, cache_v), iters=10)
         plan = mem.retrieve([s])
         print(f"history {history:5d}  frames from {where:6s} tier: retrieve+gather {ms:8.2f} ms "
               f"({plan.counts[0]} frames, {gb:.2f} GB moved, {gb / ms * 1e3:.0f} GB/s)")
@@ -72,7 +58,7 @@ def main():
                     cache_k[layer, 0, SINK + j].copy_(host_k[j][layer], non_blocking=True)
                     cache_v[layer, 0, SINK + j].copy_(host_k[j][layer], non_blocking=True)
 
-    ms = timed(release_block, iters=3)
+    ms = median_ms(release_block, iters=3, warmup=1)
     print(f"release baseline (5 forwards x 30 layers x 6 frames H2D from pageable memory): {ms:8.2f} ms per block")
 
 

@@ -283,7 +283,10 @@ class KVCache:
         self.last_block_v = torch.stack(new_v)
 
 
-class SelfAttention(nn.Module):
+class _AttentionProjections(nn.Module):
+    """The q, k, v, o projections and q/k RMSNorms of a Wan attention layer (checkpoint names ``q``, ``k``,
+    ``v``, ``o``, ``norm_q``, ``norm_k``), shared by self- and cross-attention."""
+
     def __init__(self, cfg: WanConfig):
         super().__init__()
         dim = cfg.dim
@@ -292,6 +295,8 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
 
+
+class SelfAttention(_AttentionProjections):
     def forward(self, x: torch.Tensor, frames: int, cache: KVCache, layer: int, plan: _Plan, rope: Rope3D):
         """``x`` ``[B, F*T, dim]`` -> (output ``[B, F*T, dim]``, this block's un-roped k, v ``[B, F, T, H, d]``)."""
         B = x.shape[0]
@@ -304,15 +309,7 @@ class SelfAttention(nn.Module):
         return self.o(_sdpa(q_r, keys.flatten(1, 2), vals.flatten(1, 2))), (k, v)
 
 
-class CrossAttention(nn.Module):
-    def __init__(self, cfg: WanConfig):
-        super().__init__()
-        dim = cfg.dim
-        self.heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.norm_q = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
-
+class CrossAttention(_AttentionProjections):
     def text_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B = context.shape[0]
         k = self.norm_k(self.k(context)).view(B, -1, self.heads, self.head_dim)
