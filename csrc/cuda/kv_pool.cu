@@ -1,0 +1,306 @@
+// CUDA kernels of lrag_ext::write_kv and lrag_ext::gather_kv (the paged KV pool).
+//
+// Both ops are one "frame copy" kernel. An item is (entry e, layer l, K or V); the grid is
+// (chunks of one frame, items), so all layers and all frames of a call go in one launch. Each side (source,
+// destination) of an item is addressed as
+//     base[kv] + slot * stride_slot[kv] + (e / m) * stride_b[kv] + col * stride_col[kv] + l * stride_layer[kv]
+// with slot = slots[e] and col = dst_frame[e] (gather) or e (write), then token / head / head_dim inside the
+// frame. gather: the source is the pool (stride_slot), the destination the cache (stride_b, stride_col);
+// write: the source is src_k/src_v (stride_col), the destination the pool (stride_slot).
+//
+// Each thread moves kIters vectors of N elements (16 bytes of the wider dtype when every pointer and stride
+// allows it, else 2 elements with scalar accesses), loading all of them before storing any. K's temporal RoPE
+// pairs are rotated in float64 with a per-item cos/sin table in shared memory (kernels/kv_rope.h), exactly as
+// on the CPU. Values are never validated on the host (that would synchronise): items with a slot outside
+// [0, num_slots) or a column outside [0, num_cols) are skipped.
+//
+// The pool may live in pinned host memory: the kernel then reads (or writes) it over PCIe through its mapped
+// device pointer, in stream order, and the host allocator is told that the current stream uses the block.
+#include <ATen/ATen.h>
+#include <ATen/core/CachingHostAllocator.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "kernels/kv_rope.h"
+#include "kv_pool_common.h"
+
+namespace lrag {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kIters = 4;
+constexpr int64_t kMaxGridY = 65535;
+constexpr int64_t kMaxRopePairs = 2048;  // cos/sin table of 2 doubles per pair in shared memory (32 KB)
+
+struct KvCopyParams {
+  const void* src[2];  // K (0) and V (1) bases of the source, element type S
+  void* dst[2];        // K and V bases of the destination, element type D
+  // Element strides per side and kv: slot, stream b, column, layer, token, head.
+  int64_t src_slot[2], src_b[2], src_col[2], src_layer[2], src_token[2], src_head[2];
+  int64_t dst_slot[2], dst_b[2], dst_col[2], dst_layer[2], dst_token[2], dst_head[2];
+  const int64_t* slots;  // [entries]
+  const int64_t* col;    // [entries] (gather: dst_frame) or nullptr (write: col = e % m)
+  const int64_t* delta;  // [entries] or nullptr (no rotation)
+  int64_t entries, m, num_slots, num_cols, layers;
+  uint32_t heads, vecs_per_row, vecs_per_frame;
+  int32_t rope_pairs;
+  double rope_theta;
+};
+
+// N elements; 16-byte (or 8-byte) aligned for the vector path, element-aligned for the 2-element fallback.
+template <typename T, int N>
+struct alignas(N >= 4 ? sizeof(T) * N : sizeof(T)) Vec {
+  T v[N];
+};
+
+template <typename S, typename D, int N>
+__global__ void __launch_bounds__(kThreads) kv_copy_kernel(const KvCopyParams p) {
+  extern __shared__ double cs[];  // [rope_pairs][cos, sin] of the current item
+  const int64_t items = p.entries * p.layers * 2;
+  const uint32_t v_first = blockIdx.x * (kThreads * kIters) + threadIdx.x;
+  for (int64_t item = blockIdx.y; item < items; item += gridDim.y) {
+    // Everything up to the copy is uniform over the block (it depends on the item only).
+    const int64_t e = item / (2 * p.layers);
+    const int64_t r = item - e * 2 * p.layers;
+    const int64_t l = r >> 1;
+    const int kv = static_cast<int>(r & 1);
+    const int64_t slot = p.slots[e];
+    if (slot < 0 || slot >= p.num_slots) continue;
+    const int64_t col = p.col != nullptr ? p.col[e] : e % p.m;
+    if (col < 0 || col >= p.num_cols) continue;
+    const int64_t b = e / p.m;
+    const int64_t d = (kv == 0 && p.delta != nullptr) ? p.delta[e] : 0;
+    const bool rotate = d != 0 && p.rope_pairs > 0;
+    if (rotate) {
+      __syncthreads();  // the previous item's readers of cs are done
+      for (int q = threadIdx.x; q < p.rope_pairs; q += kThreads) {
+        double s, c;
+        sincos(static_cast<double>(d) * rope_inv_freq(q, p.rope_pairs, p.rope_theta), &s, &c);
+        cs[2 * q] = c;
+        cs[2 * q + 1] = s;
+      }
+      __syncthreads();
+    }
+    const S* src = static_cast<const S*>(p.src[kv]) + slot * p.src_slot[kv] + b * p.src_b[kv] +
+                   col * p.src_col[kv] + l * p.src_layer[kv];
+    D* dst = static_cast<D*>(p.dst[kv]) + slot * p.dst_slot[kv] + b * p.dst_b[kv] + col * p.dst_col[kv] +
+             l * p.dst_layer[kv];
+
+    Vec<S, N> x[kIters];
+    int64_t dst_off[kIters];
+    uint32_t first_pair[kIters];
+    bool ok[kIters];
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      const uint32_t v = v_first + it * kThreads;
+      ok[it] = v < p.vecs_per_frame;
+      if (ok[it]) {
+        const uint32_t row = v / p.vecs_per_row;
+        const uint32_t c0 = (v - row * p.vecs_per_row) * N;
+        const uint32_t t = row / p.heads, h = row - t * p.heads;
+        first_pair[it] = c0 / 2;
+        dst_off[it] = t * p.dst_token[kv] + h * p.dst_head[kv] + c0;
+        x[it] = *reinterpret_cast<const Vec<S, N>*>(src + t * p.src_token[kv] + h * p.src_head[kv] + c0);
+      }
+    }
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      if (!ok[it]) continue;
+      Vec<D, N> y;
+#pragma unroll
+      for (int i = 0; i < N / 2; ++i) {
+        const uint32_t q = first_pair[it] + i;
+        if (rotate && q < static_cast<uint32_t>(p.rope_pairs)) {
+          double yr, yi;
+          rotate_pair(static_cast<double>(static_cast<float>(x[it].v[2 * i])),
+                      static_cast<double>(static_cast<float>(x[it].v[2 * i + 1])), cs[2 * q], cs[2 * q + 1], &yr,
+                      &yi);
+          y.v[2 * i] = static_cast<D>(static_cast<float>(yr));  // double -> float -> D, as torch casts
+          y.v[2 * i + 1] = static_cast<D>(static_cast<float>(yi));
+        } else {
+          y.v[2 * i] = static_cast<D>(static_cast<float>(x[it].v[2 * i]));
+          y.v[2 * i + 1] = static_cast<D>(static_cast<float>(x[it].v[2 * i + 1]));
+        }
+      }
+      *reinterpret_cast<Vec<D, N>*>(dst + dst_off[it]) = y;
+    }
+  }
+}
+
+// Device-accessible address of a pool: itself on `device`, or the mapped device pointer of pinned host memory.
+void* device_address(const at::Tensor& pool, const at::Device& device, const char* other) {
+  if (pool.is_cuda()) {
+    TORCH_CHECK(pool.device() == device, "pool must be on ", device, " (the device of ", other,
+                ") or in pinned host memory, got ", pool.device());
+    return pool.data_ptr();
+  }
+  TORCH_CHECK(pool.is_cpu(), "pool must be a CUDA tensor or pinned host memory, got ", pool.device());
+  if (pool.numel() == 0) return nullptr;
+  cudaPointerAttributes attr{};
+  const cudaError_t err = cudaPointerGetAttributes(&attr, pool.data_ptr());
+  if (err != cudaSuccess) (void)cudaGetLastError();  // clear the sticky-free error of an unknown pointer
+  TORCH_CHECK(err == cudaSuccess && attr.type == cudaMemoryTypeHost && attr.devicePointer != nullptr,
+              "pool is in host memory that is not pinned: allocate it with pin_memory=True "
+              "(lrag_ext.kv_pool_empty(..., pin_memory=True)) or move it to ", device);
+  return attr.devicePointer;
+}
+
+// Keeps a pinned host pool's block from being reused by the caching host allocator before `stream` is done.
+// (A block that did not come from that allocator, e.g. user-registered memory, is the caller's to keep alive.)
+void record_host_use(const at::Tensor& pool, const at::cuda::CUDAStream& stream) {
+  if (!pool.is_cpu() || pool.numel() == 0) return;
+  const auto& dp = pool.storage().data_ptr();
+  at::getHostAllocator(at::kCUDA)->record_event(dp.get(), dp.get_context(), stream.unwrap());
+}
+
+bool aligned(const void* ptr, int64_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
+
+// Whether every pointer and stride of p allows N-element vector accesses.
+template <typename S, typename D>
+bool vector_ok(const KvCopyParams& p, int64_t head_dim, int N) {
+  if (head_dim % N != 0) return false;
+  for (int kv = 0; kv < 2; ++kv) {
+    if (!aligned(p.src[kv], N * sizeof(S)) || !aligned(p.dst[kv], N * sizeof(D))) return false;
+    for (int64_t s : {p.src_slot[kv], p.src_b[kv], p.src_col[kv], p.src_layer[kv], p.src_token[kv], p.src_head[kv],
+                      p.dst_slot[kv], p.dst_b[kv], p.dst_col[kv], p.dst_layer[kv], p.dst_token[kv], p.dst_head[kv]}) {
+      if (s % N != 0) return false;
+    }
+  }
+  return true;
+}
+
+void run_kv_copy(KvCopyParams p, const KvGeometry& g, at::ScalarType src_type, at::ScalarType dst_type,
+                 cudaStream_t stream) {
+  const int64_t items = p.entries * p.layers * 2;
+  const int64_t frame_elems = g.tokens * g.heads * g.head_dim;
+  if (items == 0 || frame_elems == 0) return;
+  p.heads = static_cast<uint32_t>(g.heads);
+  const size_t smem = static_cast<size_t>(p.rope_pairs) * 2 * sizeof(double);
+  dispatch_float_pair(src_type, dst_type, [&](auto s_tag, auto d_tag) {
+    using S = decltype(s_tag);
+    using D = decltype(d_tag);
+    constexpr int kWide = 16 / (sizeof(S) > sizeof(D) ? sizeof(S) : sizeof(D));
+    auto go = [&](auto n_tag) {
+      constexpr int N = decltype(n_tag)::value;
+      p.vecs_per_row = static_cast<uint32_t>(g.head_dim / N);
+      p.vecs_per_frame = static_cast<uint32_t>(frame_elems / N);
+      const dim3 grid(static_cast<unsigned>(ceil_div<int64_t>(p.vecs_per_frame, kThreads * kIters)),
+                      static_cast<unsigned>(std::min(items, kMaxGridY)));
+      kv_copy_kernel<S, D, N><<<grid, kThreads, smem, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (vector_ok<S, D>(p, g.head_dim, kWide)) {
+      go(std::integral_constant<int, kWide>{});
+    } else {
+      go(std::integral_constant<int, 2>{});
+    }
+  });
+}
+
+void write_kv_cuda(at::Tensor pool, const at::Tensor& src_k, const at::Tensor& src_v, const at::Tensor& slots) {
+  const KvGeometry g = check_write_kv_args(pool, src_k, src_v, slots);
+  TORCH_CHECK(src_k.is_cuda(), "src_k must be a CUDA tensor, got ", src_k.device());
+  const c10::cuda::CUDAGuard guard(src_k.device());
+  void* pool_ptr = device_address(pool, src_k.device(), "src_k");
+  const at::cuda::CUDAStream stream = at::cuda::getCurrentCUDAStream();
+  const int64_t n = slots.size(0);
+  if (n == 0 || g.num_slots == 0) return;
+
+  auto dense_last = [](const at::Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous(); };
+  const at::Tensor sk = dense_last(src_k), sv = dense_last(src_v), sl = slots.contiguous();
+  KvCopyParams p{};
+  const at::Tensor* src[2] = {&sk, &sv};
+  const int64_t esize = pool.element_size();
+  for (int kv = 0; kv < 2; ++kv) {
+    p.src[kv] = src[kv]->data_ptr();
+    p.src_slot[kv] = 0;
+    p.src_b[kv] = 0;
+    p.src_col[kv] = src[kv]->stride(1);
+    p.src_layer[kv] = src[kv]->stride(0);
+    p.src_token[kv] = src[kv]->stride(2);
+    p.src_head[kv] = src[kv]->stride(3);
+    p.dst[kv] = static_cast<char*>(pool_ptr) + kv * pool.stride(2) * esize;
+    p.dst_slot[kv] = pool.stride(0);
+    p.dst_b[kv] = 0;
+    p.dst_col[kv] = 0;
+    p.dst_layer[kv] = pool.stride(1);
+    p.dst_token[kv] = pool.stride(3);
+    p.dst_head[kv] = pool.stride(4);
+  }
+  p.slots = sl.data_ptr<int64_t>();
+  p.col = nullptr;
+  p.delta = nullptr;
+  p.entries = n;
+  p.m = n;
+  p.num_slots = g.num_slots;
+  p.num_cols = n;
+  p.layers = g.layers;
+  p.rope_pairs = 0;
+  p.rope_theta = 1.0;
+  run_kv_copy(p, g, sk.scalar_type(), pool.scalar_type(), stream.stream());
+  record_host_use(pool, stream);
+}
+
+void gather_kv_cuda(const at::Tensor& pool, const at::Tensor& slots, at::Tensor dst_k, at::Tensor dst_v,
+                    const at::Tensor& dst_frame, const at::Tensor& delta, int64_t rope_temporal_pairs,
+                    double rope_theta) {
+  const KvGeometry g =
+      check_gather_kv_args(pool, slots, dst_k, dst_v, dst_frame, delta, rope_temporal_pairs, rope_theta);
+  TORCH_CHECK(dst_k.is_cuda(), "dst_k must be a CUDA tensor, got ", dst_k.device());
+  TORCH_CHECK(rope_temporal_pairs <= kMaxRopePairs, "rope_temporal_pairs must be <= ", kMaxRopePairs,
+              " on CUDA, got ", rope_temporal_pairs);
+  const c10::cuda::CUDAGuard guard(dst_k.device());
+  const void* pool_ptr = device_address(pool, dst_k.device(), "dst_k");
+  const at::cuda::CUDAStream stream = at::cuda::getCurrentCUDAStream();
+  if (slots.numel() == 0 || g.num_slots == 0 || dst_k.size(2) == 0) return;
+
+  const at::Tensor sl = slots.contiguous(), fr = dst_frame.contiguous(), dl = delta.contiguous();
+  KvCopyParams p{};
+  const at::Tensor* dst[2] = {&dst_k, &dst_v};
+  const int64_t esize = pool.element_size();
+  for (int kv = 0; kv < 2; ++kv) {
+    p.src[kv] = static_cast<const char*>(pool_ptr) + kv * pool.stride(2) * esize;
+    p.src_slot[kv] = pool.stride(0);
+    p.src_b[kv] = 0;
+    p.src_col[kv] = 0;
+    p.src_layer[kv] = pool.stride(1);
+    p.src_token[kv] = pool.stride(3);
+    p.src_head[kv] = pool.stride(4);
+    p.dst[kv] = dst[kv]->data_ptr();
+    p.dst_slot[kv] = 0;
+    p.dst_b[kv] = dst[kv]->stride(1);
+    p.dst_col[kv] = dst[kv]->stride(2);
+    p.dst_layer[kv] = dst[kv]->stride(0);
+    p.dst_token[kv] = dst[kv]->stride(3);
+    p.dst_head[kv] = dst[kv]->stride(4);
+  }
+  p.slots = sl.data_ptr<int64_t>();
+  p.col = fr.data_ptr<int64_t>();
+  p.delta = dl.data_ptr<int64_t>();
+  p.entries = slots.numel();
+  p.m = slots.size(1);
+  p.num_slots = g.num_slots;
+  p.num_cols = dst_k.size(2);
+  p.layers = g.layers;
+  p.rope_pairs = static_cast<int32_t>(rope_temporal_pairs);
+  p.rope_theta = rope_theta;
+  run_kv_copy(p, g, pool.scalar_type(), dst_k.scalar_type(), stream.stream());
+  record_host_use(pool, stream);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lrag_ext, CUDA, m) {
+  m.impl("write_kv", &write_kv_cuda);
+  m.impl("gather_kv", &gather_kv_cuda);
+}
+
+}  // namespace lrag
