@@ -7,6 +7,7 @@ Geometries (m frames moved per call, all layers, K and V):
 - ``wan``: Wan2.1-1.3B frames (1560 tokens x 12 heads x 128, bf16) but only 2 of its 30 layers, to fit the
   memory of a small machine (a real frame is 287.5 MB over 30 layers).
 GB/s counts the bytes read plus the bytes written. Each case checks the result against the reference first.
+``memcpy`` is the floor: one contiguous ``copy_`` of the same number of bytes.
 """
 from __future__ import annotations
 
@@ -44,18 +45,30 @@ def data(name):
     return _DATA[name]
 
 
+def memcpy_call(d):
+    if "copy_src" not in d:
+        d["copy_src"] = torch.empty(d["m"] * d["frame_bytes"], dtype=torch.uint8)
+        d["copy_dst"] = torch.empty_like(d["copy_src"])
+        d["copy_src"].fill_(1)
+    return lambda: d["copy_dst"].copy_(d["copy_src"])
+
+
 def gather_call(impl, d):
+    if impl == "memcpy":
+        return memcpy_call(d)
     fn = lrag_ext.gather_kv if impl == "lrag_ext" else reference.gather_kv
     return lambda: fn(d["pool"], d["slots"], d["dst_k"], d["dst_v"], d["dst_frame"], d["delta"], d["pairs"], 10000.0)
 
 
 def write_call(impl, d):
+    if impl == "memcpy":
+        return memcpy_call(d)
     fn = lrag_ext.write_kv if impl == "lrag_ext" else reference.write_kv
     return lambda: fn(d["pool"], d["src_k"], d["src_v"], d["write_slots"])
 
 
 @pytest.mark.parametrize("threads", THREADS)
-@pytest.mark.parametrize("impl", ["lrag_ext", "reference"])
+@pytest.mark.parametrize("impl", ["lrag_ext", "reference", "memcpy"])
 @pytest.mark.parametrize("geom", list(GEOMS))
 def test_gather_kv(benchmark, geom, impl, threads):
     d = data(geom)
@@ -65,8 +78,9 @@ def test_gather_kv(benchmark, geom, impl, threads):
     torch.set_num_threads(threads)
     try:
         gather_call(impl, d)()
-        torch.testing.assert_close(d["dst_k"], want_k, rtol=8e-3, atol=8e-3)
-        assert torch.equal(d["dst_v"], want_v)
+        if impl != "memcpy":
+            torch.testing.assert_close(d["dst_k"], want_k, rtol=8e-3, atol=8e-3)
+            assert torch.equal(d["dst_v"], want_v)
         benchmark.pedantic(gather_call(impl, d), rounds=5 if geom == "wan" else 50, iterations=1, warmup_rounds=1)
     finally:
         torch.set_num_threads(before)
@@ -76,7 +90,7 @@ def test_gather_kv(benchmark, geom, impl, threads):
 
 
 @pytest.mark.parametrize("threads", THREADS)
-@pytest.mark.parametrize("impl", ["lrag_ext", "reference"])
+@pytest.mark.parametrize("impl", ["lrag_ext", "reference", "memcpy"])
 @pytest.mark.parametrize("geom", list(GEOMS))
 def test_write_kv(benchmark, geom, impl, threads):
     d = data(geom)
@@ -86,7 +100,8 @@ def test_write_kv(benchmark, geom, impl, threads):
     torch.set_num_threads(threads)
     try:
         write_call(impl, d)()
-        assert torch.equal(d["pool"], want)
+        if impl != "memcpy":
+            assert torch.equal(d["pool"], want)
         benchmark.pedantic(write_call(impl, d), rounds=5 if geom == "wan" else 50, iterations=1, warmup_rounds=1)
     finally:
         torch.set_num_threads(before)

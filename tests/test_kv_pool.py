@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import lrag_ext
+from conftest import CUDA_KERNELS
 from lrag_ext import reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -273,9 +274,20 @@ GATHER_BAD = [
 ]
 
 
-@pytest.mark.parametrize("mutate,match", GATHER_BAD)
-def test_gather_kv_errors_name_the_argument_and_change_nothing(mutate, match):
-    pool, slots, k, v, frame, delta = gather_setup("cpu")
+# The last VALUE_CHECKS cases of each list are value checks, made on CPU only (CUDA skips such entries instead).
+VALUE_CHECKS = {"gather": 4, "write": 2}
+
+
+def skip_value_check_on_cuda(device, cases, i, op):
+    if device == "cuda" and i >= len(cases) - VALUE_CHECKS[op]:
+        pytest.skip("value checks are CPU-only (they would synchronise a GPU)")
+
+
+@pytest.mark.parametrize("case", range(len(GATHER_BAD)))
+def test_gather_kv_errors_name_the_argument_and_change_nothing(device, case):
+    mutate, match = GATHER_BAD[case]
+    skip_value_check_on_cuda(device, GATHER_BAD, case, "gather")
+    pool, slots, k, v, frame, delta = gather_setup(device)
     args = dict(pool=pool, slots=slots, dst_k=k, dst_v=v, dst_frame=frame, delta=delta, rope_temporal_pairs=2,
                 rope_theta=10000.0)
     mutate(args)
@@ -300,18 +312,63 @@ WRITE_BAD = [
 ]
 
 
-@pytest.mark.parametrize("mutate,match", WRITE_BAD)
-def test_write_kv_errors_name_the_argument_and_change_nothing(mutate, match):
+@pytest.mark.parametrize("case", range(len(WRITE_BAD)))
+def test_write_kv_errors_name_the_argument_and_change_nothing(device, case):
+    mutate, match = WRITE_BAD[case]
+    skip_value_check_on_cuda(device, WRITE_BAD, case, "write")
     gen = torch.Generator().manual_seed(12)
-    pool = make_pool(4, (2, 3, 2, 8), torch.float32, "cpu", gen)
-    args = dict(pool=pool, src_k=rand((2, 2, 3, 2, 8), torch.float32, "cpu", gen),
-                src_v=rand((2, 2, 3, 2, 8), torch.float32, "cpu", gen), slots=torch.tensor([2, 0]))
+    pool = make_pool(4, (2, 3, 2, 8), torch.float32, device, gen)
+    args = dict(pool=pool, src_k=rand((2, 2, 3, 2, 8), torch.float32, device, gen),
+                src_v=rand((2, 2, 3, 2, 8), torch.float32, device, gen), slots=torch.tensor([2, 0], device=device))
     mutate(args)
     snap = {n: t.clone() for n, t in args.items()}
     with pytest.raises(RuntimeError, match=match):
         lrag_ext.write_kv(**args)
     for n, t in snap.items():
         assert torch.equal(args[n], t), f"{n} changed by a failed call"
+
+
+needs_cuda_kernels = pytest.mark.skipif(not CUDA_KERNELS, reason="no CUDA device/kernels")
+
+
+@needs_cuda_kernels
+def test_cuda_skips_out_of_range_entries_instead_of_synchronising():
+    pool, slots, k, v, frame, delta = gather_setup("cuda")
+    slots = torch.tensor([[1, 4], [-3, 2]], device="cuda")       # 4 and -3 are outside the pool
+    frame = torch.tensor([[0, 2], [1, 9]], device="cuda")        # 9 is outside the cache
+    delta = torch.tensor([[2, -1], [0, 5]], device="cuda")
+    k, v = k.repeat(1, 2, 1, 1, 1, 1), v.repeat(1, 2, 1, 1, 1, 1)
+    keep = torch.tensor([[1, -1], [-1, -1]], device="cuda")      # only entry (0, 0) is valid
+    ref_k, ref_v = k.clone(), v.clone()
+    reference.gather_kv(pool, keep, ref_k, ref_v, frame, delta, 2, 10000.0)
+    lrag_ext.gather_kv(pool, slots, k, v, frame, delta, 2)
+    torch.testing.assert_close(k, ref_k, **TOL[torch.float32])
+    assert torch.equal(v, ref_v)
+    before = pool.clone()
+    src = torch.randn(2, 2, 3, 2, 8, device="cuda")
+    lrag_ext.write_kv(pool, src, src, torch.tensor([7, -5], device="cuda"))
+    assert torch.equal(pool, before)
+
+
+@needs_cuda_kernels
+@pytest.mark.parametrize("pool_dtype,dst_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float16)])
+def test_cuda_pinned_host_pool(pool_dtype, dst_dtype):
+    gen = torch.Generator().manual_seed(13)
+    geom = (3, 5, 2, 128)
+    host = make_pool(7, geom, pool_dtype, "cpu", gen).pin_memory()
+    slots, dst_frame, delta = random_gather_args(7, 2, 4, 6, "cuda", gen)
+    dst_k, dst_v = (torch.zeros(3, 2, 6, 5, 2, 128, dtype=dst_dtype, device="cuda") for _ in range(2))
+    ref_k, ref_v = run_both(host, slots, dst_k, dst_v, dst_frame, delta, 22)
+    torch.testing.assert_close(dst_k, ref_k, **TOL[dst_dtype])
+    assert torch.equal(dst_v, ref_v)
+    # writing into the pinned pool from device frames, then reading it back on the host
+    src = torch.randn(3, 2, 5, 2, 128, device="cuda")
+    lrag_ext.write_kv(host, src, -src, torch.tensor([6, 0], device="cuda"))
+    torch.cuda.synchronize()
+    assert torch.equal(host[6, :, 0], src[:, 0].cpu().to(pool_dtype))
+    assert torch.equal(host[0, :, 1], (-src[:, 1]).cpu().to(pool_dtype))
+    with pytest.raises(RuntimeError, match="pool is in host memory that is not pinned"):
+        lrag_ext.gather_kv(host.clone(), slots, dst_k, dst_v, dst_frame, delta)
 
 
 def test_kv_pool_empty():

@@ -40,12 +40,20 @@ constexpr int kIters = 4;
 constexpr int64_t kMaxGridY = 65535;
 constexpr int64_t kMaxRopePairs = 2048;  // cos/sin table of 2 doubles per pair in shared memory (32 KB)
 
+// Element strides of one side of the copy: per slot, stream b, column, layer, token, head.
+struct SideStrides {
+  int64_t slot, b, col, layer, token, head;
+};
+
+// The pool side: [num_slots, layers, 2, tokens, heads, head_dim].
+SideStrides pool_strides(const at::Tensor& pool) {
+  return {pool.stride(0), 0, 0, pool.stride(1), pool.stride(3), pool.stride(4)};
+}
+
 struct KvCopyParams {
   const void* src[2];  // K (0) and V (1) bases of the source, element type S
   void* dst[2];        // K and V bases of the destination, element type D
-  // Element strides per side and kv: slot, stream b, column, layer, token, head.
-  int64_t src_slot[2], src_b[2], src_col[2], src_layer[2], src_token[2], src_head[2];
-  int64_t dst_slot[2], dst_b[2], dst_col[2], dst_layer[2], dst_token[2], dst_head[2];
+  SideStrides ss[2], ds[2];
   const int64_t* slots;  // [entries]
   const int64_t* col;    // [entries] (gather: dst_frame) or nullptr (write: col = e % m)
   const int64_t* delta;  // [entries] or nullptr (no rotation)
@@ -89,10 +97,10 @@ __global__ void __launch_bounds__(kThreads) kv_copy_kernel(const KvCopyParams p)
       }
       __syncthreads();
     }
-    const S* src = static_cast<const S*>(p.src[kv]) + slot * p.src_slot[kv] + b * p.src_b[kv] +
-                   col * p.src_col[kv] + l * p.src_layer[kv];
-    D* dst = static_cast<D*>(p.dst[kv]) + slot * p.dst_slot[kv] + b * p.dst_b[kv] + col * p.dst_col[kv] +
-             l * p.dst_layer[kv];
+    const SideStrides& ss = p.ss[kv];
+    const SideStrides& ds = p.ds[kv];
+    const S* src = static_cast<const S*>(p.src[kv]) + slot * ss.slot + b * ss.b + col * ss.col + l * ss.layer;
+    D* dst = static_cast<D*>(p.dst[kv]) + slot * ds.slot + b * ds.b + col * ds.col + l * ds.layer;
 
     Vec<S, N> x[kIters];
     int64_t dst_off[kIters];
@@ -107,8 +115,8 @@ __global__ void __launch_bounds__(kThreads) kv_copy_kernel(const KvCopyParams p)
         const uint32_t c0 = (v - row * p.vecs_per_row) * N;
         const uint32_t t = row / p.heads, h = row - t * p.heads;
         first_pair[it] = c0 / 2;
-        dst_off[it] = t * p.dst_token[kv] + h * p.dst_head[kv] + c0;
-        x[it] = *reinterpret_cast<const Vec<S, N>*>(src + t * p.src_token[kv] + h * p.src_head[kv] + c0);
+        dst_off[it] = t * ds.token + h * ds.head + c0;
+        x[it] = *reinterpret_cast<const Vec<S, N>*>(src + t * ss.token + h * ss.head + c0);
       }
     }
 #pragma unroll
@@ -169,9 +177,10 @@ bool vector_ok(const KvCopyParams& p, int64_t head_dim, int N) {
   if (head_dim % N != 0) return false;
   for (int kv = 0; kv < 2; ++kv) {
     if (!aligned(p.src[kv], N * sizeof(S)) || !aligned(p.dst[kv], N * sizeof(D))) return false;
-    for (int64_t s : {p.src_slot[kv], p.src_b[kv], p.src_col[kv], p.src_layer[kv], p.src_token[kv], p.src_head[kv],
-                      p.dst_slot[kv], p.dst_b[kv], p.dst_col[kv], p.dst_layer[kv], p.dst_token[kv], p.dst_head[kv]}) {
-      if (s % N != 0) return false;
+    for (const SideStrides& st : {p.ss[kv], p.ds[kv]}) {
+      for (int64_t s : {st.slot, st.b, st.col, st.layer, st.token, st.head}) {
+        if (s % N != 0) return false;
+      }
     }
   }
   return true;
@@ -218,22 +227,12 @@ void write_kv_cuda(at::Tensor pool, const at::Tensor& src_k, const at::Tensor& s
   const at::Tensor sk = dense_last(src_k), sv = dense_last(src_v), sl = slots.contiguous();
   KvCopyParams p{};
   const at::Tensor* src[2] = {&sk, &sv};
-  const int64_t esize = pool.element_size();
   for (int kv = 0; kv < 2; ++kv) {
+    // src_k/src_v [layers, n, tokens, heads, head_dim]: the column is the frame index n.
     p.src[kv] = src[kv]->data_ptr();
-    p.src_slot[kv] = 0;
-    p.src_b[kv] = 0;
-    p.src_col[kv] = src[kv]->stride(1);
-    p.src_layer[kv] = src[kv]->stride(0);
-    p.src_token[kv] = src[kv]->stride(2);
-    p.src_head[kv] = src[kv]->stride(3);
-    p.dst[kv] = static_cast<char*>(pool_ptr) + kv * pool.stride(2) * esize;
-    p.dst_slot[kv] = pool.stride(0);
-    p.dst_b[kv] = 0;
-    p.dst_col[kv] = 0;
-    p.dst_layer[kv] = pool.stride(1);
-    p.dst_token[kv] = pool.stride(3);
-    p.dst_head[kv] = pool.stride(4);
+    p.ss[kv] = {0, 0, src[kv]->stride(1), src[kv]->stride(0), src[kv]->stride(2), src[kv]->stride(3)};
+    p.dst[kv] = static_cast<char*>(pool_ptr) + kv * pool.stride(2) * pool.element_size();
+    p.ds[kv] = pool_strides(pool);
   }
   p.slots = sl.data_ptr<int64_t>();
   p.col = nullptr;
@@ -265,22 +264,13 @@ void gather_kv_cuda(const at::Tensor& pool, const at::Tensor& slots, at::Tensor 
   const at::Tensor sl = slots.contiguous(), fr = dst_frame.contiguous(), dl = delta.contiguous();
   KvCopyParams p{};
   const at::Tensor* dst[2] = {&dst_k, &dst_v};
-  const int64_t esize = pool.element_size();
   for (int kv = 0; kv < 2; ++kv) {
-    p.src[kv] = static_cast<const char*>(pool_ptr) + kv * pool.stride(2) * esize;
-    p.src_slot[kv] = pool.stride(0);
-    p.src_b[kv] = 0;
-    p.src_col[kv] = 0;
-    p.src_layer[kv] = pool.stride(1);
-    p.src_token[kv] = pool.stride(3);
-    p.src_head[kv] = pool.stride(4);
+    p.src[kv] = static_cast<const char*>(pool_ptr) + kv * pool.stride(2) * pool.element_size();
+    p.ss[kv] = pool_strides(pool);
+    // dst_k/dst_v [layers, B, cache_frames, tokens, heads, head_dim]: the column is the cache frame.
     p.dst[kv] = dst[kv]->data_ptr();
-    p.dst_slot[kv] = 0;
-    p.dst_b[kv] = dst[kv]->stride(1);
-    p.dst_col[kv] = dst[kv]->stride(2);
-    p.dst_layer[kv] = dst[kv]->stride(0);
-    p.dst_token[kv] = dst[kv]->stride(3);
-    p.dst_head[kv] = dst[kv]->stride(4);
+    p.ds[kv] = {0, dst[kv]->stride(1), dst[kv]->stride(2), dst[kv]->stride(0), dst[kv]->stride(3),
+                dst[kv]->stride(4)};
   }
   p.slots = sl.data_ptr<int64_t>();
   p.col = fr.data_ptr<int64_t>();
