@@ -97,10 +97,13 @@ __global__ void __launch_bounds__(kThreads) kv_copy_kernel(const KvCopyParams p)
       }
       __syncthreads();
     }
-    const SideStrides& ss = p.ss[kv];
-    const SideStrides& ds = p.ds[kv];
-    const S* src = static_cast<const S*>(p.src[kv]) + slot * ss.slot + b * ss.b + col * ss.col + l * ss.layer;
-    D* dst = static_cast<D*>(p.dst[kv]) + slot * ds.slot + b * ds.b + col * ds.col + l * ds.layer;
+    // Constant indices only: a runtime index into the by-value parameter struct would copy it to local memory.
+    const SideStrides ss = kv == 0 ? p.ss[0] : p.ss[1];
+    const SideStrides ds = kv == 0 ? p.ds[0] : p.ds[1];
+    const S* src = static_cast<const S*>(kv == 0 ? p.src[0] : p.src[1]) + slot * ss.slot + b * ss.b +
+                   col * ss.col + l * ss.layer;
+    D* dst = static_cast<D*>(kv == 0 ? p.dst[0] : p.dst[1]) + slot * ds.slot + b * ds.b + col * ds.col +
+             l * ds.layer;
 
     Vec<S, N> x[kIters];
     int64_t dst_off[kIters];
