@@ -9,6 +9,8 @@ Cases (defaults: Wan2.1-1.3B geometry, 6 retrieved frames x 30 layers, bf16: 6 x
 - ``gather pinned``: pool in pinned host memory, read over PCIe by the kernel; the floor is the measured
   host->device bandwidth (``copy_`` from pinned memory, non_blocking).
 - ``write device``: the inverse (new frames -> pool slots).
+- fp8 pools (float8_e4m3fn + per-frame/layer scales): half the bytes read; gather from device and from pinned
+  memory, and the two-pass write (amax, then quantise).
 - baselines: the PyTorch reference (index + RoPE in float64), and the release's way: one host->device copy
   per frame per layer (``.to(device)`` of each pinned layer slice).
 Each kernel case is first checked against the reference on two of its layers. Times are medians of
@@ -72,6 +74,15 @@ def check(pool, slots, dst_k, dst_v, frame, delta, pairs) -> bool:
     return ok
 
 
+def check8(pool8, scale8, slots, dst_k, dst_v, frame, delta, pairs) -> bool:
+    """The fp8 gather against the reference on layer 0."""
+    k, v = dst_k[:1].clone().zero_(), dst_v[:1].clone().zero_()
+    rk, rv = k.clone(), v.clone()
+    lrag_ext.gather_kv(pool8[:, :1], slots, k, v, frame, delta, pairs, pool_scale=scale8[:, :1])
+    reference.gather_kv(pool8[:, :1], slots, rk, rv, frame, delta, pairs, 10000.0, pool_scale=scale8[:, :1])
+    return torch.equal(v, rv) and torch.allclose(k.float(), rk.float(), rtol=1e-2, atol=1e-2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=30)
@@ -109,6 +120,17 @@ def main() -> None:
     src_k = torch.randn(L, m, T, H, hd, device="cuda").to(dtype)
     src_v = torch.randn_like(src_k)
     wslots = slots[0]
+    # fp8 pools holding the same frames (write_kv quantises them)
+    pool8 = lrag_ext.kv_pool_empty(a.slots, L, T, H, hd, torch.float8_e4m3fn, "cuda")
+    scale8 = lrag_ext.kv_pool_scale_empty(pool8)
+    for s in range(a.slots):
+        lrag_ext.write_kv(pool8, pool[s, :, 0][:, None], pool[s, :, 1][:, None], torch.tensor([s], device="cuda"),
+                          pool_scale=scale8)
+    host8 = lrag_ext.kv_pool_empty(a.slots, L, T, H, hd, torch.float8_e4m3fn, "cpu", pin_memory=True)
+    host8.view(torch.uint8).copy_(pool8.view(torch.uint8))
+    hscale8 = lrag_ext.kv_pool_scale_empty(host8)
+    hscale8.copy_(scale8)
+    ok_fp8 = check8(pool8, scale8, slots, dst_k, dst_v, frame, delta, pairs)
 
     def release_way():  # the reference release: a host->device copy per retrieved frame per layer
         for s in slots[0].tolist():
@@ -131,6 +153,15 @@ def main() -> None:
     row("gather pinned host, RoPE", lambda: lrag_ext.gather_kv(host, slots, dst_k, dst_v, frame, delta, pairs),
         moved, h2d_bw, "h2d copy", ok_host)
     row("write device", lambda: lrag_ext.write_kv(pool, src_k, src_v, wslots), 2 * moved, copy_bw, "d2d copy")
+    row("gather device fp8 pool, RoPE",
+        lambda: lrag_ext.gather_kv(pool8, slots, dst_k, dst_v, frame, delta, pairs, pool_scale=scale8),
+        moved // pool.element_size() + moved, copy_bw, "d2d copy", ok_fp8)
+    row("gather pinned fp8 pool, RoPE",
+        lambda: lrag_ext.gather_kv(host8, slots, dst_k, dst_v, frame, delta, pairs, pool_scale=hscale8),
+        moved // pool.element_size(), h2d_bw, "h2d copy", ok_fp8)
+    row("write device fp8 pool (2 passes)",
+        lambda: lrag_ext.write_kv(pool8, src_k, src_v, wslots, pool_scale=scale8),
+        2 * moved + moved // pool.element_size(), copy_bw, "d2d copy")
     row("torch reference gather (device)",
         lambda: reference.gather_kv(pool, slots, dst_k, dst_v, frame, delta, pairs, 10000.0), 2 * moved, copy_bw,
         "d2d copy")
@@ -147,7 +178,7 @@ def main() -> None:
     if a.json:
         with open(a.json, "w") as f:
             json.dump(dict(rows=rows, copy_gb_per_s=copy_bw / 1e9, h2d_gb_per_s=h2d_bw / 1e9), f, indent=1)
-    if not (ok_dev and ok_host):
+    if not (ok_dev and ok_host and ok_fp8):
         raise SystemExit("gather_kv disagrees with the reference")
 
 

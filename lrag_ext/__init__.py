@@ -8,7 +8,7 @@ from lrag_ext._extension import load_compiled_module as _load
 _C = _load()
 
 from lrag_ext import ops, reference  # noqa: E402  (ops need _C loaded first)
-from lrag_ext.ops import cosine_topk, gather_kv, kv_pool_empty, write_kv  # noqa: E402
+from lrag_ext.ops import cosine_topk, gather_kv, kv_pool_empty, kv_pool_scale_empty, write_kv  # noqa: E402
 
 SlotAllocator = _C.SlotAllocator
 
@@ -21,5 +21,5 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["SlotAllocator", "build_info", "cosine_topk", "gather_kv", "kv_pool_empty", "ops", "reference",
-           "write_kv"]
+__all__ = ["SlotAllocator", "build_info", "cosine_topk", "gather_kv", "kv_pool_empty", "kv_pool_scale_empty", "ops",
+           "reference", "write_kv"]

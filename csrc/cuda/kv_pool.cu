@@ -61,6 +61,11 @@ struct KvCopyParams {
   uint32_t heads, vecs_per_row, vecs_per_frame;
   int32_t rope_pairs;
   double rope_theta;
+  // float8_e4m3fn pools: pool_scale [num_slots, layers, 2] (read by gather, written by write), and for write the
+  // per-item amax of the sources (kv_amax_kernel).
+  float* scale;
+  int64_t scale_slot, scale_layer, scale_kv;
+  const float* amax;
 };
 
 // N elements; 16-byte (or 8-byte) aligned for the vector path, element-aligned for the 2-element fallback.
@@ -97,6 +102,15 @@ __global__ void __launch_bounds__(kThreads) kv_copy_kernel(const KvCopyParams p)
       }
       __syncthreads();
     }
+    float scale = 1.0f;  // fp8 (de)quantisation scale of this item
+    if constexpr (is_fp8_v<S> || is_fp8_v<D>) {
+      float* item_scale = p.scale + slot * p.scale_slot + l * p.scale_layer + kv * p.scale_kv;
+      if constexpr (is_fp8_v<S>) scale = *item_scale;
+      if constexpr (is_fp8_v<D>) {
+        scale = fp8_scale_for(p.amax[item]);
+        if (blockIdx.x == 0 && threadIdx.x == 0) *item_scale = scale;
+      }
+    }
     // Constant indices only: a runtime index into the by-value parameter struct would copy it to local memory.
     const SideStrides ss = kv == 0 ? p.ss[0] : p.ss[1];
     const SideStrides ds = kv == 0 ? p.ds[0] : p.ds[1];
@@ -131,14 +145,13 @@ __global__ void __launch_bounds__(kThreads) kv_copy_kernel(const KvCopyParams p)
         const uint32_t q = first_pair[it] + i;
         if (rotate && q < static_cast<uint32_t>(p.rope_pairs)) {
           double yr, yi;
-          rotate_pair(static_cast<double>(static_cast<float>(x[it].v[2 * i])),
-                      static_cast<double>(static_cast<float>(x[it].v[2 * i + 1])), cs[2 * q], cs[2 * q + 1], &yr,
-                      &yi);
-          y.v[2 * i] = static_cast<D>(static_cast<float>(yr));  // double -> float -> D, as torch casts
-          y.v[2 * i + 1] = static_cast<D>(static_cast<float>(yi));
+          rotate_pair(static_cast<double>(load_value(x[it].v[2 * i], scale)),
+                      static_cast<double>(load_value(x[it].v[2 * i + 1], scale)), cs[2 * q], cs[2 * q + 1], &yr, &yi);
+          y.v[2 * i] = store_value<D>(static_cast<float>(yr), scale);  // double -> float -> D, as torch casts
+          y.v[2 * i + 1] = store_value<D>(static_cast<float>(yi), scale);
         } else {
-          y.v[2 * i] = static_cast<D>(static_cast<float>(x[it].v[2 * i]));
-          y.v[2 * i + 1] = static_cast<D>(static_cast<float>(x[it].v[2 * i + 1]));
+          y.v[2 * i] = store_value<D>(load_value(x[it].v[2 * i], scale), scale);
+          y.v[2 * i + 1] = store_value<D>(load_value(x[it].v[2 * i + 1], scale), scale);
         }
       }
       *reinterpret_cast<Vec<D, N>*>(dst + dst_off[it]) = y;
@@ -146,25 +159,73 @@ __global__ void __launch_bounds__(kThreads) kv_copy_kernel(const KvCopyParams p)
   }
 }
 
+// fp8 write, first pass: amax[item] = max |x| over the source frame of each item (same item/chunk split as
+// kv_copy_kernel; amax must be zeroed). Non-negative floats order like their int bits, so atomicMax on the bits
+// is a float max.
+template <typename S, int N>
+__global__ void __launch_bounds__(kThreads) kv_amax_kernel(const KvCopyParams p, float* amax) {
+  const int64_t items = p.entries * p.layers * 2;
+  const uint32_t v_first = blockIdx.x * (kThreads * kIters) + threadIdx.x;
+  for (int64_t item = blockIdx.y; item < items; item += gridDim.y) {
+    const int64_t e = item / (2 * p.layers);
+    const int64_t r = item - e * 2 * p.layers;
+    const int64_t l = r >> 1;
+    const int kv = static_cast<int>(r & 1);
+    const int64_t slot = p.slots[e];
+    if (slot < 0 || slot >= p.num_slots) continue;
+    const int64_t col = e % p.m;  // write_kv only: the column is the source frame
+    const int64_t b = e / p.m;
+    const SideStrides ss = kv == 0 ? p.ss[0] : p.ss[1];
+    const S* src = static_cast<const S*>(kv == 0 ? p.src[0] : p.src[1]) + b * ss.b + col * ss.col + l * ss.layer;
+    float m = 0.0f;
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      const uint32_t v = v_first + it * kThreads;
+      if (v < p.vecs_per_frame) {
+        const uint32_t row = v / p.vecs_per_row;
+        const uint32_t c0 = (v - row * p.vecs_per_row) * N;
+        const uint32_t t = row / p.heads, h = row - t * p.heads;
+        const Vec<S, N> x = *reinterpret_cast<const Vec<S, N>*>(src + t * ss.token + h * ss.head + c0);
+#pragma unroll
+        for (int i = 0; i < N; ++i) m = fmaxf(m, fabsf(static_cast<float>(x.v[i])));
+      }
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+    if ((threadIdx.x & 31) == 0 && m > 0.0f) atomicMax(reinterpret_cast<int*>(amax + item), __float_as_int(m));
+  }
+}
+
 // Device-accessible address of a pool: itself on `device`, or the mapped device pointer of pinned host memory.
-void* device_address(const at::Tensor& pool, const at::Device& device, const char* other) {
+void* device_address(const at::Tensor& pool, const at::Device& device, const char* other,
+                     const char* name = "pool") {
   if (pool.is_cuda()) {
-    TORCH_CHECK(pool.device() == device, "pool must be on ", device, " (the device of ", other,
+    TORCH_CHECK(pool.device() == device, name, " must be on ", device, " (the device of ", other,
                 ") or in pinned host memory, got ", pool.device());
     return pool.data_ptr();
   }
-  TORCH_CHECK(pool.is_cpu(), "pool must be a CUDA tensor or pinned host memory, got ", pool.device());
+  TORCH_CHECK(pool.is_cpu(), name, " must be a CUDA tensor or pinned host memory, got ", pool.device());
   if (pool.numel() == 0) return nullptr;
   cudaPointerAttributes attr{};
   const cudaError_t err = cudaPointerGetAttributes(&attr, pool.data_ptr());
   if (err != cudaSuccess) (void)cudaGetLastError();  // clear the sticky-free error of an unknown pointer
-  TORCH_CHECK(err == cudaSuccess && attr.type == cudaMemoryTypeHost && attr.devicePointer != nullptr,
-              "pool is in host memory that is not pinned: allocate it with pin_memory=True "
+  TORCH_CHECK(err == cudaSuccess && attr.type == cudaMemoryTypeHost && attr.devicePointer != nullptr, name,
+              " is in host memory that is not pinned: allocate it with pin_memory=True "
               "(lrag_ext.kv_pool_empty(..., pin_memory=True)) or move it to ", device);
   return attr.devicePointer;
 }
 
-// Keeps a pinned host pool's block from being reused by the caching host allocator before `stream` is done.
+// Fills the fp8 scale fields of p (no-op for other pools).
+void set_scale(KvCopyParams& p, const std::optional<at::Tensor>& pool_scale, const at::Device& device,
+               const char* other) {
+  if (!pool_scale.has_value()) return;
+  p.scale = static_cast<float*>(device_address(*pool_scale, device, other, "pool_scale"));
+  p.scale_slot = pool_scale->stride(0);
+  p.scale_layer = pool_scale->stride(1);
+  p.scale_kv = pool_scale->stride(2);
+}
+
+// Keeps a pinned host tensor's block from being reused by the caching host allocator before `stream` is done.
 // (A block that did not come from that allocator, e.g. user-registered memory, is the caller's to keep alive.)
 void record_host_use(const at::Tensor& pool, const at::cuda::CUDAStream& stream) {
   if (!pool.is_cpu() || pool.numel() == 0) return;
@@ -189,14 +250,15 @@ bool vector_ok(const KvCopyParams& p, int64_t head_dim, int N) {
   return true;
 }
 
+template <bool kSrcFp8, bool kDstFp8>
 void run_kv_copy(KvCopyParams p, const KvGeometry& g, at::ScalarType src_type, at::ScalarType dst_type,
-                 cudaStream_t stream) {
+                 const at::Device& device, cudaStream_t stream) {
   const int64_t items = p.entries * p.layers * 2;
   const int64_t frame_elems = g.tokens * g.heads * g.head_dim;
   if (items == 0 || frame_elems == 0) return;
   p.heads = static_cast<uint32_t>(g.heads);
   const size_t smem = static_cast<size_t>(p.rope_pairs) * 2 * sizeof(double);
-  dispatch_float_pair(src_type, dst_type, [&](auto s_tag, auto d_tag) {
+  dispatch_float_pair<kSrcFp8, kDstFp8>(src_type, dst_type, [&](auto s_tag, auto d_tag) {
     using S = decltype(s_tag);
     using D = decltype(d_tag);
     constexpr int kWide = 16 / (sizeof(S) > sizeof(D) ? sizeof(S) : sizeof(D));
@@ -206,6 +268,13 @@ void run_kv_copy(KvCopyParams p, const KvGeometry& g, at::ScalarType src_type, a
       p.vecs_per_frame = static_cast<uint32_t>(frame_elems / N);
       const dim3 grid(static_cast<unsigned>(ceil_div<int64_t>(p.vecs_per_frame, kThreads * kIters)),
                       static_cast<unsigned>(std::min(items, kMaxGridY)));
+      at::Tensor amax;
+      if constexpr (is_fp8_v<D>) {  // two passes: per-item amax, then the scaled copy
+        amax = at::zeros({items}, at::TensorOptions().dtype(at::kFloat).device(device));
+        kv_amax_kernel<S, N><<<grid, kThreads, 0, stream>>>(p, amax.data_ptr<float>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        p.amax = amax.data_ptr<float>();
+      }
       kv_copy_kernel<S, D, N><<<grid, kThreads, smem, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
@@ -217,8 +286,10 @@ void run_kv_copy(KvCopyParams p, const KvGeometry& g, at::ScalarType src_type, a
   });
 }
 
-void write_kv_cuda(at::Tensor pool, const at::Tensor& src_k, const at::Tensor& src_v, const at::Tensor& slots) {
+void write_kv_cuda(at::Tensor pool, const at::Tensor& src_k, const at::Tensor& src_v, const at::Tensor& slots,
+                   const std::optional<at::Tensor>& pool_scale) {
   const KvGeometry g = check_write_kv_args(pool, src_k, src_v, slots);
+  check_pool_scale(pool, g, pool_scale);
   TORCH_CHECK(src_k.is_cuda(), "src_k must be a CUDA tensor, got ", src_k.device());
   const c10::cuda::CUDAGuard guard(src_k.device());
   void* pool_ptr = device_address(pool, src_k.device(), "src_k");
@@ -247,15 +318,18 @@ void write_kv_cuda(at::Tensor pool, const at::Tensor& src_k, const at::Tensor& s
   p.layers = g.layers;
   p.rope_pairs = 0;
   p.rope_theta = 1.0;
-  run_kv_copy(p, g, sk.scalar_type(), pool.scalar_type(), stream.stream());
+  set_scale(p, pool_scale, src_k.device(), "src_k");
+  run_kv_copy<false, true>(p, g, sk.scalar_type(), pool.scalar_type(), src_k.device(), stream.stream());
   record_host_use(pool, stream);
+  if (pool_scale.has_value()) record_host_use(*pool_scale, stream);
 }
 
 void gather_kv_cuda(const at::Tensor& pool, const at::Tensor& slots, at::Tensor dst_k, at::Tensor dst_v,
                     const at::Tensor& dst_frame, const at::Tensor& delta, int64_t rope_temporal_pairs,
-                    double rope_theta) {
+                    double rope_theta, const std::optional<at::Tensor>& pool_scale) {
   const KvGeometry g =
       check_gather_kv_args(pool, slots, dst_k, dst_v, dst_frame, delta, rope_temporal_pairs, rope_theta);
+  check_pool_scale(pool, g, pool_scale);
   TORCH_CHECK(dst_k.is_cuda(), "dst_k must be a CUDA tensor, got ", dst_k.device());
   TORCH_CHECK(rope_temporal_pairs <= kMaxRopePairs, "rope_temporal_pairs must be <= ", kMaxRopePairs,
               " on CUDA, got ", rope_temporal_pairs);
@@ -285,8 +359,10 @@ void gather_kv_cuda(const at::Tensor& pool, const at::Tensor& slots, at::Tensor 
   p.layers = g.layers;
   p.rope_pairs = static_cast<int32_t>(rope_temporal_pairs);
   p.rope_theta = rope_theta;
-  run_kv_copy(p, g, pool.scalar_type(), dst_k.scalar_type(), stream.stream());
+  set_scale(p, pool_scale, dst_k.device(), "dst_k");
+  run_kv_copy<true, false>(p, g, pool.scalar_type(), dst_k.scalar_type(), dst_k.device(), stream.stream());
   record_host_use(pool, stream);
+  if (pool_scale.has_value()) record_host_use(*pool_scale, stream);
 }
 
 }  // namespace
