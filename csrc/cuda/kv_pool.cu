@@ -74,6 +74,43 @@ struct alignas(N >= 4 ? sizeof(T) * N : sizeof(T)) Vec {
   T v[N];
 };
 
+// One item of a call: entry e's frame in layer l, K (kv 0) or V (kv 1). Uniform over a block.
+struct Item {
+  int64_t e, l, slot, col, b;
+  int kv;
+};
+
+// Decodes `item`; false when its entry is skipped (slot or column outside its range, -1 included).
+__device__ __forceinline__ bool decode_item(const KvCopyParams& p, int64_t item, Item& it) {
+  it.e = item / (2 * p.layers);
+  const int64_t r = item - it.e * 2 * p.layers;
+  it.l = r >> 1;
+  it.kv = static_cast<int>(r & 1);
+  it.slot = p.slots[it.e];
+  it.col = p.col != nullptr ? p.col[it.e] : it.e % p.m;
+  it.b = it.e / p.m;
+  return it.slot >= 0 && it.slot < p.num_slots && it.col >= 0 && it.col < p.num_cols;
+}
+
+// Start of the item's frame on one side (base = that side's K or V base).
+template <typename T>
+__device__ __forceinline__ T* frame_start(const void* base, const SideStrides& st, const Item& it) {
+  return static_cast<T*>(const_cast<void*>(base)) + it.slot * st.slot + it.b * st.b + it.col * st.col +
+         it.l * st.layer;
+}
+
+// Token, head and first element of vector v (N elements) inside a frame.
+struct VecPos {
+  uint32_t t, h, c0;
+};
+
+template <int N>
+__device__ __forceinline__ VecPos vec_pos(const KvCopyParams& p, uint32_t v) {
+  const uint32_t row = v / p.vecs_per_row;
+  const uint32_t t = row / p.heads;
+  return {t, row - t * p.heads, (v - row * p.vecs_per_row) * N};
+}
+
 template <typename S, typename D, int N>
 __global__ void __launch_bounds__(kThreads) kv_copy_kernel(const KvCopyParams p) {
   extern __shared__ double cs[];  // [rope_pairs][cos, sin] of the current item
@@ -81,16 +118,10 @@ __global__ void __launch_bounds__(kThreads) kv_copy_kernel(const KvCopyParams p)
   const uint32_t v_first = blockIdx.x * (kThreads * kIters) + threadIdx.x;
   for (int64_t item = blockIdx.y; item < items; item += gridDim.y) {
     // Everything up to the copy is uniform over the block (it depends on the item only).
-    const int64_t e = item / (2 * p.layers);
-    const int64_t r = item - e * 2 * p.layers;
-    const int64_t l = r >> 1;
-    const int kv = static_cast<int>(r & 1);
-    const int64_t slot = p.slots[e];
-    if (slot < 0 || slot >= p.num_slots) continue;
-    const int64_t col = p.col != nullptr ? p.col[e] : e % p.m;
-    if (col < 0 || col >= p.num_cols) continue;
-    const int64_t b = e / p.m;
-    const int64_t d = (kv == 0 && p.delta != nullptr) ? p.delta[e] : 0;
+    Item itm;
+    if (!decode_item(p, item, itm)) continue;
+    const int kv = itm.kv;
+    const int64_t d = (kv == 0 && p.delta != nullptr) ? p.delta[itm.e] : 0;
     const bool rotate = d != 0 && p.rope_pairs > 0;
     if (rotate) {
       __syncthreads();  // the previous item's readers of cs are done
@@ -104,7 +135,7 @@ __global__ void __launch_bounds__(kThreads) kv_copy_kernel(const KvCopyParams p)
     }
     float scale = 1.0f;  // fp8 (de)quantisation scale of this item
     if constexpr (is_fp8_v<S> || is_fp8_v<D>) {
-      float* item_scale = p.scale + slot * p.scale_slot + l * p.scale_layer + kv * p.scale_kv;
+      float* item_scale = p.scale + itm.slot * p.scale_slot + itm.l * p.scale_layer + kv * p.scale_kv;
       if constexpr (is_fp8_v<S>) scale = *item_scale;
       if constexpr (is_fp8_v<D>) {
         scale = fp8_scale_for(p.amax[item]);
@@ -114,10 +145,8 @@ __global__ void __launch_bounds__(kThreads) kv_copy_kernel(const KvCopyParams p)
     // Constant indices only: a runtime index into the by-value parameter struct would copy it to local memory.
     const SideStrides ss = kv == 0 ? p.ss[0] : p.ss[1];
     const SideStrides ds = kv == 0 ? p.ds[0] : p.ds[1];
-    const S* src = static_cast<const S*>(kv == 0 ? p.src[0] : p.src[1]) + slot * ss.slot + b * ss.b +
-                   col * ss.col + l * ss.layer;
-    D* dst = static_cast<D*>(kv == 0 ? p.dst[0] : p.dst[1]) + slot * ds.slot + b * ds.b + col * ds.col +
-             l * ds.layer;
+    const S* src = frame_start<const S>(kv == 0 ? p.src[0] : p.src[1], ss, itm);
+    D* dst = frame_start<D>(kv == 0 ? p.dst[0] : p.dst[1], ds, itm);
 
     Vec<S, N> x[kIters];
     int64_t dst_off[kIters];
@@ -128,12 +157,10 @@ __global__ void __launch_bounds__(kThreads) kv_copy_kernel(const KvCopyParams p)
       const uint32_t v = v_first + it * kThreads;
       ok[it] = v < p.vecs_per_frame;
       if (ok[it]) {
-        const uint32_t row = v / p.vecs_per_row;
-        const uint32_t c0 = (v - row * p.vecs_per_row) * N;
-        const uint32_t t = row / p.heads, h = row - t * p.heads;
-        first_pair[it] = c0 / 2;
-        dst_off[it] = t * ds.token + h * ds.head + c0;
-        x[it] = *reinterpret_cast<const Vec<S, N>*>(src + t * ss.token + h * ss.head + c0);
+        const VecPos q = vec_pos<N>(p, v);
+        first_pair[it] = q.c0 / 2;
+        dst_off[it] = q.t * ds.token + q.h * ds.head + q.c0;
+        x[it] = *reinterpret_cast<const Vec<S, N>*>(src + q.t * ss.token + q.h * ss.head + q.c0);
       }
     }
 #pragma unroll
@@ -167,25 +194,17 @@ __global__ void __launch_bounds__(kThreads) kv_amax_kernel(const KvCopyParams p,
   const int64_t items = p.entries * p.layers * 2;
   const uint32_t v_first = blockIdx.x * (kThreads * kIters) + threadIdx.x;
   for (int64_t item = blockIdx.y; item < items; item += gridDim.y) {
-    const int64_t e = item / (2 * p.layers);
-    const int64_t r = item - e * 2 * p.layers;
-    const int64_t l = r >> 1;
-    const int kv = static_cast<int>(r & 1);
-    const int64_t slot = p.slots[e];
-    if (slot < 0 || slot >= p.num_slots) continue;
-    const int64_t col = e % p.m;  // write_kv only: the column is the source frame
-    const int64_t b = e / p.m;
-    const SideStrides ss = kv == 0 ? p.ss[0] : p.ss[1];
-    const S* src = static_cast<const S*>(kv == 0 ? p.src[0] : p.src[1]) + b * ss.b + col * ss.col + l * ss.layer;
+    Item itm;
+    if (!decode_item(p, item, itm)) continue;
+    const SideStrides ss = itm.kv == 0 ? p.ss[0] : p.ss[1];
+    const S* src = frame_start<const S>(itm.kv == 0 ? p.src[0] : p.src[1], ss, itm);
     float m = 0.0f;
 #pragma unroll
     for (int it = 0; it < kIters; ++it) {
       const uint32_t v = v_first + it * kThreads;
       if (v < p.vecs_per_frame) {
-        const uint32_t row = v / p.vecs_per_row;
-        const uint32_t c0 = (v - row * p.vecs_per_row) * N;
-        const uint32_t t = row / p.heads, h = row - t * p.heads;
-        const Vec<S, N> x = *reinterpret_cast<const Vec<S, N>*>(src + t * ss.token + h * ss.head + c0);
+        const VecPos q = vec_pos<N>(p, v);
+        const Vec<S, N> x = *reinterpret_cast<const Vec<S, N>*>(src + q.t * ss.token + q.h * ss.head + q.c0);
 #pragma unroll
         for (int i = 0; i < N; ++i) m = fmaxf(m, fabsf(static_cast<float>(x.v[i])));
       }
