@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import torch
 
@@ -31,9 +32,16 @@ TARGET = 0.80
 
 
 def time_cuda(fn, iters: int = 20, warmup: int = 3) -> float:
-    """Median seconds per call, CUDA-event timed."""
+    """Median seconds per call, CUDA-event timed (wall clock on a CPU smoke run)."""
     for _ in range(warmup):
         fn()
+    if not torch.cuda.is_available():  # --device cpu: only checks that the script runs
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2]
     torch.cuda.synchronize()
     times = []
     for _ in range(iters):
@@ -46,9 +54,9 @@ def time_cuda(fn, iters: int = 20, warmup: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def device_copy_bandwidth(nbytes: int) -> float:
+def device_copy_bandwidth(nbytes: int, device: str) -> float:
     """Bytes/s of a device-to-device copy_ (counting read + write)."""
-    x = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    x = torch.empty(nbytes, dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
     return 2 * nbytes / time_cuda(lambda: y.copy_(x))
 
@@ -93,40 +101,43 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=12, help="pool slots (device and pinned pools each)")
     ap.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     ap.add_argument("--json")
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the script itself (no pinned cases)")
     a = ap.parse_args()
+    dev = a.device
+    gpu = dev == "cuda"
     dtype = DTYPES[a.dtype]
     L, T, H, hd, m = a.layers, a.tokens, a.heads, a.head_dim, a.frames
     pairs = reference.wan_temporal_pairs(hd)
     torch.manual_seed(0)
 
-    pool = lrag_ext.kv_pool_empty(a.slots, L, T, H, hd, dtype, "cuda")
-    pool.copy_(torch.randn(pool.shape, device="cuda", dtype=torch.float32).to(dtype))
-    host = lrag_ext.kv_pool_empty(a.slots, L, T, H, hd, dtype, "cpu", pin_memory=True)
+    pool = lrag_ext.kv_pool_empty(a.slots, L, T, H, hd, dtype, dev)
+    pool.copy_(torch.randn(pool.shape, device=dev, dtype=torch.float32).to(dtype))
+    host = lrag_ext.kv_pool_empty(a.slots, L, T, H, hd, dtype, "cpu", pin_memory=gpu)
     host.copy_(pool)
     F = 12  # the attention cache: sink | m memory frames | local window
-    dst_k = torch.zeros(L, 1, F, T, H, hd, dtype=dtype, device="cuda")
+    dst_k = torch.zeros(L, 1, F, T, H, hd, dtype=dtype, device=dev)
     dst_v = torch.zeros_like(dst_k)
-    slots = torch.randperm(a.slots, device="cuda")[:m][None]
-    frame = torch.arange(1, m + 1, device="cuda")[None]
+    slots = torch.randperm(a.slots, device=dev)[:m][None]
+    frame = torch.arange(1, m + 1, device=dev)[None]
     zero = torch.zeros_like(slots)
     delta = torch.full_like(slots, -9)
     frame_bytes = L * 2 * T * H * hd * pool.element_size()
     moved = m * frame_bytes  # bytes read (= bytes written)
 
-    copy_bw = device_copy_bandwidth(moved)
-    h2d_bw = h2d_bandwidth(moved)
+    copy_bw = device_copy_bandwidth(moved, dev)
+    h2d_bw = h2d_bandwidth(moved) if gpu else float("nan")
     ok_dev = check(pool, slots, dst_k, dst_v, frame, delta, pairs)
-    ok_host = check(host, slots, dst_k, dst_v, frame, delta, pairs)
-    src_k = torch.randn(L, m, T, H, hd, device="cuda").to(dtype)
+    ok_host = check(host, slots, dst_k, dst_v, frame, delta, pairs) if gpu else True
+    src_k = torch.randn(L, m, T, H, hd, device=dev).to(dtype)
     src_v = torch.randn_like(src_k)
     wslots = slots[0]
     # fp8 pools holding the same frames (write_kv quantises them)
-    pool8 = lrag_ext.kv_pool_empty(a.slots, L, T, H, hd, torch.float8_e4m3fn, "cuda")
+    pool8 = lrag_ext.kv_pool_empty(a.slots, L, T, H, hd, torch.float8_e4m3fn, dev)
     scale8 = lrag_ext.kv_pool_scale_empty(pool8)
     for s in range(a.slots):
-        lrag_ext.write_kv(pool8, pool[s, :, 0][:, None], pool[s, :, 1][:, None], torch.tensor([s], device="cuda"),
+        lrag_ext.write_kv(pool8, pool[s, :, 0][:, None], pool[s, :, 1][:, None], torch.tensor([s], device=dev),
                           pool_scale=scale8)
-    host8 = lrag_ext.kv_pool_empty(a.slots, L, T, H, hd, torch.float8_e4m3fn, "cpu", pin_memory=True)
+    host8 = lrag_ext.kv_pool_empty(a.slots, L, T, H, hd, torch.float8_e4m3fn, "cpu", pin_memory=gpu)
     host8.view(torch.uint8).copy_(pool8.view(torch.uint8))
     hscale8 = lrag_ext.kv_pool_scale_empty(host8)
     hscale8.copy_(scale8)
@@ -150,25 +161,28 @@ def main() -> None:
         2 * moved, copy_bw, "d2d copy", ok_dev)
     row("gather device, RoPE", lambda: lrag_ext.gather_kv(pool, slots, dst_k, dst_v, frame, delta, pairs),
         2 * moved, copy_bw, "d2d copy", ok_dev)
-    row("gather pinned host, RoPE", lambda: lrag_ext.gather_kv(host, slots, dst_k, dst_v, frame, delta, pairs),
-        moved, h2d_bw, "h2d copy", ok_host)
+    if gpu:
+        row("gather pinned host, RoPE", lambda: lrag_ext.gather_kv(host, slots, dst_k, dst_v, frame, delta, pairs),
+            moved, h2d_bw, "h2d copy", ok_host)
     row("write device", lambda: lrag_ext.write_kv(pool, src_k, src_v, wslots), 2 * moved, copy_bw, "d2d copy")
     row("gather device fp8 pool, RoPE",
         lambda: lrag_ext.gather_kv(pool8, slots, dst_k, dst_v, frame, delta, pairs, pool_scale=scale8),
         moved // pool.element_size() + moved, copy_bw, "d2d copy", ok_fp8)
-    row("gather pinned fp8 pool, RoPE",
-        lambda: lrag_ext.gather_kv(host8, slots, dst_k, dst_v, frame, delta, pairs, pool_scale=hscale8),
-        moved // pool.element_size(), h2d_bw, "h2d copy", ok_fp8)
+    if gpu:
+        row("gather pinned fp8 pool, RoPE",
+            lambda: lrag_ext.gather_kv(host8, slots, dst_k, dst_v, frame, delta, pairs, pool_scale=hscale8),
+            moved // pool.element_size(), h2d_bw, "h2d copy", ok_fp8)
     row("write device fp8 pool (2 passes)",
         lambda: lrag_ext.write_kv(pool8, src_k, src_v, wslots, pool_scale=scale8),
         2 * moved + moved // pool.element_size(), copy_bw, "d2d copy")
     row("torch reference gather (device)",
         lambda: reference.gather_kv(pool, slots, dst_k, dst_v, frame, delta, pairs, 10000.0), 2 * moved, copy_bw,
         "d2d copy")
-    row("release: per-frame per-layer h2d", release_way, moved, h2d_bw, "h2d copy")
+    if gpu:
+        row("release: per-frame per-layer h2d", release_way, moved, h2d_bw, "h2d copy")
 
     print(f"gather/write of {m} frames x {L} layers, {T} tokens x {H} heads x {hd}, {a.dtype}: "
-          f"{moved / 1e9:.3f} GB per direction; {torch.cuda.get_device_name()}")
+          f"{moved / 1e9:.3f} GB per direction; {torch.cuda.get_device_name() if gpu else dev}")
     print(f"device copy bandwidth {copy_bw / 1e9:.0f} GB/s (read+write), pinned h2d {h2d_bw / 1e9:.1f} GB/s")
     print(f"{'case':36s} {'ms':>9s} {'GB/s':>9s} {'floor':>9s} {'of floor':>9s}  check")
     for r in rows:
