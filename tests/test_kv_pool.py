@@ -414,6 +414,27 @@ def test_fp8_opcheck(device):
                           (pool, src_k[:, :2], src_v[:, :2], slots[0]), {"pool_scale": scale}, test_utils=utils)
 
 
+def test_fp8_torch_compile_fullgraph(device):
+    gen = torch.Generator().manual_seed(24)
+    pool, scale, src_k, src_v = fp8_pool_with_frames(device, (2, 3, 2, 8), 4, gen)
+    slots = torch.tensor([[1, 3]], device=device)
+    frame = torch.tensor([[0, 2]], device=device)
+
+    def step(pool, scale, k, v):
+        lrag_ext.write_kv(pool, src_k[:, :2] * 3, src_v[:, :2], torch.tensor([3, 0], device=device), pool_scale=scale)
+        lrag_ext.gather_kv(pool, slots, k, v, frame, slots + 2, 2, pool_scale=scale)
+        return k.sum() + v.sum()
+
+    k = torch.zeros(2, 1, 3, 3, 2, 8, device=device)
+    runs = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        p, sc, kk, vv = pool.clone(), scale.clone(), k.clone(), k.clone()
+        runs.append((fn(p, sc, kk, vv), p.view(torch.uint8), sc, kk, vv))
+    torch.testing.assert_close(runs[0][0], runs[1][0])  # the sums may be reduced in another order
+    for a, b in zip(runs[0][1:], runs[1][1:]):
+        assert torch.equal(a, b)
+
+
 needs_cuda_kernels = pytest.mark.skipif(not CUDA_KERNELS, reason="no CUDA device/kernels")
 
 

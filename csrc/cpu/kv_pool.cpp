@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -22,14 +23,38 @@
 namespace lrag {
 namespace {
 
+// The float value of every float8_e4m3fn bit pattern: decoding through the table is several times faster than
+// c10's per-element bit manipulation.
+const float* fp8_decode_table() {
+  static const std::array<float, 256> table = [] {
+    std::array<float, 256> t{};
+    for (int i = 0; i < 256; ++i) {
+      t[i] = static_cast<float>(c10::Float8_e4m3fn(static_cast<uint8_t>(i), c10::Float8_e4m3fn::from_bits()));
+    }
+    return t;
+  }();
+  return table.data();
+}
+
+// load_value (kv_pool_common.h) with the fp8 decode by table.
+template <typename S>
+inline float load(S x, float scale, const float* fp8_table) {
+  if constexpr (is_fp8_v<S>) {
+    return fp8_table[x.x] * scale;
+  } else {
+    return load_value(x, scale);
+  }
+}
+
 // Copies one row of head_dim elements, converting S -> D (fp8 sides scaled by `scale`); the first `rot_pairs`
 // pairs are rotated by the (cos, sin) table `cs` (2 doubles per pair).
 template <typename S, typename D>
 inline void copy_row(const S* src, D* dst, int64_t head_dim, int64_t rot_pairs, const double* cs, float scale) {
+  const float* fp8 = is_fp8_v<S> ? fp8_decode_table() : nullptr;
   for (int64_t q = 0; q < rot_pairs; ++q) {
     double yr, yi;
-    rotate_pair(static_cast<double>(load_value(src[2 * q], scale)),
-                static_cast<double>(load_value(src[2 * q + 1], scale)), cs[2 * q], cs[2 * q + 1], &yr, &yi);
+    rotate_pair(static_cast<double>(load(src[2 * q], scale, fp8)), static_cast<double>(load(src[2 * q + 1], scale, fp8)),
+                cs[2 * q], cs[2 * q + 1], &yr, &yi);
     // double -> float -> D: the cast chain of torch's float64 .to(D).
     dst[2 * q] = store_value<D>(static_cast<float>(yr), scale);
     dst[2 * q + 1] = store_value<D>(static_cast<float>(yi), scale);
@@ -38,7 +63,7 @@ inline void copy_row(const S* src, D* dst, int64_t head_dim, int64_t rot_pairs, 
   if constexpr (std::is_same_v<S, D>) {
     std::memcpy(dst + start, src + start, sizeof(S) * static_cast<size_t>(head_dim - start));
   } else {
-    for (int64_t i = start; i < head_dim; ++i) dst[i] = store_value<D>(load_value(src[i], scale), scale);
+    for (int64_t i = start; i < head_dim; ++i) dst[i] = store_value<D>(load(src[i], scale, fp8), scale);
   }
 }
 
