@@ -23,6 +23,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -73,6 +74,17 @@ template <typename T, int N>
 struct alignas(N >= 4 ? sizeof(T) * N : sizeof(T)) Vec {
   T v[N];
 };
+
+// load_value (kv_pool_common.h) with fp8 decoded by the fp8 -> half conversion of cuda_fp8.h (one instruction
+// on sm_89+). Exact: every e4m3 value, subnormals and NaN included, is a half.
+template <typename S>
+__device__ __forceinline__ float dev_load(S x, float scale) {
+  if constexpr (is_fp8_v<S>) {
+    return __half2float(__half(__nv_cvt_fp8_to_halfraw(x.x, __NV_E4M3))) * scale;
+  } else {
+    return load_value(x, scale);
+  }
+}
 
 // One item of a call: entry e's frame in layer l, K (kv 0) or V (kv 1). Uniform over a block.
 struct Item {
@@ -172,13 +184,13 @@ __global__ void __launch_bounds__(kThreads) kv_copy_kernel(const KvCopyParams p)
         const uint32_t q = first_pair[it] + i;
         if (rotate && q < static_cast<uint32_t>(p.rope_pairs)) {
           double yr, yi;
-          rotate_pair(static_cast<double>(load_value(x[it].v[2 * i], scale)),
-                      static_cast<double>(load_value(x[it].v[2 * i + 1], scale)), cs[2 * q], cs[2 * q + 1], &yr, &yi);
+          rotate_pair(static_cast<double>(dev_load(x[it].v[2 * i], scale)),
+                      static_cast<double>(dev_load(x[it].v[2 * i + 1], scale)), cs[2 * q], cs[2 * q + 1], &yr, &yi);
           y.v[2 * i] = store_value<D>(static_cast<float>(yr), scale);  // double -> float -> D, as torch casts
           y.v[2 * i + 1] = store_value<D>(static_cast<float>(yi), scale);
         } else {
-          y.v[2 * i] = store_value<D>(load_value(x[it].v[2 * i], scale), scale);
-          y.v[2 * i + 1] = store_value<D>(load_value(x[it].v[2 * i + 1], scale), scale);
+          y.v[2 * i] = store_value<D>(dev_load(x[it].v[2 * i], scale), scale);
+          y.v[2 * i + 1] = store_value<D>(dev_load(x[it].v[2 * i + 1], scale), scale);
         }
       }
       *reinterpret_cast<Vec<D, N>*>(dst + dst_off[it]) = y;
