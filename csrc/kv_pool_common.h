@@ -2,13 +2,18 @@
 // hosts. Only metadata is read here (shapes, strides, dtypes, devices), so nothing synchronises a device.
 //
 // Pool layout: [num_slots, layers, 2 (K, V), tokens, heads, head_dim]; any strides, but head_dim dense.
+// A float8_e4m3fn pool carries pool_scale [num_slots, layers, 2] float32: stored value = float(q) * scale, with
+// scale = amax(|frame's K (or V) in that layer|) / 448 (1 for an all-zero frame), written by write_kv.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <limits>
+#include <optional>
+#include <type_traits>
 
 #include "checks.h"
+#include "kernels/common.h"
 
 namespace lrag {
 
@@ -33,9 +38,17 @@ inline void check_last_dim_dense(const at::Tensor& t, const char* name) {
               t.strides());
 }
 
+// Largest finite float8_e4m3fn: write_kv maps each frame's amax onto it.
+constexpr float kFp8E4m3Max = 448.0f;
+
+template <typename T>
+constexpr bool is_fp8_v = std::is_same_v<T, c10::Float8_e4m3fn>;
+
 inline KvGeometry check_pool(const at::Tensor& pool) {
   check_dim(pool, 6, "pool", "[num_slots, layers, 2, tokens, heads, head_dim]");
-  check_float_dtype(pool, "pool");
+  const auto s = pool.scalar_type();
+  TORCH_CHECK(s == at::kFloat || s == at::kHalf || s == at::kBFloat16 || s == at::kFloat8_e4m3fn,
+              "pool must be float32, float16, bfloat16 or float8_e4m3fn, got ", c10::toString(s));
   TORCH_CHECK(pool.size(2) == 2, "pool.shape[2] must be 2 (K and V), got ", pool.size(2));
   check_last_dim_dense(pool, "pool");
   KvGeometry g{pool.size(0), pool.size(1), pool.size(3), pool.size(4), pool.size(5)};
@@ -59,6 +72,27 @@ inline void check_frame_geometry(const at::Tensor& t, const KvGeometry& g, const
 inline void check_index(const at::Tensor& t, const char* name, const char* shape, int64_t dim) {
   check_dim(t, dim, name, shape);
   check_dtype(t, at::kLong, name);
+}
+
+// pool_scale is required with a float8_e4m3fn pool and refused otherwise; it lives with the pool (same device).
+// Returns whether the pool is fp8.
+inline bool check_pool_scale(const at::Tensor& pool, const KvGeometry& g,
+                             const std::optional<at::Tensor>& pool_scale) {
+  const bool fp8 = pool.scalar_type() == at::kFloat8_e4m3fn;
+  if (!fp8) {
+    TORCH_CHECK(!pool_scale.has_value(), "pool_scale is only used with a float8_e4m3fn pool; pool is ",
+                c10::toString(pool.scalar_type()));
+    return false;
+  }
+  TORCH_CHECK(pool_scale.has_value(), "a float8_e4m3fn pool needs pool_scale [num_slots, layers, 2] float32");
+  const at::Tensor& sc = *pool_scale;
+  check_dim(sc, 3, "pool_scale", "[num_slots, layers, 2]");
+  check_dtype(sc, at::kFloat, "pool_scale");
+  check_size(sc, 0, g.num_slots, "pool_scale", "pool.shape[0] (num_slots)");
+  check_size(sc, 1, g.layers, "pool_scale", "pool.shape[1] (layers)");
+  check_size(sc, 2, 2, "pool_scale", "2 (K, V)");
+  check_same_device(sc, pool, "pool_scale", "pool");
+  return true;
 }
 
 // write_kv(pool, src_k, src_v, slots): src_* [layers, n, tokens, heads, head_dim], slots [n] int64.
@@ -113,21 +147,46 @@ inline KvGeometry check_gather_kv_args(const at::Tensor& pool, const at::Tensor&
   return g;
 }
 
-// Calls f(T{}) with T the C++ type of a float dtype (float, c10::Half, c10::BFloat16).
-template <typename F>
-void dispatch_float(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kFloat: f(float{}); break;
-    case at::kHalf: f(c10::Half{}); break;
-    case at::kBFloat16: f(c10::BFloat16{}); break;
-    default: TORCH_CHECK(false, "unsupported dtype ", c10::toString(t));  // the arg checks rule this out
-  }
+// Element conversion of the copies (CPU and CUDA): through float, with fp8 (de)quantisation by the slot's scale.
+template <typename S>
+LRAG_HD float load_value(S x, float scale) {
+  float v = static_cast<float>(x);
+  if constexpr (is_fp8_v<S>) v *= scale;
+  return v;
 }
 
-// Calls f(S{}, D{}) for a source and a destination float dtype.
-template <typename F>
+template <typename D>
+LRAG_HD D store_value(float v, float scale) {
+  if constexpr (is_fp8_v<D>) v /= scale;
+  return static_cast<D>(v);
+}
+
+// The scale write_kv stores for a frame whose K (or V) in one layer has max |x| = amax.
+LRAG_HD float fp8_scale_for(float amax) { return amax > 0.0f ? amax / kFp8E4m3Max : 1.0f; }
+
+// Calls f(T{}) with T the C++ type of a float dtype (float, c10::Half, c10::BFloat16, and with kFp8 also
+// c10::Float8_e4m3fn). Only the types a caller asks for are instantiated.
+template <bool kFp8 = false, typename F>
+void dispatch_float(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: f(float{}); return;
+    case at::kHalf: f(c10::Half{}); return;
+    case at::kBFloat16: f(c10::BFloat16{}); return;
+    default: break;
+  }
+  if constexpr (kFp8) {
+    if (t == at::kFloat8_e4m3fn) {
+      f(c10::Float8_e4m3fn{});
+      return;
+    }
+  }
+  TORCH_CHECK(false, "unsupported dtype ", c10::toString(t));  // the arg checks rule this out
+}
+
+// Calls f(S{}, D{}) for a source and a destination dtype; kSrcFp8 / kDstFp8 admit float8_e4m3fn on that side.
+template <bool kSrcFp8, bool kDstFp8, typename F>
 void dispatch_float_pair(at::ScalarType src, at::ScalarType dst, F&& f) {
-  dispatch_float(src, [&](auto s) { dispatch_float(dst, [&](auto d) { f(s, d); }); });
+  dispatch_float<kSrcFp8>(src, [&](auto s) { dispatch_float<kDstFp8>(dst, [&](auto d) { f(s, d); }); });
 }
 
 }  // namespace lrag

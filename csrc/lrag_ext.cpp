@@ -24,13 +24,15 @@ TORCH_LIBRARY(lrag_ext, m) {
   // lower id, padded with (-inf, -1) when fewer than k ids are eligible.
   m.def("cosine_topk(Tensor queries, Tensor pages, Tensor page_table, Tensor lo, Tensor hi, int k) -> (Tensor, Tensor)");
   // Paged KV pool [num_slots, layers, 2, tokens, heads, head_dim]: pool[slots[i], l, 0|1] = src_k|src_v[l, i],
-  // cast to the pool dtype; slots[i] == -1 skips frame i.
-  m.def("write_kv(Tensor(a!) pool, Tensor src_k, Tensor src_v, Tensor slots) -> ()");
+  // cast to the pool dtype; slots[i] == -1 skips frame i. A float8_e4m3fn pool stores x / s with
+  // s = pool_scale[slot, l, 0|1] = amax(|x|) / 448 over that frame's K (or V) in layer l.
+  m.def("write_kv(Tensor(a!) pool, Tensor src_k, Tensor src_v, Tensor slots, Tensor(b!)? pool_scale=None) -> ()");
   // For every slots[b, j] != -1 and every layer l: dst_v[l, b, dst_frame[b, j]] = pool[slots[b, j], l, 1] and
   // dst_k[l, b, dst_frame[b, j]] = pool[slots[b, j], l, 0] with its first rope_temporal_pairs RoPE pairs
-  // (adjacent dims 2i, 2i+1) rotated by delta[b, j] * rope_theta^(-i / rope_temporal_pairs), in float64.
+  // (adjacent dims 2i, 2i+1) rotated by delta[b, j] * rope_theta^(-i / rope_temporal_pairs), in float64; a
+  // float8_e4m3fn pool is dequantised by pool_scale[slot, l, 0|1] first.
   m.def("gather_kv(Tensor pool, Tensor slots, Tensor(a!) dst_k, Tensor(b!) dst_v, Tensor dst_frame, "
-        "Tensor delta, int rope_temporal_pairs, float rope_theta) -> ()");
+        "Tensor delta, int rope_temporal_pairs, float rope_theta, Tensor? pool_scale=None) -> ()");
 }
 
 #ifndef LRAG_NO_PYTHON

@@ -1,11 +1,14 @@
-// Slot allocator of the paged KV pool (see slot_allocator.h) and its pybind11 binding.
+// Slot allocator of the paged KV pool (see slot_allocator.h) and its pybind11 binding (left out of the
+// Python-free C++ library build, which defines LRAG_NO_PYTHON).
 #include "slot_allocator.h"
-
-#include <torch/extension.h>
 
 #include <algorithm>
 #include <stdexcept>
 #include <string>
+
+#ifndef LRAG_NO_PYTHON
+#include <pybind11/stl.h>  // list[int] <-> std::vector<int64_t>
+#endif
 
 namespace lrag {
 namespace {
@@ -102,6 +105,7 @@ int64_t SlotAllocator::num_free() const {
   return static_cast<int64_t>(free_list_.size());
 }
 
+#ifndef LRAG_NO_PYTHON
 void bind_slot_allocator(pybind11::module_& m) {
   namespace py = pybind11;
   // The GIL is released in every method: they only take the allocator's own mutex, so Python threads can
@@ -129,5 +133,7 @@ void bind_slot_allocator(pybind11::module_& m) {
                std::to_string(a.num_free()) + ")";
       });
 }
+
+#endif  // LRAG_NO_PYTHON
 
 }  // namespace lrag

@@ -8,7 +8,9 @@
 #include <unordered_map>
 #include <vector>
 
+#ifndef LRAG_NO_PYTHON
 #include <pybind11/pybind11.h>
+#endif
 
 namespace lrag {
 
@@ -47,7 +49,9 @@ class SlotAllocator {
   std::unordered_map<int64_t, int64_t> stream_count_;  // stream -> number of slots it holds
 };
 
+#ifndef LRAG_NO_PYTHON
 // Registers lrag_ext._C.SlotAllocator (called from the PYBIND11_MODULE in lrag_ext.cpp).
 void bind_slot_allocator(pybind11::module_& m);
+#endif
 
 }  // namespace lrag

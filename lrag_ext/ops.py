@@ -65,11 +65,12 @@ def kv_pool_empty(num_slots: int, layers: int, tokens: int, heads: int, head_dim
 
     One slot holds one latent frame's K (index 0 of dim 2) and V (index 1) for all layers; slot indices come
     from a :class:`lrag_ext.SlotAllocator`. ``pin_memory=True`` (CPU only) makes a pinned host pool that the
-    CUDA :func:`gather_kv` reads directly.
+    CUDA :func:`gather_kv` reads directly. A ``torch.float8_e4m3fn`` pool (half the bytes of bf16) also needs
+    its scales, :func:`kv_pool_scale_empty`.
 
     Raises:
-        ValueError: a negative size, an odd ``head_dim``, a non-float dtype, or ``pin_memory`` with a
-            non-CPU device.
+        ValueError: a negative size, an odd ``head_dim``, a dtype other than float32, float16, bfloat16 or
+            float8_e4m3fn, or ``pin_memory`` with a non-CPU device.
     """
     sizes = dict(num_slots=num_slots, layers=layers, tokens=tokens, heads=heads, head_dim=head_dim)
     for name, v in sizes.items():
@@ -77,8 +78,8 @@ def kv_pool_empty(num_slots: int, layers: int, tokens: int, heads: int, head_dim
             raise ValueError(f"{name} must be an int >= 0, got {v!r}")
     if head_dim % 2:
         raise ValueError(f"head_dim must be even (RoPE pairs), got {head_dim}")
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn):
+        raise ValueError(f"dtype must be float32, float16, bfloat16 or float8_e4m3fn, got {dtype}")
     device = torch.device(device)
     if pin_memory and device.type != "cpu":
         raise ValueError(f"pin_memory=True needs device='cpu' (a host pool), got {device}")
@@ -86,20 +87,33 @@ def kv_pool_empty(num_slots: int, layers: int, tokens: int, heads: int, head_dim
                        pin_memory=pin_memory)
 
 
-def write_kv(pool: torch.Tensor, src_k: torch.Tensor, src_v: torch.Tensor, slots: torch.Tensor) -> None:
+def kv_pool_scale_empty(pool: torch.Tensor) -> torch.Tensor:
+    """The ``pool_scale [num_slots, layers, 2]`` float32 of a float8_e4m3fn pool, filled with ones, on the pool's
+    device (pinned when the pool is). :func:`write_kv` overwrites the entries of the slots it writes."""
+    return torch.ones(pool.shape[:2] + (2,), dtype=torch.float32, device=pool.device,
+                      pin_memory=pool.device.type == "cpu" and pool.is_pinned())
+
+
+def write_kv(pool: torch.Tensor, src_k: torch.Tensor, src_v: torch.Tensor, slots: torch.Tensor,
+             pool_scale: torch.Tensor | None = None) -> None:
     """Writes new frames' K and V (all layers) into pool slots, in place (vLLM's ``reshape_and_cache``).
 
     ``pool[slots[i], l, 0] = src_k[l, i]`` and ``pool[slots[i], l, 1] = src_v[l, i]`` for every layer ``l``, cast
     to the pool dtype. K is stored as given (the LongLive-RAG pool keeps K without RoPE).
 
+    float8_e4m3fn pools: each frame's K (and V) of each layer is stored as ``x / s`` with
+    ``s = amax(|x|) / 448`` (1 for an all-zero frame), and ``s`` goes to ``pool_scale[slots[i], l, 0 | 1]``.
+
     Args:
-        pool: ``[num_slots, layers, 2, tokens, heads, head_dim]`` float32/float16/bfloat16, dense in its last
-            dim (any other strides). On CUDA it may also be a pinned host pool written through its mapped
-            device pointer.
+        pool: ``[num_slots, layers, 2, tokens, heads, head_dim]`` float32/float16/bfloat16/float8_e4m3fn, dense
+            in its last dim (any other strides). On CUDA it may also be a pinned host pool written through its
+            mapped device pointer.
         src_k, src_v: ``[layers, n, tokens, heads, head_dim]``, one float dtype (may differ from the pool's),
             any strides; on the device of ``slots``.
         slots: ``[n]`` int64, the destination slot of each frame; ``-1`` skips the frame. Slots other than -1
             must be distinct.
+        pool_scale: ``[num_slots, layers, 2]`` float32 on the pool's device, required with (and only with) a
+            float8_e4m3fn pool (:func:`kv_pool_scale_empty`).
 
     Raises:
         RuntimeError: wrong ranks, sizes, dtypes or devices (the message names the argument); on CPU also a
@@ -107,12 +121,12 @@ def write_kv(pool: torch.Tensor, src_k: torch.Tensor, src_v: torch.Tensor, slots
             these value checks would need a host synchronisation: out-of-range slots are skipped instead, and
             repeated slots leave the slot with one of the frames (which one is undefined).
     """
-    torch.ops.lrag_ext.write_kv.default(pool, src_k, src_v, slots)
+    torch.ops.lrag_ext.write_kv.default(pool, src_k, src_v, slots, pool_scale)
 
 
 def gather_kv(pool: torch.Tensor, slots: torch.Tensor, dst_k: torch.Tensor, dst_v: torch.Tensor,
               dst_frame: torch.Tensor, delta: torch.Tensor | None = None, rope_temporal_pairs: int | None = None,
-              rope_theta: float = 10000.0) -> None:
+              rope_theta: float = 10000.0, pool_scale: torch.Tensor | None = None) -> None:
     """Copies pool frames into attention-cache frames (all layers, one launch), re-positioning K's temporal RoPE.
 
     For every ``slots[b, j] != -1`` and every layer ``l``, with ``s = slots[b, j]``, ``f = dst_frame[b, j]``::
@@ -124,11 +138,12 @@ def gather_kv(pool: torch.Tensor, slots: torch.Tensor, dst_k: torch.Tensor, dst_
     by ``exp(1j * d * omega_i)`` with ``omega_i = rope_theta^(-2i / (2 * rope_temporal_pairs))`` (Wan's
     temporal axis), computed in float64 and cast back through float32, so a key stored without RoPE gathered
     with ``delta = p`` equals Wan's temporal RoPE at position ``p``; ``delta = b - a`` moves a key roped at
-    temporal position ``a`` to ``b``. ``delta == 0`` is a plain copy. Values are cast to the cache dtype.
+    temporal position ``a`` to ``b``. ``delta == 0`` is a plain copy. Values are cast to the cache dtype; a
+    float8_e4m3fn pool is dequantised first, ``float(q) * pool_scale[s, l, 0 | 1]`` in float32.
 
     Args:
-        pool: ``[num_slots, layers, 2, tokens, heads, head_dim]`` float32/float16/bfloat16, dense in its last
-            dim. On CUDA it may be on the cache's device or be a pinned host pool (read over PCIe through its
+        pool: ``[num_slots, layers, 2, tokens, heads, head_dim]`` float32/float16/bfloat16/float8_e4m3fn, dense
+            in its last dim. On CUDA it may be on the cache's device or be a pinned host pool (read over PCIe through its
             mapped device pointer, in stream order; no extra synchronisation is needed).
         slots: ``[B, m]`` int64 source slots; ``-1`` skips the entry.
         dst_k, dst_v: ``[layers, B, cache_frames, tokens, heads, head_dim]`` float32/float16/bfloat16 (one
@@ -138,6 +153,8 @@ def gather_kv(pool: torch.Tensor, slots: torch.Tensor, dst_k: torch.Tensor, dst_
         rope_temporal_pairs: temporal RoPE pairs per head; ``None`` = Wan's split ``c - 2(c // 3)`` of
             ``c = head_dim // 2`` (22 for head_dim 128). ``0`` disables the rotation.
         rope_theta: RoPE base.
+        pool_scale: ``[num_slots, layers, 2]`` float32 on the pool's device, required with (and only with) a
+            float8_e4m3fn pool.
 
     Raises:
         RuntimeError: wrong ranks, sizes, dtypes or devices, ``rope_temporal_pairs`` outside
@@ -152,17 +169,17 @@ def gather_kv(pool: torch.Tensor, slots: torch.Tensor, dst_k: torch.Tensor, dst_
     if delta is None:
         delta = torch.zeros_like(slots)
     torch.ops.lrag_ext.gather_kv.default(pool, slots, dst_k, dst_v, dst_frame, delta, int(rope_temporal_pairs),
-                                         float(rope_theta))
+                                         float(rope_theta), pool_scale)
 
 
 @torch.library.register_fake("lrag_ext::write_kv")
-def _write_kv_fake(pool, src_k, src_v, slots):
+def _write_kv_fake(pool, src_k, src_v, slots, pool_scale=None):
     torch._check(pool.dim() == 6, lambda: "pool must be [num_slots, layers, 2, tokens, heads, head_dim]")
     torch._check(src_k.dim() == 5, lambda: "src_k must be [layers, n, tokens, heads, head_dim]")
 
 
 @torch.library.register_fake("lrag_ext::gather_kv")
-def _gather_kv_fake(pool, slots, dst_k, dst_v, dst_frame, delta, rope_temporal_pairs, rope_theta):
+def _gather_kv_fake(pool, slots, dst_k, dst_v, dst_frame, delta, rope_temporal_pairs, rope_theta, pool_scale=None):
     torch._check(pool.dim() == 6, lambda: "pool must be [num_slots, layers, 2, tokens, heads, head_dim]")
     torch._check(dst_k.dim() == 6, lambda: "dst_k must be [layers, B, cache_frames, tokens, heads, head_dim]")
 

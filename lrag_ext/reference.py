@@ -110,24 +110,50 @@ def rope_rotate_temporal(x: torch.Tensor, delta: torch.Tensor, pairs: int,
     return out
 
 
-def write_kv(pool: torch.Tensor, src_k: torch.Tensor, src_v: torch.Tensor, slots: torch.Tensor) -> None:
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def fp8_quantise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-frame float8_e4m3fn quantisation of ``x [n, layers, tokens, heads, head_dim]``.
+
+    Returns ``(q, scale)``: ``scale [n, layers]`` float32 ``= amax(|x|) / 448`` over each frame's layer (1 when the
+    frame is all zeros) and ``q = (x / scale).to(float8_e4m3fn)``, so that ``q.float() * scale ~= x``.
+    """
+    x = x.float()
+    amax = x.abs().amax(dim=(-3, -2, -1))
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return (x / scale[..., None, None, None]).to(torch.float8_e4m3fn), scale
+
+
+def write_kv(pool: torch.Tensor, src_k: torch.Tensor, src_v: torch.Tensor, slots: torch.Tensor,
+             pool_scale: torch.Tensor | None = None) -> None:
     """``pool[slots[i], l, 0] = src_k[l, i]`` and ``pool[slots[i], l, 1] = src_v[l, i]``, cast to the pool dtype;
-    frames with ``slots[i] == -1`` are skipped. Mutates ``pool``.
+    frames with ``slots[i] == -1`` are skipped. Mutates ``pool`` (and ``pool_scale``).
+
+    A float8_e4m3fn pool stores :func:`fp8_quantise` of each frame and its scales in
+    ``pool_scale[slots[i], l, 0 | 1]``.
 
     Args:
         pool: ``[num_slots, layers, 2, tokens, heads, head_dim]``.
         src_k, src_v: ``[layers, n, tokens, heads, head_dim]``.
         slots: ``[n]`` int64, distinct apart from -1.
+        pool_scale: ``[num_slots, layers, 2]`` float32, with a float8_e4m3fn pool only.
     """
     keep = (slots >= 0).to(src_k.device)
     dst = slots[slots >= 0].to(pool.device)
-    pool[dst, :, 0] = src_k[:, keep].transpose(0, 1).to(device=pool.device, dtype=pool.dtype)
-    pool[dst, :, 1] = src_v[:, keep].transpose(0, 1).to(device=pool.device, dtype=pool.dtype)
+    for kv, src in enumerate((src_k, src_v)):
+        frames = src[:, keep].transpose(0, 1).to(pool.device)                 # [n', layers, T, H, hd]
+        if pool.dtype == torch.float8_e4m3fn:  # indexing kernels do not all take fp8: move its bytes
+            q, scale = fp8_quantise(frames)
+            pool_scale[dst, :, kv] = scale
+            pool.view(torch.uint8)[dst, :, kv] = q.view(torch.uint8)
+        else:
+            pool[dst, :, kv] = frames.to(pool.dtype)
 
 
 def gather_kv(pool: torch.Tensor, slots: torch.Tensor, dst_k: torch.Tensor, dst_v: torch.Tensor,
               dst_frame: torch.Tensor, delta: torch.Tensor, rope_temporal_pairs: int,
-              rope_theta: float = ROPE_THETA) -> None:
+              rope_theta: float = ROPE_THETA, pool_scale: torch.Tensor | None = None) -> None:
     """Copies pool frames into attention-cache frames, re-positioning K's temporal RoPE. Mutates dst_k, dst_v.
 
     For every ``slots[b, j] != -1`` and every layer ``l``, with ``s = slots[b, j]`` and ``f = dst_frame[b, j]``::
@@ -135,17 +161,25 @@ def gather_kv(pool: torch.Tensor, slots: torch.Tensor, dst_k: torch.Tensor, dst_
         dst_v[l, b, f] = pool[s, l, 1]
         dst_k[l, b, f] = rope_rotate_temporal(pool[s, l, 0], delta[b, j])   # float64 -> float32 -> dst dtype
 
+    A float8_e4m3fn pool is first dequantised: ``pool[s, l, kv].float() * pool_scale[s, l, kv]`` (float32).
+
     Args:
         pool: ``[num_slots, layers, 2, tokens, heads, head_dim]``.
         slots, dst_frame, delta: ``[B, m]`` int64; ``slots == -1`` entries are skipped.
         dst_k, dst_v: ``[layers, B, cache_frames, tokens, heads, head_dim]``.
         rope_temporal_pairs, rope_theta: see :func:`rope_rotate_temporal`.
+        pool_scale: ``[num_slots, layers, 2]`` float32, with a float8_e4m3fn pool only.
     """
     B, m = slots.shape
     keep = slots >= 0
     b = torch.arange(B, device=slots.device)[:, None].expand(B, m)[keep].to(dst_k.device)
     f = dst_frame[keep].to(dst_k.device)
-    frames = pool[slots[keep].to(pool.device)].to(dst_k.device)                  # [E, layers, 2, T, H, hd]
+    src = slots[keep].to(pool.device)
+    if pool.dtype == torch.float8_e4m3fn:
+        frames = pool.view(torch.uint8)[src].view(torch.float8_e4m3fn).float() * pool_scale[src][..., None, None, None]
+    else:
+        frames = pool[src]                                                      # [E, layers, 2, T, H, hd]
+    frames = frames.to(dst_k.device)
     k = rope_rotate_temporal(frames[:, :, 0], delta[keep], rope_temporal_pairs, rope_theta)
     dst_k[:, b, f] = k.to(torch.float32).to(dst_k.dtype).transpose(0, 1)
     dst_v[:, b, f] = frames[:, :, 1].to(dst_v.dtype).transpose(0, 1)

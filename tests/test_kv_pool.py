@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import lrag_ext
+from conftest import CUDA_KERNELS
 from lrag_ext import reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -251,7 +252,7 @@ GATHER_BAD = [
     (lambda a: a.update(pool=a["pool"][0]), r"pool must be a 6-D tensor"),
     (lambda a: a.update(pool=a["pool"].repeat(1, 1, 2, 1, 1, 1)), r"pool.shape\[2\] must be 2"),
     (lambda a: a.update(pool=a["pool"][..., :7]), r"head_dim\) must be even"),
-    (lambda a: a.update(pool=a["pool"].long()), r"pool must be float32, float16 or bfloat16"),
+    (lambda a: a.update(pool=a["pool"].long()), r"pool must be float32, float16, bfloat16 or float8_e4m3fn"),
     (lambda a: a.update(pool=a["pool"].transpose(4, 5)), r"pool must be dense in its last dim"),
     (lambda a: a.update(dst_k=a["dst_k"][:, :, :, :2]), r"dst_k.shape\[3\] must equal pool.shape\[3\] \(tokens\)"),
     (lambda a: a.update(dst_k=a["dst_k"][:1]), r"dst_k.shape\[0\] must equal pool.shape\[1\] \(layers\)"),
@@ -273,9 +274,20 @@ GATHER_BAD = [
 ]
 
 
-@pytest.mark.parametrize("mutate,match", GATHER_BAD)
-def test_gather_kv_errors_name_the_argument_and_change_nothing(mutate, match):
-    pool, slots, k, v, frame, delta = gather_setup("cpu")
+# The last VALUE_CHECKS cases of each list are value checks, made on CPU only (CUDA skips such entries instead).
+VALUE_CHECKS = {"gather": 4, "write": 2}
+
+
+def skip_value_check_on_cuda(device, cases, i, op):
+    if device == "cuda" and i >= len(cases) - VALUE_CHECKS[op]:
+        pytest.skip("value checks are CPU-only (they would synchronise a GPU)")
+
+
+@pytest.mark.parametrize("case", range(len(GATHER_BAD)))
+def test_gather_kv_errors_name_the_argument_and_change_nothing(device, case):
+    mutate, match = GATHER_BAD[case]
+    skip_value_check_on_cuda(device, GATHER_BAD, case, "gather")
+    pool, slots, k, v, frame, delta = gather_setup(device)
     args = dict(pool=pool, slots=slots, dst_k=k, dst_v=v, dst_frame=frame, delta=delta, rope_temporal_pairs=2,
                 rope_theta=10000.0)
     mutate(args)
@@ -300,18 +312,170 @@ WRITE_BAD = [
 ]
 
 
-@pytest.mark.parametrize("mutate,match", WRITE_BAD)
-def test_write_kv_errors_name_the_argument_and_change_nothing(mutate, match):
+@pytest.mark.parametrize("case", range(len(WRITE_BAD)))
+def test_write_kv_errors_name_the_argument_and_change_nothing(device, case):
+    mutate, match = WRITE_BAD[case]
+    skip_value_check_on_cuda(device, WRITE_BAD, case, "write")
     gen = torch.Generator().manual_seed(12)
-    pool = make_pool(4, (2, 3, 2, 8), torch.float32, "cpu", gen)
-    args = dict(pool=pool, src_k=rand((2, 2, 3, 2, 8), torch.float32, "cpu", gen),
-                src_v=rand((2, 2, 3, 2, 8), torch.float32, "cpu", gen), slots=torch.tensor([2, 0]))
+    pool = make_pool(4, (2, 3, 2, 8), torch.float32, device, gen)
+    args = dict(pool=pool, src_k=rand((2, 2, 3, 2, 8), torch.float32, device, gen),
+                src_v=rand((2, 2, 3, 2, 8), torch.float32, device, gen), slots=torch.tensor([2, 0], device=device))
     mutate(args)
     snap = {n: t.clone() for n, t in args.items()}
     with pytest.raises(RuntimeError, match=match):
         lrag_ext.write_kv(**args)
     for n, t in snap.items():
         assert torch.equal(args[n], t), f"{n} changed by a failed call"
+
+
+# --------------------------------------------------------------------------------------------------------- fp8
+
+def fp8_pool_with_frames(device, geom, n_slots, gen, src_dtype=torch.float32):
+    """An fp8 pool whose slots were all written by write_kv (per-frame scales differ: frames have other ranges)."""
+    L, T, H, hd = geom
+    pool = lrag_ext.kv_pool_empty(n_slots, L, T, H, hd, torch.float8_e4m3fn, device)
+    scale = lrag_ext.kv_pool_scale_empty(pool)
+    mag = torch.logspace(-3, 2, n_slots)[None, :, None, None, None]
+    src_k = (rand((L, n_slots, T, H, hd), torch.float32, "cpu", gen) * mag).to(device=device, dtype=src_dtype)
+    src_v = (rand((L, n_slots, T, H, hd), torch.float32, "cpu", gen) * mag).to(device=device, dtype=src_dtype)
+    lrag_ext.write_kv(pool, src_k, src_v, torch.arange(n_slots, device=device), pool_scale=scale)
+    return pool, scale, src_k, src_v
+
+
+@pytest.mark.parametrize("src_dtype", DTYPES)
+@pytest.mark.parametrize("geom", [(2, 3, 2, 8), (1, 1, 1, 2), (2, 5, 3, 128)])
+def test_fp8_write_matches_reference(device, src_dtype, geom):
+    gen = torch.Generator().manual_seed(20)
+    L, T, H, hd = geom
+    pool, scale, _, _ = fp8_pool_with_frames(device, geom, 6, gen, src_dtype)
+    src_k, src_v = rand((L, 4, T, H, hd), src_dtype, device, gen), rand((L, 4, T, H, hd), src_dtype, device, gen)
+    src_v[:, 2] = 0  # an all-zero frame gets scale 1
+    slots = torch.tensor([5, -1, 0, 2], device=device)
+    want, want_scale = pool.clone(), scale.clone()
+    reference.write_kv(want, src_k, src_v, slots, want_scale)
+    lrag_ext.write_kv(pool, src_k, src_v, slots, pool_scale=scale)
+    assert torch.equal(pool.view(torch.uint8), want.view(torch.uint8))
+    assert torch.equal(scale, want_scale)
+    assert torch.equal(scale[0, :, 1], torch.ones(L, device=device))
+    amax = src_k[:, 0].float().abs().flatten(1).amax(1)
+    torch.testing.assert_close(scale[5, :, 0], amax / 448, rtol=0, atol=0)
+    # dequantised values are within fp8's half-ulp (2^-4 relative) plus the smallest subnormal step
+    back = pool[5, :, 0].float() * scale[5, :, 0][:, None, None, None]
+    err = (back - src_k[:, 0].float()).abs()
+    assert (err <= src_k[:, 0].float().abs() * 2 ** -4 + scale[5, :, 0][:, None, None, None] * 2 ** -9).all()
+
+
+@pytest.mark.parametrize("dst_dtype", DTYPES)
+def test_fp8_gather_matches_reference(device, dst_dtype):
+    gen = torch.Generator().manual_seed(21)
+    geom = (3, 4, 2, 128)
+    pool, scale, _, _ = fp8_pool_with_frames(device, geom, 9, gen)
+    slots, dst_frame, delta = random_gather_args(9, 2, 5, 7, device, gen)
+    dst_k, dst_v = (rand((3, 2, 7, 4, 2, 128), dst_dtype, device, gen) for _ in range(2))
+    ref_k, ref_v = dst_k.clone(), dst_v.clone()
+    reference.gather_kv(pool, slots, ref_k, ref_v, dst_frame, delta, 22, 10000.0, pool_scale=scale)
+    lrag_ext.gather_kv(pool, slots, dst_k, dst_v, dst_frame, delta, pool_scale=scale)
+    assert torch.equal(dst_v, ref_v)
+    torch.testing.assert_close(dst_k, ref_k, **TOL[dst_dtype])
+
+
+def test_fp8_scale_errors():
+    gen = torch.Generator().manual_seed(22)
+    pool, scale, src_k, src_v = fp8_pool_with_frames("cpu", (2, 3, 2, 8), 4, gen)
+    slots = torch.tensor([1, 3])
+    k = torch.zeros(2, 1, 3, 3, 2, 8)
+    args = (pool, slots[None], k, k.clone(), torch.tensor([[0, 2]]))
+    with pytest.raises(RuntimeError, match="a float8_e4m3fn pool needs pool_scale"):
+        lrag_ext.write_kv(pool, src_k[:, :2], src_v[:, :2], slots)
+    with pytest.raises(RuntimeError, match="a float8_e4m3fn pool needs pool_scale"):
+        lrag_ext.gather_kv(*args)
+    with pytest.raises(RuntimeError, match=r"pool_scale.shape\[1\] must equal pool.shape\[1\] \(layers\)"):
+        lrag_ext.gather_kv(*args, pool_scale=scale[:, :1])
+    with pytest.raises(RuntimeError, match="pool_scale must have dtype (Float|float32)"):
+        lrag_ext.write_kv(pool, src_k[:, :2], src_v[:, :2], slots, pool_scale=scale.double())
+    with pytest.raises(RuntimeError, match="pool_scale is only used with a float8_e4m3fn pool"):
+        lrag_ext.write_kv(pool.float(), src_k[:, :2], src_v[:, :2], slots, pool_scale=scale)
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        lrag_ext.kv_pool_empty(1, 1, 1, 1, 2, torch.float8_e5m2)
+
+
+def test_fp8_opcheck(device):
+    # test_schema compares tensors with ops torch lacks for float8 ("mul" on CPU); the schema itself is
+    # checked by test_opcheck on float pools.
+    utils = ("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
+    gen = torch.Generator().manual_seed(23)
+    pool, scale, src_k, src_v = fp8_pool_with_frames(device, (2, 3, 2, 8), 4, gen)
+    k = torch.zeros(2, 1, 3, 3, 2, 8, device=device)
+    slots = torch.tensor([[1, 3]], device=device)
+    torch.library.opcheck(torch.ops.lrag_ext.gather_kv.default,
+                          (pool, slots, k, k.clone(), torch.tensor([[0, 2]], device=device), slots - 1, 2, 10000.0),
+                          {"pool_scale": scale}, test_utils=utils)
+    torch.library.opcheck(torch.ops.lrag_ext.write_kv.default,
+                          (pool, src_k[:, :2], src_v[:, :2], slots[0]), {"pool_scale": scale}, test_utils=utils)
+
+
+def test_fp8_torch_compile_fullgraph(device):
+    gen = torch.Generator().manual_seed(24)
+    pool, scale, src_k, src_v = fp8_pool_with_frames(device, (2, 3, 2, 8), 4, gen)
+    slots = torch.tensor([[1, 3]], device=device)
+    frame = torch.tensor([[0, 2]], device=device)
+
+    def step(pool, scale, k, v):
+        lrag_ext.write_kv(pool, src_k[:, :2] * 3, src_v[:, :2], torch.tensor([3, 0], device=device), pool_scale=scale)
+        lrag_ext.gather_kv(pool, slots, k, v, frame, slots + 2, 2, pool_scale=scale)
+        return k.sum() + v.sum()
+
+    k = torch.zeros(2, 1, 3, 3, 2, 8, device=device)
+    runs = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        p, sc, kk, vv = pool.clone(), scale.clone(), k.clone(), k.clone()
+        runs.append((fn(p, sc, kk, vv), p.view(torch.uint8), sc, kk, vv))
+    torch.testing.assert_close(runs[0][0], runs[1][0])  # the sums may be reduced in another order
+    for a, b in zip(runs[0][1:], runs[1][1:]):
+        assert torch.equal(a, b)
+
+
+needs_cuda_kernels = pytest.mark.skipif(not CUDA_KERNELS, reason="no CUDA device/kernels")
+
+
+@needs_cuda_kernels
+def test_cuda_skips_out_of_range_entries_instead_of_synchronising():
+    pool, slots, k, v, frame, delta = gather_setup("cuda")
+    slots = torch.tensor([[1, 4], [-3, 2]], device="cuda")       # 4 and -3 are outside the pool
+    frame = torch.tensor([[0, 2], [1, 9]], device="cuda")        # 9 is outside the cache
+    delta = torch.tensor([[2, -1], [0, 5]], device="cuda")
+    k, v = k.repeat(1, 2, 1, 1, 1, 1), v.repeat(1, 2, 1, 1, 1, 1)
+    keep = torch.tensor([[1, -1], [-1, -1]], device="cuda")      # only entry (0, 0) is valid
+    ref_k, ref_v = k.clone(), v.clone()
+    reference.gather_kv(pool, keep, ref_k, ref_v, frame, delta, 2, 10000.0)
+    lrag_ext.gather_kv(pool, slots, k, v, frame, delta, 2)
+    torch.testing.assert_close(k, ref_k, **TOL[torch.float32])
+    assert torch.equal(v, ref_v)
+    before = pool.clone()
+    src = torch.randn(2, 2, 3, 2, 8, device="cuda")
+    lrag_ext.write_kv(pool, src, src, torch.tensor([7, -5], device="cuda"))
+    assert torch.equal(pool, before)
+
+
+@needs_cuda_kernels
+@pytest.mark.parametrize("pool_dtype,dst_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float16)])
+def test_cuda_pinned_host_pool(pool_dtype, dst_dtype):
+    gen = torch.Generator().manual_seed(13)
+    geom = (3, 5, 2, 128)
+    host = make_pool(7, geom, pool_dtype, "cpu", gen).pin_memory()
+    slots, dst_frame, delta = random_gather_args(7, 2, 4, 6, "cuda", gen)
+    dst_k, dst_v = (torch.zeros(3, 2, 6, 5, 2, 128, dtype=dst_dtype, device="cuda") for _ in range(2))
+    ref_k, ref_v = run_both(host, slots, dst_k, dst_v, dst_frame, delta, 22)
+    torch.testing.assert_close(dst_k, ref_k, **TOL[dst_dtype])
+    assert torch.equal(dst_v, ref_v)
+    # writing into the pinned pool from device frames, then reading it back on the host
+    src = torch.randn(3, 2, 5, 2, 128, device="cuda")
+    lrag_ext.write_kv(host, src, -src, torch.tensor([6, 0], device="cuda"))
+    torch.cuda.synchronize()
+    assert torch.equal(host[6, :, 0], src[:, 0].cpu().to(pool_dtype))
+    assert torch.equal(host[0, :, 1], (-src[:, 1]).cpu().to(pool_dtype))
+    with pytest.raises(RuntimeError, match="pool is in host memory that is not pinned"):
+        lrag_ext.gather_kv(host.clone(), slots, dst_k, dst_v, dst_frame, delta)
 
 
 def test_kv_pool_empty():
@@ -321,6 +485,9 @@ def test_kv_pool_empty():
         lrag_ext.kv_pool_empty(3, 2, 5, 4, 7)
     with pytest.raises(ValueError, match="tokens must be an int >= 0"):
         lrag_ext.kv_pool_empty(3, 2, -5, 4, 8)
+    p8 = lrag_ext.kv_pool_empty(3, 2, 5, 4, 8, torch.float8_e4m3fn)
+    sc = lrag_ext.kv_pool_scale_empty(p8)
+    assert sc.shape == (3, 2, 2) and sc.dtype == torch.float32 and torch.equal(sc, torch.ones(3, 2, 2))
     with pytest.raises(ValueError, match="dtype must be float32"):
         lrag_ext.kv_pool_empty(3, 2, 5, 4, 8, torch.int8)
     with pytest.raises(ValueError, match="pin_memory=True needs device='cpu'"):

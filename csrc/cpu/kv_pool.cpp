@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -22,23 +23,47 @@
 namespace lrag {
 namespace {
 
-// Copies one row of head_dim elements, converting S -> D; the first `rot_pairs` pairs are rotated by the
-// (cos, sin) table `cs` (2 doubles per pair).
+// The float value of every float8_e4m3fn bit pattern: decoding through the table is several times faster than
+// c10's per-element bit manipulation.
+const float* fp8_decode_table() {
+  static const std::array<float, 256> table = [] {
+    std::array<float, 256> t{};
+    for (int i = 0; i < 256; ++i) {
+      t[i] = static_cast<float>(c10::Float8_e4m3fn(static_cast<uint8_t>(i), c10::Float8_e4m3fn::from_bits()));
+    }
+    return t;
+  }();
+  return table.data();
+}
+
+// load_value (kv_pool_common.h) with the fp8 decode by table.
+template <typename S>
+inline float load(S x, float scale, const float* fp8_table) {
+  if constexpr (is_fp8_v<S>) {
+    return fp8_table[x.x] * scale;
+  } else {
+    return load_value(x, scale);
+  }
+}
+
+// Copies one row of head_dim elements, converting S -> D (fp8 sides scaled by `scale`); the first `rot_pairs`
+// pairs are rotated by the (cos, sin) table `cs` (2 doubles per pair).
 template <typename S, typename D>
-inline void copy_row(const S* src, D* dst, int64_t head_dim, int64_t rot_pairs, const double* cs) {
+inline void copy_row(const S* src, D* dst, int64_t head_dim, int64_t rot_pairs, const double* cs, float scale) {
+  const float* fp8 = is_fp8_v<S> ? fp8_decode_table() : nullptr;
   for (int64_t q = 0; q < rot_pairs; ++q) {
     double yr, yi;
-    rotate_pair(static_cast<double>(static_cast<float>(src[2 * q])),
-                static_cast<double>(static_cast<float>(src[2 * q + 1])), cs[2 * q], cs[2 * q + 1], &yr, &yi);
+    rotate_pair(static_cast<double>(load(src[2 * q], scale, fp8)), static_cast<double>(load(src[2 * q + 1], scale, fp8)),
+                cs[2 * q], cs[2 * q + 1], &yr, &yi);
     // double -> float -> D: the cast chain of torch's float64 .to(D).
-    dst[2 * q] = static_cast<D>(static_cast<float>(yr));
-    dst[2 * q + 1] = static_cast<D>(static_cast<float>(yi));
+    dst[2 * q] = store_value<D>(static_cast<float>(yr), scale);
+    dst[2 * q + 1] = store_value<D>(static_cast<float>(yi), scale);
   }
   const int64_t start = 2 * rot_pairs;
   if constexpr (std::is_same_v<S, D>) {
     std::memcpy(dst + start, src + start, sizeof(S) * static_cast<size_t>(head_dim - start));
   } else {
-    for (int64_t i = start; i < head_dim; ++i) dst[i] = static_cast<D>(static_cast<float>(src[i]));
+    for (int64_t i = start; i < head_dim; ++i) dst[i] = store_value<D>(load(src[i], scale, fp8), scale);
   }
 }
 
@@ -49,12 +74,17 @@ struct FrameJob {
   D* dst[2];
   int64_t rot_pairs;  // temporal pairs of K to rotate (0: plain copy)
   const double* cs;   // [rot_pairs, 2] cos/sin of the rotation angles
+  float* scale;       // fp8 pools: pool_scale[slot] ([layers, 2], strides in ScaleStrides); else nullptr
+};
+
+struct ScaleStrides {
+  int64_t layer = 0, kv = 0;
 };
 
 // Runs all jobs. Items are (job, layer, kv, token), each `heads` rows; strides are per side and per kv.
 template <typename S, typename D>
 void run_jobs(const std::vector<FrameJob<S, D>>& jobs, const KvGeometry& g, const FrameStrides (&ss)[2],
-              const FrameStrides (&ds)[2]) {
+              const FrameStrides (&ds)[2], ScaleStrides sc) {
   const int64_t per_job = g.layers * 2 * g.tokens;
   const int64_t total = static_cast<int64_t>(jobs.size()) * per_job;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, g.heads * g.head_dim));
@@ -68,9 +98,30 @@ void run_jobs(const std::vector<FrameJob<S, D>>& jobs, const KvGeometry& g, cons
       const S* s = job.src[kv] + l * ss[kv].layer + t * ss[kv].token;
       D* d = job.dst[kv] + l * ds[kv].layer + t * ds[kv].token;
       const int64_t rot = kv == 0 ? job.rot_pairs : 0;
+      const float scale = job.scale != nullptr ? job.scale[l * sc.layer + kv * sc.kv] : 1.0f;
       for (int64_t h = 0; h < g.heads; ++h) {
-        copy_row(s + h * ss[kv].head, d + h * ds[kv].head, g.head_dim, rot, job.cs);
+        copy_row(s + h * ss[kv].head, d + h * ds[kv].head, g.head_dim, rot, job.cs, scale);
       }
+    }
+  });
+}
+
+// fp8 write: stores fp8_scale_for(amax) of every (job, layer, kv) of the sources into its pool_scale entry.
+template <typename S, typename D>
+void store_fp8_scales(const std::vector<FrameJob<S, D>>& jobs, const KvGeometry& g, const FrameStrides (&ss)[2],
+                      ScaleStrides sc) {
+  at::parallel_for(0, static_cast<int64_t>(jobs.size()) * g.layers * 2, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const FrameJob<S, D>& job = jobs[i / (2 * g.layers)];
+      const int64_t kv = i % 2, l = (i / 2) % g.layers;
+      float amax = 0.0f;
+      for (int64_t t = 0; t < g.tokens; ++t) {
+        for (int64_t h = 0; h < g.heads; ++h) {
+          const S* row = job.src[kv] + l * ss[kv].layer + t * ss[kv].token + h * ss[kv].head;
+          for (int64_t c = 0; c < g.head_dim; ++c) amax = std::max(amax, std::abs(static_cast<float>(row[c])));
+        }
+      }
+      job.scale[l * sc.layer + kv * sc.kv] = fp8_scale_for(amax);
     }
   });
 }
@@ -78,8 +129,10 @@ void run_jobs(const std::vector<FrameJob<S, D>>& jobs, const KvGeometry& g, cons
 // Sources may be any strided view; only their last dim must be dense, else a dense copy is taken.
 at::Tensor last_dim_dense(const at::Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous(); }
 
-void write_kv_cpu(at::Tensor pool, const at::Tensor& src_k, const at::Tensor& src_v, const at::Tensor& slots) {
+void write_kv_cpu(at::Tensor pool, const at::Tensor& src_k, const at::Tensor& src_v, const at::Tensor& slots,
+                  const std::optional<at::Tensor>& pool_scale) {
   const KvGeometry g = check_write_kv_args(pool, src_k, src_v, slots);
+  const bool fp8 = check_pool_scale(pool, g, pool_scale);
   check_same_device(src_k, pool, "src_k", "pool");
   const at::Tensor slots_c = slots.contiguous();
   const int64_t* sl = slots_c.data_ptr<int64_t>();
@@ -97,25 +150,29 @@ void write_kv_cpu(at::Tensor pool, const at::Tensor& src_k, const at::Tensor& sr
   const FrameStrides ss[2] = {{sk.stride(0), sk.stride(2), sk.stride(3)}, {sv.stride(0), sv.stride(2), sv.stride(3)}};
   const FrameStrides pool_side{pool.stride(1), pool.stride(3), pool.stride(4)};
   const FrameStrides ds[2] = {pool_side, pool_side};
-  dispatch_float_pair(sk.scalar_type(), pool.scalar_type(), [&](auto s_tag, auto d_tag) {
+  const ScaleStrides sc = fp8 ? ScaleStrides{pool_scale->stride(1), pool_scale->stride(2)} : ScaleStrides{};
+  dispatch_float_pair<false, true>(sk.scalar_type(), pool.scalar_type(), [&](auto s_tag, auto d_tag) {
     using S = decltype(s_tag);
     using D = decltype(d_tag);
     std::vector<FrameJob<S, D>> jobs;
     for (int64_t i = 0; i < n; ++i) {
       if (sl[i] < 0) continue;
-      D* base = pool.data_ptr<D>() + sl[i] * pool.stride(0);
+      D* base = static_cast<D*>(pool.data_ptr()) + sl[i] * pool.stride(0);
+      float* scale = fp8 ? pool_scale->data_ptr<float>() + sl[i] * pool_scale->stride(0) : nullptr;
       jobs.push_back({{sk.data_ptr<S>() + i * sk.stride(1), sv.data_ptr<S>() + i * sv.stride(1)},
-                      {base, base + pool.stride(2)}, 0, nullptr});
+                      {base, base + pool.stride(2)}, 0, nullptr, scale});
     }
-    run_jobs(jobs, g, ss, ds);
+    if constexpr (is_fp8_v<D>) store_fp8_scales(jobs, g, ss, sc);
+    run_jobs(jobs, g, ss, ds, sc);
   });
 }
 
 void gather_kv_cpu(const at::Tensor& pool, const at::Tensor& slots, at::Tensor dst_k, at::Tensor dst_v,
                    const at::Tensor& dst_frame, const at::Tensor& delta, int64_t rope_temporal_pairs,
-                   double rope_theta) {
+                   double rope_theta, const std::optional<at::Tensor>& pool_scale) {
   const KvGeometry g =
       check_gather_kv_args(pool, slots, dst_k, dst_v, dst_frame, delta, rope_temporal_pairs, rope_theta);
+  const bool fp8 = check_pool_scale(pool, g, pool_scale);
   check_same_device(pool, dst_k, "pool", "dst_k");
   const int64_t B = slots.size(0), m = slots.size(1), F = dst_k.size(2);
   const at::Tensor slots_c = slots.contiguous(), frame_c = dst_frame.contiguous(), delta_c = delta.contiguous();
@@ -159,19 +216,21 @@ void gather_kv_cpu(const at::Tensor& pool, const at::Tensor& slots, at::Tensor d
   const FrameStrides ss[2] = {pool_side, pool_side};
   const FrameStrides ds[2] = {{dst_k.stride(0), dst_k.stride(3), dst_k.stride(4)},
                               {dst_v.stride(0), dst_v.stride(3), dst_v.stride(4)}};
-  dispatch_float_pair(pool.scalar_type(), dst_k.scalar_type(), [&](auto s_tag, auto d_tag) {
+  const ScaleStrides sc = fp8 ? ScaleStrides{pool_scale->stride(1), pool_scale->stride(2)} : ScaleStrides{};
+  dispatch_float_pair<true, false>(pool.scalar_type(), dst_k.scalar_type(), [&](auto s_tag, auto d_tag) {
     using S = decltype(s_tag);
     using D = decltype(d_tag);
     std::vector<FrameJob<S, D>> jobs;
     for (size_t v = 0; v < valid.size(); ++v) {
       const int64_t e = valid[v], b = e / m;
-      const S* base = pool.data_ptr<S>() + sl[e] * pool.stride(0);
+      const S* base = static_cast<const S*>(pool.data_ptr()) + sl[e] * pool.stride(0);
+      float* scale = fp8 ? pool_scale->data_ptr<float>() + sl[e] * pool_scale->stride(0) : nullptr;
       jobs.push_back({{base, base + pool.stride(2)},
                       {dst_k.data_ptr<D>() + b * dst_k.stride(1) + fr[e] * dst_k.stride(2),
                        dst_v.data_ptr<D>() + b * dst_v.stride(1) + fr[e] * dst_v.stride(2)},
-                      dl[e] == 0 ? 0 : tp, cs.data() + v * 2 * tp});
+                      dl[e] == 0 ? 0 : tp, cs.data() + v * 2 * tp, scale});
     }
-    run_jobs(jobs, g, ss, ds);
+    run_jobs(jobs, g, ss, ds, sc);
   });
 }
 
