@@ -41,6 +41,7 @@ from lrag_ext.policy import RetrievalPolicy
 STORAGE_MODES = ("kv", "latent", "embedding")
 POSITION_MODES = ("sink", "ordered")
 _SEGMENT_SHIFT = 32  # a frame's K/V location is encoded as segment << 32 | slot (or -1: not stored)
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FORMAT = "lrag_ext.RetrievalMemory"
 _VERSION = 1
 
@@ -94,7 +95,9 @@ class MemoryConfig:
         kv_layout: K/V geometry; required for ``storage="kv"``.
         latent_shape: ``(C, H, W)`` of one latent frame; required for ``storage="latent"``.
         device: where embeddings, latents and the device K/V tier live.
-        dtype: storage dtype of K/V and latents. embed_dtype: storage dtype of embeddings.
+        dtype: storage dtype of K/V and latents: float32, float16, bfloat16, or (K/V only) float8_e4m3fn, which
+            halves the bytes of bf16 with one float32 scale per (frame, layer, K/V), dequantised by the gather.
+        embed_dtype: storage dtype of embeddings.
         max_frames: frames (all streams together) the embedding pages can hold.
         page_size: frames per embedding page.
         device_frames: K/V slots on ``device``.
@@ -135,9 +138,12 @@ class MemoryConfig:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if self.host_frames is not None and (not isinstance(self.host_frames, int) or self.host_frames < 0):
             raise ValueError(f"host_frames must be None or an int >= 0, got {self.host_frames!r}")
-        for name in ("dtype", "embed_dtype"):
-            if getattr(self, name) not in (torch.float32, torch.float16, torch.bfloat16):
-                raise ValueError(f"{name} must be float32, float16 or bfloat16, got {getattr(self, name)}")
+        if self.embed_dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"embed_dtype must be float32, float16 or bfloat16, got {self.embed_dtype}")
+        if self.dtype not in _FLOAT_DTYPES + (torch.float8_e4m3fn,):
+            raise ValueError(f"dtype must be float32, float16, bfloat16 or float8_e4m3fn, got {self.dtype}")
+        if self.dtype == torch.float8_e4m3fn and self.storage != "kv":
+            raise ValueError(f"dtype float8_e4m3fn is a K/V storage option (storage='kv'), not for {self.storage!r}")
         if self.storage == "kv" and self.device_frames + (self.host_frames if self.host_frames is not None else 1) == 0:
             raise ValueError("storage='kv' needs device_frames + host_frames >= 1")
 
@@ -188,10 +194,20 @@ class RetrievalPlan:
 
 @dataclass
 class _Segment:
-    """A K/V pool tensor and the allocator of its slots."""
+    """A K/V pool tensor, the allocator of its slots, and (float8 pools) the per-(slot, layer, K/V) scales."""
 
     pool: torch.Tensor
     allocator: object  # lrag_ext.SlotAllocator
+    scale: torch.Tensor | None = None
+
+    def frame(self, slot: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One slot's stored K/V (and scale)."""
+        return self.pool[slot], (self.scale[slot] if self.scale is not None else None)
+
+    def set_frame(self, slot: int, kv: torch.Tensor, scale: torch.Tensor | None) -> None:
+        self.pool[slot].copy_(kv, non_blocking=True)
+        if self.scale is not None:
+            self.scale[slot].copy_(scale, non_blocking=True)
 
 
 class _CodeTable:
@@ -461,7 +477,8 @@ class RetrievalMemory:
                                         torch.full_like(codes, -1))
                     slots = torch.where(codes < 0, torch.full_like(codes, -1), slots)
                     lrag_ext.gather_kv(seg.pool, slots, dst_k, dst_v, dst_frame.contiguous(), delta,
-                                       rope_temporal_pairs=layout.rope_temporal_pairs, rope_theta=layout.rope_theta)
+                                       rope_temporal_pairs=layout.rope_temporal_pairs, rope_theta=layout.rope_theta,
+                                       pool_scale=seg.scale)
                 event = None
                 if stream is not None:
                     event = torch.cuda.Event()
@@ -536,10 +553,12 @@ class RetrievalMemory:
                     self._materialise(rec)
                 streams[str(sid)] = dict(num_frames=st.num_frames, pages=list(st.pages), kv_code=st.kv_code.tolist(),
                                          first_retrievable=st.first_retrievable, log=[dict(r) for r in st.log])
-                stored = [c for c in st.kv_code.tolist() if c >= 0]
+                stored = [self._segments[c >> _SEGMENT_SHIFT].frame(c & 0xFFFFFFFF)
+                          for c in st.kv_code.tolist() if c >= 0]
                 if stored:
-                    tensors[f"kv/{sid}"] = torch.stack([self._segments[c >> _SEGMENT_SHIFT].pool[c & 0xFFFFFFFF].cpu()
-                                                        for c in stored])
+                    tensors[f"kv/{sid}"] = torch.stack([kv.cpu() for kv, _ in stored])
+                    if stored[0][1] is not None:
+                        tensors[f"kv_scale/{sid}"] = torch.stack([scale.cpu() for _, scale in stored])
             manifest = dict(format=_FORMAT, version=_VERSION, config=self.config.to_dict(),
                             next_stream=self._next_stream, streams=streams,
                             segments=[seg.allocator.num_slots for seg in self._segments],
@@ -608,7 +627,8 @@ class RetrievalMemory:
                 seg_index = c >> _SEGMENT_SHIFT
                 seg = mem._segments[seg_index]
                 slot = seg.allocator.allocate(1, sid)[0]
-                seg.pool[slot].copy_(tensors[f"kv/{sid}"][row])
+                scales = tensors.get(f"kv_scale/{sid}")
+                seg.set_frame(slot, tensors[f"kv/{sid}"][row], scales[row] if scales is not None else None)
                 st.kv_code[f] = (seg_index << _SEGMENT_SHIFT) | slot
             mem._streams[sid] = st
         mem._fifo = {tier: collections.deque(tuple(x) for x in q) for tier, q in manifest["fifo"].items()}
@@ -704,7 +724,8 @@ class RetrievalMemory:
         layout = self.config.kv_layout
         pool = lrag_ext.kv_pool_empty(slots, layout.num_layers, layout.tokens_per_frame, layout.num_heads,
                                       layout.head_dim, dtype=self.config.dtype, device=device, pin_memory=pin)
-        return _Segment(pool=pool, allocator=lrag_ext.SlotAllocator(slots))
+        scale = lrag_ext.kv_pool_scale_empty(pool) if pool.dtype == torch.float8_e4m3fn else None
+        return _Segment(pool=pool, allocator=lrag_ext.SlotAllocator(slots), scale=scale)
 
     def _host_capacity(self) -> int:
         return sum(seg.allocator.num_slots for seg in self._segments[1:])
@@ -754,7 +775,7 @@ class RetrievalMemory:
         if host is not None:
             src, dst = self._segments[old >> _SEGMENT_SHIFT], self._segments[host >> _SEGMENT_SHIFT]
             # Stream-ordered copy: it is enqueued before anything can overwrite the freed device slot.
-            dst.pool[host & 0xFFFFFFFF].copy_(src.pool[old & 0xFFFFFFFF], non_blocking=True)
+            dst.set_frame(host & 0xFFFFFFFF, *src.frame(old & 0xFFFFFFFF))
             st.kv_code[frame] = host
             self._fifo["host"].append((old_stream, frame))
         else:  # dropped: its embedding stays, but it can no longer be retrieved
@@ -792,7 +813,12 @@ class RetrievalMemory:
             if not bool(mine.any()):
                 continue
             slots = torch.where(mine, codes_t & 0xFFFFFFFF, torch.full_like(codes_t, -1))
-            lrag_ext.write_kv(seg.pool, k.to(seg.pool.device), v.to(seg.pool.device), slots.to(seg.pool.device))
+            # The CUDA write_kv writes device frames straight into a pinned host pool; a pageable one needs them
+            # on the host first.
+            pageable = seg.pool.device.type == "cpu" and not seg.pool.is_pinned()
+            src_device = seg.pool.device if pageable else k.device
+            lrag_ext.write_kv(seg.pool, k.to(src_device), v.to(src_device), slots.to(src_device),
+                              pool_scale=seg.scale)
 
     def _release(self, stream: int, st: _Stream) -> None:
         if st.pages:

@@ -139,6 +139,41 @@ def test_matches_brute_force_across_tiers(device, device_frames, host_frames):
         assert sum(seg.allocator.num_slots for seg in mem._segments[1:]) <= host_frames
 
 
+def fp8_round_trip(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a float8 pool gives back for one frame's K, V ``[layers, T, H, d]``: the reference write + gather."""
+    pool = lrag_ext.kv_pool_empty(1, *LAYOUT.frame_shape, dtype=torch.float8_e4m3fn)
+    scale = lrag_ext.kv_pool_scale_empty(pool)
+    reference.write_kv(pool, k[:, None], v[:, None], torch.tensor([0]), pool_scale=scale)
+    dst_k = torch.zeros(LAYOUT.num_layers, 1, 1, *LAYOUT.frame_shape[1:])
+    dst_v = torch.zeros_like(dst_k)
+    reference.gather_kv(pool, torch.tensor([[0]]), dst_k, dst_v, torch.tensor([[0]]), torch.tensor([[0]]),
+                        reference.wan_temporal_pairs(LAYOUT.head_dim), pool_scale=scale)
+    return dst_k[:, 0, 0], dst_v[:, 0, 0]
+
+
+@pytest.mark.parametrize("device_frames, host_frames", [(64, None), (2, None)])
+def test_float8_storage_gathers_what_the_reference_quantises(device, device_frames, host_frames):
+    cfg = kv_config(device, dtype=torch.float8_e4m3fn, device_frames=device_frames, host_frames=host_frames)
+    mem, oracle = RetrievalMemory(cfg), Oracle(cfg)
+    g = torch.Generator().manual_seed(11)
+    s = mem.add_stream()
+    for _ in range(8):
+        emb, k, v = random_block(g, cfg, 2)
+        mem.append(s, emb.to(device), k=k.to(device), v=v.to(device))
+        oracle.append(s, emb, k, v)
+    plan = mem.retrieve(s)
+    got = plan.ids[0, :plan.counts[0]].tolist()
+    assert got == oracle.retrieve(s) and len(got) == cfg.top_k
+    L, T, H, Dh = LAYOUT.frame_shape
+    dst_k = torch.zeros(L, 1, 8, T, H, Dh, device=device)
+    dst_v = torch.zeros_like(dst_k)
+    mem.gather(plan, dst_k, dst_v)
+    for j, frame in enumerate(got):
+        want_k, want_v = fp8_round_trip(*oracle.kv[s][frame])
+        assert torch.equal(dst_k[:, 0, 1 + j].cpu(), want_k) and torch.equal(dst_v[:, 0, 1 + j].cpu(), want_v)
+        assert not torch.equal(want_k, oracle.kv[s][frame][0])   # it really was quantised
+
+
 def test_several_streams_in_one_call_match_single_calls(device):
     cfg = kv_config(device)
     mem = RetrievalMemory(cfg)
@@ -213,8 +248,8 @@ def test_reset_and_remove_free_everything():
 
 # --- save / restore --------------------------------------------------------------------------------------------
 
-def filled_memory(device="cpu"):
-    cfg = kv_config(device, device_frames=3, host_frames=None)
+def filled_memory(device="cpu", dtype=torch.float32):
+    cfg = kv_config(device, device_frames=3, host_frames=None, dtype=dtype)
     mem = RetrievalMemory(cfg)
     g = torch.Generator().manual_seed(9)
     for _ in range(2):
@@ -226,8 +261,9 @@ def filled_memory(device="cpu"):
     return mem
 
 
-def test_save_load_round_trip(tmp_path, device):
-    mem = filled_memory(device)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float8_e4m3fn])
+def test_save_load_round_trip(tmp_path, device, dtype):
+    mem = filled_memory(device, dtype)
     path = str(tmp_path / "mem")
     mem.save(path)
     assert sorted(os.listdir(path)) == ["manifest.json", "tensors.safetensors"]
@@ -413,7 +449,8 @@ def test_memory_full_error_names_the_limit():
     (dict(embed_dim=0), "embed_dim must be an int >= 1"),
     (dict(page_size=0), "page_size must be an int >= 1"),
     (dict(host_frames=-1), "host_frames must be None or an int >= 0"),
-    (dict(dtype=torch.int8), "dtype must be float32, float16 or bfloat16"),
+    (dict(dtype=torch.int8), "dtype must be float32, float16, bfloat16 or float8_e4m3fn"),
+    (dict(storage="latent", latent_shape=(1, 2, 2), dtype=torch.float8_e4m3fn), "a K/V storage option"),
     (dict(top_k=0), "top_k must be >= 1"),
     (dict(device_frames=0, host_frames=0), "needs device_frames \\+ host_frames >= 1"),
 ])
