@@ -28,13 +28,13 @@ $PY -c "import lrag_ext; i = lrag_ext.build_info(); print(i); assert i['cuda']" 
 echo "=== test suite (CPU + CUDA parametrisations)"
 $PY -m pytest -q -x tests 2>&1 | tail -30 || status=1
 
-echo "=== compute-sanitizer (memcheck, racecheck, synccheck) on the CUDA tests"
+echo "=== compute-sanitizer (memcheck, racecheck, synccheck) on every CUDA-parametrised test"
 if command -v compute-sanitizer >/dev/null || [ -x "${CUDA_HOME:-/nonexistent}/bin/compute-sanitizer" ]; then
   SAN=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
   for tool in memcheck racecheck synccheck; do
     echo "--- $tool"
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool "$tool" --error-exitcode 99 --target-processes all \
-      $PY -m pytest -q -x -k "cuda" tests/test_cosine_topk.py 2>&1 | tail -8 || status=1
+      $PY -m pytest -q -x -k "cuda" tests 2>&1 | tail -8 || status=1
   done
 else
   echo "compute-sanitizer not found"; status=1

@@ -15,7 +15,7 @@ import torch
 
 import lrag_ext
 from lrag_ext import reference
-from gpu_timing import median_ms
+from _gpu_timing import median_ms
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 import lrag_ext
-from gpu_timing import median_ms
+from _gpu_timing import median_ms
 
 L, T, H, D = 30, 1560, 12, 128
 K, R, SINK, WINDOW, EMBED = 6, 5, 1, 12, 1024
