@@ -8,7 +8,7 @@ from lrag_ext._extension import load_compiled_module as _load
 _C = _load()
 
 from lrag_ext import ops, reference  # noqa: E402  (ops need _C loaded first)
-from lrag_ext.ops import cosine_topk  # noqa: E402
+from lrag_ext.ops import cosine_topk, embed_head, pooled_embed  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -19,4 +19,4 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["build_info", "cosine_topk", "ops", "reference"]
+__all__ = ["build_info", "cosine_topk", "embed_head", "ops", "pooled_embed", "reference"]
