@@ -28,8 +28,7 @@ class LossTerms(NamedTuple):
     smooth: torch.Tensor
 
     def as_floats(self) -> dict[str, float]:
-        return {"total": float(self.total), "rec": float(self.rec), "delta": float(self.delta),
-                "smooth": float(self.smooth)}
+        return {name: float(value.detach()) for name, value in zip(("total", "rec", "delta", "smooth"), self)}
 
 
 def _check_seq(z: torch.Tensor) -> None:
