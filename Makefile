@@ -23,7 +23,7 @@ build: $(STAMP)
 
 # pytest exits 5 when it collects nothing: that is a failure here, not a pass.
 test: build
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests; rc=$$?; [ $$rc -ne 5 ] || echo "pytest collected no tests: failing"; exit $$rc
 
 bench: build
 	$(PY) -m pytest -q benchmarks --benchmark-only

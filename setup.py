@@ -81,7 +81,7 @@ def _extension():
     debug = os.environ.get("LRAG_EXT_DEBUG") == "1"
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-std=c++17", "-fopenmp"]
+    cxx += ["-fopenmp"]  # the C++ standard is left to torch (C++17 or C++20, whatever its headers need)
     include_dirs = [os.path.join(ROOT, "csrc")]
     extra = {"cxx": cxx}
     archs = ""
@@ -94,7 +94,7 @@ def _extension():
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         include_dirs += _nvidia_wheel_includes()
         cxx.append("-DLRAG_WITH_CUDA")
-        extra["nvcc"] = ["-O3", "-std=c++17", "-DLRAG_WITH_CUDA", "--expt-relaxed-constexpr"] + (
+        extra["nvcc"] = ["-O3", "-DLRAG_WITH_CUDA", "--expt-relaxed-constexpr"] + (
             ["-lineinfo"] if debug else [])
         ext_cls = cpp_extension.CUDAExtension
     else:

@@ -9,11 +9,14 @@
 
 namespace lrag {
 
+// torch's spelling of a dtype ("float32", "int64"), the one users write.
+inline std::string dtype_name(at::ScalarType t) { return std::string(c10::getDtypeNames(t).first); }
+
 inline std::string dtype_list(std::initializer_list<at::ScalarType> types) {
   std::string out;
   for (auto t : types) {
     if (!out.empty()) out += ", ";
-    out += c10::toString(t);
+    out += dtype_name(t);
   }
   return out;
 }
@@ -23,14 +26,14 @@ inline void check_dim(const at::Tensor& t, int64_t dim, const char* name, const 
 }
 
 inline void check_dtype(const at::Tensor& t, at::ScalarType want, const char* name) {
-  TORCH_CHECK(t.scalar_type() == want, name, " must have dtype ", c10::toString(want), ", got ",
-              c10::toString(t.scalar_type()));
+  TORCH_CHECK(t.scalar_type() == want, name, " must have dtype ", dtype_name(want), ", got ",
+              dtype_name(t.scalar_type()));
 }
 
 inline void check_float_dtype(const at::Tensor& t, const char* name) {
   const auto s = t.scalar_type();
   TORCH_CHECK(s == at::kFloat || s == at::kHalf || s == at::kBFloat16, name,
-              " must be float32, float16 or bfloat16, got ", c10::toString(s));
+              " must be float32, float16 or bfloat16, got ", dtype_name(s));
 }
 
 inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {

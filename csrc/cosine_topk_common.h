@@ -27,7 +27,7 @@ inline CosineTopkGeometry check_cosine_topk_args(const at::Tensor& queries, cons
   check_float_dtype(queries, "queries");
   check_dim(pages, 3, "pages", "[P, page_size, D]");
   TORCH_CHECK(pages.scalar_type() == queries.scalar_type(), "pages must have the dtype of queries (",
-              c10::toString(queries.scalar_type()), "), got ", c10::toString(pages.scalar_type()));
+              dtype_name(queries.scalar_type()), "), got ", dtype_name(pages.scalar_type()));
   check_same_device(pages, queries, "pages", "queries");
   check_dim(page_table, 2, "page_table", "[B, max_pages]");
   check_dtype(page_table, at::kInt, "page_table");

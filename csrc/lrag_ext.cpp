@@ -1,7 +1,10 @@
 // The compiled module lrag_ext._C: every op schema (one TORCH_LIBRARY block) and the host-side objects
 // exposed with pybind11. Kernels register their implementations in csrc/cpu/*.cpp and csrc/cuda/*.cu.
-#include <torch/extension.h>
+// The CMake build (a plain C++ library for C++ consumers) defines LRAG_NO_PYTHON and keeps only the schemas.
 #include <torch/library.h>
+#ifndef LRAG_NO_PYTHON
+#include <torch/extension.h>
+#endif
 
 #ifndef LRAG_TORCH_VERSION
 #define LRAG_TORCH_VERSION "unknown"
@@ -26,6 +29,7 @@ TORCH_LIBRARY(lrag_ext, m) {
   m.def("pooled_embed(Tensor x, Tensor weight, Tensor bias, int grid) -> Tensor");
 }
 
+#ifndef LRAG_NO_PYTHON
 namespace {
 
 pybind11::dict build_info() {
@@ -64,3 +68,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &build_info,
         "Build facts: torch_version it was compiled against, cuda (bool), cuda_version, cuda_archs, openmp.");
 }
+#endif  // LRAG_NO_PYTHON

@@ -124,7 +124,9 @@ void cosine_topk_kernel(const CosineTopkGeometry& g, const float* queries, const
     qnorm[b] = std::sqrt(s);
   }
 
-  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+  // Below ~2^18 multiply-adds per thread the fork/join costs more than it saves: run such work inline.
+  const int64_t grain = std::max<int64_t>(1, ceil_div<int64_t>(int64_t{1} << 18, chunk * D));
+  at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
     std::vector<uint64_t> keys(static_cast<size_t>(chunk));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = std::upper_bound(first_task.begin(), first_task.end(), t) - first_task.begin() - 1;
