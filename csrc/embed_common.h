@@ -26,7 +26,7 @@ inline void check_param(const at::Tensor& p, const at::Tensor& x, int64_t dim, c
                         const char* shape) {
   check_dim(p, dim, name, shape);
   TORCH_CHECK(p.scalar_type() == x.scalar_type(), name, " must have the dtype of the input (",
-              c10::toString(x.scalar_type()), "), got ", c10::toString(p.scalar_type()));
+              dtype_name(x.scalar_type()), "), got ", dtype_name(p.scalar_type()));
   check_same_device(p, x, name, "the input");
 }
 

@@ -102,3 +102,16 @@ def test_data_errors(tmp_path, capsys):
     assert "short.pt: has 5 frames, fewer than the chunk length 8" in capsys.readouterr().err
     assert main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_entry_point(data, tmp_path):
+    """`python -m lrag_ext.embedder.train` runs as a program, prints progress to stderr and writes its outputs."""
+    import subprocess
+    import sys
+    out = tmp_path / "cli"
+    proc = subprocess.run([sys.executable, "-m", "lrag_ext.embedder.train", "--data", str(data), "--out", str(out),
+                           "--encoder", "pooled", "--grid", "2", "--epochs", "1", "--batch-size", "4"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "epoch 1/1 [" in proc.stderr and "delta" in proc.stderr and "smooth" in proc.stderr
+    assert sorted(os.listdir(out)) == ["ae_epoch_best.pt", "last.pt", "log.json"]

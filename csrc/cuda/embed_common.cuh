@@ -8,7 +8,7 @@
 
 namespace lrag {
 
-constexpr int kEmbedThreads = 256;  // 8 warps per block; one block embeds one frame
+constexpr int kEmbedThreads = 512;  // 16 warps per block; one block embeds one frame
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
