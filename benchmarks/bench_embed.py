@@ -13,10 +13,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import ALL_THREADS, torch_threads
+
 from lrag_ext import ops
 from lrag_ext.embedder import LatentAE, PooledEmbedder
 
 BLOCK = (3, 16, 60, 104)
+THREADS = sorted({1, ALL_THREADS})
+
+
+@pytest.fixture(params=THREADS, autouse=True, ids=lambda t: f"threads{t}")
+def threads(request, benchmark):
+    """Every case at 1 thread and at all threads (the shared machine makes multi-thread timings noisy)."""
+    benchmark.extra_info["threads"] = request.param
+    with torch_threads(request.param):
+        yield request.param
 
 
 def perturbed_ae() -> LatentAE:
