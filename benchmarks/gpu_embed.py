@@ -23,20 +23,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from embed_models import perturbed_ae  # noqa: E402
 from gpu_cosine_topk import time_eager, time_graph  # noqa: E402  (shared GPU timing helpers)
 
 from lrag_ext import ops  # noqa: E402
-from lrag_ext.embedder import LatentAE, PooledEmbedder, mean_descriptor  # noqa: E402
-
-
-def perturbed_ae() -> LatentAE:
-    torch.manual_seed(0)
-    model = LatentAE().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.abs().max() == 0:
-                p.normal_(0, 0.02)
-    return model
+from lrag_ext.embedder import PooledEmbedder, mean_descriptor  # noqa: E402
 
 
 def min_cos(a: torch.Tensor, b: torch.Tensor) -> float:
