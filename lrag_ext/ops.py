@@ -75,7 +75,8 @@ def embed_head(feat: torch.Tensor, gn_weight: torch.Tensor, gn_bias: torch.Tenso
         ``[N, D]`` float32 unit-norm embeddings (all-zero rows stay zero).
 
     Raises:
-        RuntimeError: wrong ranks, sizes, dtypes or devices; ``groups`` not dividing ``C``; ``eps < 0``.
+        RuntimeError: wrong ranks, sizes, dtypes or devices; ``groups`` not dividing ``C``; ``eps < 0``; on CUDA
+            ``C + D > 12256`` (the pooled vector and the output live in 48 KiB of shared memory).
     """
     return torch.ops.lrag_ext.embed_head.default(feat, gn_weight, gn_bias, fc_weight, fc_bias, groups, eps)
 
@@ -103,7 +104,8 @@ def pooled_embed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, grid
         ``[N, D]`` float32 unit-norm embeddings.
 
     Raises:
-        RuntimeError: wrong ranks, sizes, dtypes or devices; ``grid`` out of range.
+        RuntimeError: wrong ranks, sizes, dtypes or devices; ``grid`` out of range; on CUDA
+            ``C * grid * grid + D > 12256`` (features and output live in 48 KiB of shared memory).
     """
     return torch.ops.lrag_ext.pooled_embed.default(x, weight, bias, grid)
 
