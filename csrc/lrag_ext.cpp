@@ -6,6 +6,8 @@
 #include <torch/extension.h>
 #endif
 
+#include "slot_allocator.h"
+
 #ifndef LRAG_TORCH_VERSION
 #define LRAG_TORCH_VERSION "unknown"
 #endif
@@ -27,6 +29,14 @@ TORCH_LIBRARY(lrag_ext, m) {
   // The light embedder, fused: adaptive-average-pool each frame to grid x grid (adaptive_avg_pool2d bins) ->
   // flatten channel-major -> Linear -> L2-normalise; x [N, C, H, W] -> [N, D] float32.
   m.def("pooled_embed(Tensor x, Tensor weight, Tensor bias, int grid) -> Tensor");
+  // Paged KV pool [num_slots, layers, 2, tokens, heads, head_dim]: pool[slots[i], l, 0|1] = src_k|src_v[l, i],
+  // cast to the pool dtype; slots[i] == -1 skips frame i.
+  m.def("write_kv(Tensor(a!) pool, Tensor src_k, Tensor src_v, Tensor slots) -> ()");
+  // For every slots[b, j] != -1 and every layer l: dst_v[l, b, dst_frame[b, j]] = pool[slots[b, j], l, 1] and
+  // dst_k[l, b, dst_frame[b, j]] = pool[slots[b, j], l, 0] with its first rope_temporal_pairs RoPE pairs
+  // (adjacent dims 2i, 2i+1) rotated by delta[b, j] * rope_theta^(-i / rope_temporal_pairs), in float64.
+  m.def("gather_kv(Tensor pool, Tensor slots, Tensor(a!) dst_k, Tensor(b!) dst_v, Tensor dst_frame, "
+        "Tensor delta, int rope_temporal_pairs, float rope_theta) -> ()");
 }
 
 #ifndef LRAG_NO_PYTHON
@@ -67,5 +77,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lrag_ext compiled kernels (ops are registered under torch.ops.lrag_ext)";
   m.def("build_info", &build_info,
         "Build facts: torch_version it was compiled against, cuda (bool), cuda_version, cuda_archs, openmp.");
+  lrag::bind_slot_allocator(m);
 }
 #endif  // LRAG_NO_PYTHON

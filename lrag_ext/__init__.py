@@ -8,7 +8,12 @@ from lrag_ext._extension import load_compiled_module as _load
 _C = _load()
 
 from lrag_ext import ops, reference  # noqa: E402  (ops need _C loaded first)
-from lrag_ext.ops import cosine_topk, embed_head, pooled_embed  # noqa: E402
+from lrag_ext.ops import cosine_topk, embed_head, gather_kv, kv_pool_empty, pooled_embed, write_kv  # noqa: E402
+
+SlotAllocator = _C.SlotAllocator
+
+from lrag_ext.memory import KVLayout, MemoryConfig, RetrievalMemory, RetrievalPlan  # noqa: E402
+from lrag_ext.policy import RetrievalPolicy  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -19,4 +24,6 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["build_info", "cosine_topk", "embed_head", "ops", "pooled_embed", "reference"]
+__all__ = ["KVLayout", "MemoryConfig", "RetrievalMemory", "RetrievalPlan", "RetrievalPolicy", "SlotAllocator",
+           "build_info", "cosine_topk", "embed_head", "gather_kv", "kv_pool_empty", "ops", "pooled_embed",
+           "reference", "write_kv"]

@@ -117,6 +117,118 @@ def _pooled_embed_fake(x, weight, bias, grid):
     return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Paged KV pool.
+
+def kv_pool_empty(num_slots: int, layers: int, tokens: int, heads: int, head_dim: int,
+                  dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
+                  pin_memory: bool = False) -> torch.Tensor:
+    """An uninitialised paged KV pool ``[num_slots, layers, 2, tokens, heads, head_dim]``.
+
+    One slot holds one latent frame's K (index 0 of dim 2) and V (index 1) for all layers; slot indices come
+    from a :class:`lrag_ext.SlotAllocator`. ``pin_memory=True`` (CPU only) makes a pinned host pool that the
+    CUDA :func:`gather_kv` reads directly.
+
+    Raises:
+        ValueError: a negative size, an odd ``head_dim``, a non-float dtype, or ``pin_memory`` with a
+            non-CPU device.
+    """
+    sizes = dict(num_slots=num_slots, layers=layers, tokens=tokens, heads=heads, head_dim=head_dim)
+    for name, v in sizes.items():
+        if not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even (RoPE pairs), got {head_dim}")
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    device = torch.device(device)
+    if pin_memory and device.type != "cpu":
+        raise ValueError(f"pin_memory=True needs device='cpu' (a host pool), got {device}")
+    return torch.empty((num_slots, layers, 2, tokens, heads, head_dim), dtype=dtype, device=device,
+                       pin_memory=pin_memory)
+
+
+def write_kv(pool: torch.Tensor, src_k: torch.Tensor, src_v: torch.Tensor, slots: torch.Tensor) -> None:
+    """Writes new frames' K and V (all layers) into pool slots, in place (vLLM's ``reshape_and_cache``).
+
+    ``pool[slots[i], l, 0] = src_k[l, i]`` and ``pool[slots[i], l, 1] = src_v[l, i]`` for every layer ``l``, cast
+    to the pool dtype. K is stored as given (the LongLive-RAG pool keeps K without RoPE).
+
+    Args:
+        pool: ``[num_slots, layers, 2, tokens, heads, head_dim]`` float32/float16/bfloat16, dense in its last
+            dim (any other strides). On CUDA it may also be a pinned host pool written through its mapped
+            device pointer.
+        src_k, src_v: ``[layers, n, tokens, heads, head_dim]``, one float dtype (may differ from the pool's),
+            any strides; on the device of ``slots``.
+        slots: ``[n]`` int64, the destination slot of each frame; ``-1`` skips the frame. Slots other than -1
+            must be distinct.
+
+    Raises:
+        RuntimeError: wrong ranks, sizes, dtypes or devices (the message names the argument); on CPU also a
+            slot outside ``[-1, num_slots)`` or a repeated slot, detected before anything is written. On CUDA
+            these value checks would need a host synchronisation: out-of-range slots are skipped instead, and
+            repeated slots leave the slot with one of the frames (which one is undefined).
+    """
+    torch.ops.lrag_ext.write_kv.default(pool, src_k, src_v, slots)
+
+
+def gather_kv(pool: torch.Tensor, slots: torch.Tensor, dst_k: torch.Tensor, dst_v: torch.Tensor,
+              dst_frame: torch.Tensor, delta: torch.Tensor | None = None, rope_temporal_pairs: int | None = None,
+              rope_theta: float = 10000.0) -> None:
+    """Copies pool frames into attention-cache frames (all layers, one launch), re-positioning K's temporal RoPE.
+
+    For every ``slots[b, j] != -1`` and every layer ``l``, with ``s = slots[b, j]``, ``f = dst_frame[b, j]``::
+
+        dst_v[l, b, f] = pool[s, l, 1]
+        dst_k[l, b, f] = R(delta[b, j]) pool[s, l, 0]
+
+    ``R(d)`` multiplies RoPE pair ``i`` (real dims ``2i, 2i+1``) of each head, for ``i < rope_temporal_pairs``,
+    by ``exp(1j * d * omega_i)`` with ``omega_i = rope_theta^(-2i / (2 * rope_temporal_pairs))`` (Wan's
+    temporal axis), computed in float64 and cast back through float32, so a key stored without RoPE gathered
+    with ``delta = p`` equals Wan's temporal RoPE at position ``p``; ``delta = b - a`` moves a key roped at
+    temporal position ``a`` to ``b``. ``delta == 0`` is a plain copy. Values are cast to the cache dtype.
+
+    Args:
+        pool: ``[num_slots, layers, 2, tokens, heads, head_dim]`` float32/float16/bfloat16, dense in its last
+            dim. On CUDA it may be on the cache's device or be a pinned host pool (read over PCIe through its
+            mapped device pointer, in stream order; no extra synchronisation is needed).
+        slots: ``[B, m]`` int64 source slots; ``-1`` skips the entry.
+        dst_k, dst_v: ``[layers, B, cache_frames, tokens, heads, head_dim]`` float32/float16/bfloat16 (one
+            dtype), dense in their last dim, otherwise any strides (e.g. views of a larger cache).
+        dst_frame: ``[B, m]`` int64 destination cache frame of each entry; distinct within a stream.
+        delta: ``[B, m]`` int64 temporal position shift of each entry's K; ``None`` = all zeros.
+        rope_temporal_pairs: temporal RoPE pairs per head; ``None`` = Wan's split ``c - 2(c // 3)`` of
+            ``c = head_dim // 2`` (22 for head_dim 128). ``0`` disables the rotation.
+        rope_theta: RoPE base.
+
+    Raises:
+        RuntimeError: wrong ranks, sizes, dtypes or devices, ``rope_temporal_pairs`` outside
+            ``[0, head_dim / 2]``, a non-positive ``rope_theta``; on CPU also a slot outside ``[-1, num_slots)``,
+            a ``dst_frame`` outside ``[0, cache_frames)`` or a cache frame targeted twice within a stream, all
+            detected before anything is written. On CUDA those value checks would need a host synchronisation:
+            entries with an out-of-range slot or frame are skipped instead, and duplicate destinations give
+            undefined contents.
+    """
+    if rope_temporal_pairs is None:
+        rope_temporal_pairs = reference.wan_temporal_pairs(dst_k.shape[-1])
+    if delta is None:
+        delta = torch.zeros_like(slots)
+    torch.ops.lrag_ext.gather_kv.default(pool, slots, dst_k, dst_v, dst_frame, delta, int(rope_temporal_pairs),
+                                         float(rope_theta))
+
+
+@torch.library.register_fake("lrag_ext::write_kv")
+def _write_kv_fake(pool, src_k, src_v, slots):
+    torch._check(pool.dim() == 6, lambda: "pool must be [num_slots, layers, 2, tokens, heads, head_dim]")
+    torch._check(src_k.dim() == 5, lambda: "src_k must be [layers, n, tokens, heads, head_dim]")
+
+
+@torch.library.register_fake("lrag_ext::gather_kv")
+def _gather_kv_fake(pool, slots, dst_k, dst_v, dst_frame, delta, rope_temporal_pairs, rope_theta):
+    torch._check(pool.dim() == 6, lambda: "pool must be [num_slots, layers, 2, tokens, heads, head_dim]")
+    torch._check(dst_k.dim() == 6, lambda: "dst_k must be [layers, B, cache_frames, tokens, heads, head_dim]")
+
+
 def _register_reference_fallbacks() -> None:
     """Serves CUDA tensors with the reference when this build has no CUDA kernels."""
     warned = []
@@ -134,6 +246,8 @@ def _register_reference_fallbacks() -> None:
     fallback("cosine_topk", reference.cosine_topk)
     fallback("embed_head", reference.embed_head)
     fallback("pooled_embed", reference.pooled_embed)
+    fallback("write_kv", reference.write_kv)
+    fallback("gather_kv", reference.gather_kv)
 
 
 if not _CUDA_BUILT:

@@ -119,3 +119,93 @@ def mean_descriptor(x: torch.Tensor) -> torch.Tensor:
     """The reference's fallback descriptor when no embedder is loaded: the spatial mean ``[N, C]`` of
     ``x [N, C, H, W]`` (float32, not normalised; retrieval normalises it)."""
     return x.float().mean(dim=(2, 3))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Paged KV pool: write_kv, gather_kv and the temporal RoPE rotation they use.
+# Pool layout: [num_slots, layers, 2 (K, V), tokens, heads, head_dim].
+
+ROPE_THETA = 10000.0
+
+
+def wan_temporal_pairs(head_dim: int) -> int:
+    """Temporal RoPE pairs of Wan's split ``[c - 2(c//3) | c//3 | c//3]`` of ``c = head_dim // 2`` pairs."""
+    c = head_dim // 2
+    return c - 2 * (c // 3)
+
+
+def rope_inv_freq(pairs: int, theta: float = ROPE_THETA, device=None) -> torch.Tensor:
+    """``[pairs]`` float64 frequencies of one RoPE axis, as Wan's ``rope_params(_, 2 * pairs)``:
+    ``omega_j = 1 / theta^(2j / (2 * pairs))``."""
+    return 1.0 / torch.pow(torch.tensor(theta, dtype=torch.float64, device=device),
+                           torch.arange(0, 2 * pairs, 2, dtype=torch.float64, device=device) / (2 * pairs))
+
+
+def rope_rotate_temporal(x: torch.Tensor, delta: torch.Tensor, pairs: int,
+                         theta: float = ROPE_THETA) -> torch.Tensor:
+    """Rotates the first ``pairs`` RoPE pairs of ``x`` by ``delta`` positions, in float64.
+
+    Pair ``j`` (real dims ``2j, 2j+1``) is multiplied, as a complex number, by ``exp(i * delta * omega_j)``
+    (:func:`rope_inv_freq`); the other dims are unchanged. Entries with ``delta == 0`` are returned unchanged.
+
+    Args:
+        x: ``[E, ..., head_dim]`` float tensor.
+        delta: ``[E]`` integer positions.
+        pairs: temporal pairs (``0 <= pairs <= head_dim // 2``).
+        theta: RoPE base.
+
+    Returns:
+        ``x`` as float64 with its temporal pairs rotated.
+    """
+    out = x.to(torch.float64).clone()
+    if pairs == 0 or x.shape[0] == 0:
+        return out
+    lead = out[..., : 2 * pairs].reshape(*out.shape[:-1], pairs, 2)
+    angle = delta.to(device=x.device, dtype=torch.float64).reshape(-1, *([1] * (x.dim() - 1))) * \
+        rope_inv_freq(pairs, theta, x.device)                                           # [E, 1.., pairs]
+    rotated = torch.view_as_real(torch.view_as_complex(lead.contiguous()) *
+                                 torch.polar(torch.ones_like(angle), angle))
+    moved = (delta != 0).to(x.device).reshape(-1, *([1] * x.dim()))
+    out[..., : 2 * pairs] = torch.where(moved, rotated, lead).flatten(-2)
+    return out
+
+
+def write_kv(pool: torch.Tensor, src_k: torch.Tensor, src_v: torch.Tensor, slots: torch.Tensor) -> None:
+    """``pool[slots[i], l, 0] = src_k[l, i]`` and ``pool[slots[i], l, 1] = src_v[l, i]``, cast to the pool dtype;
+    frames with ``slots[i] == -1`` are skipped. Mutates ``pool``.
+
+    Args:
+        pool: ``[num_slots, layers, 2, tokens, heads, head_dim]``.
+        src_k, src_v: ``[layers, n, tokens, heads, head_dim]``.
+        slots: ``[n]`` int64, distinct apart from -1.
+    """
+    keep = (slots >= 0).to(src_k.device)
+    dst = slots[slots >= 0].to(pool.device)
+    pool[dst, :, 0] = src_k[:, keep].transpose(0, 1).to(device=pool.device, dtype=pool.dtype)
+    pool[dst, :, 1] = src_v[:, keep].transpose(0, 1).to(device=pool.device, dtype=pool.dtype)
+
+
+def gather_kv(pool: torch.Tensor, slots: torch.Tensor, dst_k: torch.Tensor, dst_v: torch.Tensor,
+              dst_frame: torch.Tensor, delta: torch.Tensor, rope_temporal_pairs: int,
+              rope_theta: float = ROPE_THETA) -> None:
+    """Copies pool frames into attention-cache frames, re-positioning K's temporal RoPE. Mutates dst_k, dst_v.
+
+    For every ``slots[b, j] != -1`` and every layer ``l``, with ``s = slots[b, j]`` and ``f = dst_frame[b, j]``::
+
+        dst_v[l, b, f] = pool[s, l, 1]
+        dst_k[l, b, f] = rope_rotate_temporal(pool[s, l, 0], delta[b, j])   # float64 -> float32 -> dst dtype
+
+    Args:
+        pool: ``[num_slots, layers, 2, tokens, heads, head_dim]``.
+        slots, dst_frame, delta: ``[B, m]`` int64; ``slots == -1`` entries are skipped.
+        dst_k, dst_v: ``[layers, B, cache_frames, tokens, heads, head_dim]``.
+        rope_temporal_pairs, rope_theta: see :func:`rope_rotate_temporal`.
+    """
+    B, m = slots.shape
+    keep = slots >= 0
+    b = torch.arange(B, device=slots.device)[:, None].expand(B, m)[keep].to(dst_k.device)
+    f = dst_frame[keep].to(dst_k.device)
+    frames = pool[slots[keep].to(pool.device)].to(dst_k.device)                  # [E, layers, 2, T, H, hd]
+    k = rope_rotate_temporal(frames[:, :, 0], delta[keep], rope_temporal_pairs, rope_theta)
+    dst_k[:, b, f] = k.to(torch.float32).to(dst_k.dtype).transpose(0, 1)
+    dst_v[:, b, f] = frames[:, :, 1].to(dst_v.dtype).transpose(0, 1)

@@ -1,1 +1,16 @@
-"""lrag: the reference LongLive-RAG generator built on :mod:`lrag_ext` (arrives with the generator issue)."""
+"""lrag: the reference LongLive-RAG generator built on :mod:`lrag_ext`.
+
+- :mod:`lrag.config`: :class:`WanConfig` (geometry + window/sink), presets :func:`wan_1_3b`, :func:`tiny_from_run_json`.
+- :mod:`lrag.models.wan`: :class:`CausalWanModel`, the causal Wan DiT with a ``[sink | memory | local]`` KV cache.
+- :mod:`lrag.checkpoint`: :func:`load_generator` for released Self-Forcing / Causal-Forcing / LongLive weights.
+- :mod:`lrag.scheduler`: the few-step flow-matching sampler.
+- :mod:`lrag.pipeline`: :class:`Pipeline`, the block loop (``native`` / ``rag``, with :class:`lrag_ext.RetrievalMemory`).
+"""
+from lrag.checkpoint import build_generator, load_generator
+from lrag.config import RetrievalConfig, WanConfig, tiny_from_run_json, wan_1_3b
+from lrag.models.wan import CausalWanModel, KVCache
+from lrag.pipeline import GenerationResult, Pipeline
+from lrag.scheduler import FlowMatchScheduler
+
+__all__ = ["CausalWanModel", "FlowMatchScheduler", "GenerationResult", "KVCache", "Pipeline", "RetrievalConfig",
+           "WanConfig", "build_generator", "load_generator", "tiny_from_run_json", "wan_1_3b"]

@@ -1,0 +1,185 @@
+// CPU kernels of lrag_ext::write_kv and lrag_ext::gather_kv (the paged KV pool).
+//
+// Both ops move whole frames: one work item is one token row [heads, head_dim] of one layer of K or V of one
+// frame, and at::parallel_for splits the flat item range, so a handful of frames still uses every thread.
+// Rows are copied with memcpy when source and destination dtypes agree and nothing is rotated; otherwise each
+// element is converted through float (the rotated temporal pairs through double), which is torch's own cast
+// chain. Every value (slot ids, destination frames) is checked before the first byte is written, so a failed
+// call leaves the pool and the cache untouched.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "kernels/kv_rope.h"
+#include "kv_pool_common.h"
+
+namespace lrag {
+namespace {
+
+// Copies one row of head_dim elements, converting S -> D; the first `rot_pairs` pairs are rotated by the
+// (cos, sin) table `cs` (2 doubles per pair).
+template <typename S, typename D>
+inline void copy_row(const S* src, D* dst, int64_t head_dim, int64_t rot_pairs, const double* cs) {
+  for (int64_t q = 0; q < rot_pairs; ++q) {
+    double yr, yi;
+    rotate_pair(static_cast<double>(static_cast<float>(src[2 * q])),
+                static_cast<double>(static_cast<float>(src[2 * q + 1])), cs[2 * q], cs[2 * q + 1], &yr, &yi);
+    // double -> float -> D: the cast chain of torch's float64 .to(D).
+    dst[2 * q] = static_cast<D>(static_cast<float>(yr));
+    dst[2 * q + 1] = static_cast<D>(static_cast<float>(yi));
+  }
+  const int64_t start = 2 * rot_pairs;
+  if constexpr (std::is_same_v<S, D>) {
+    std::memcpy(dst + start, src + start, sizeof(S) * static_cast<size_t>(head_dim - start));
+  } else {
+    for (int64_t i = start; i < head_dim; ++i) dst[i] = static_cast<D>(static_cast<float>(src[i]));
+  }
+}
+
+// One frame copy (all layers, K and V): base pointers of layer 0 of K (index 0) and V (index 1).
+template <typename S, typename D>
+struct FrameJob {
+  const S* src[2];
+  D* dst[2];
+  int64_t rot_pairs;  // temporal pairs of K to rotate (0: plain copy)
+  const double* cs;   // [rot_pairs, 2] cos/sin of the rotation angles
+};
+
+// Runs all jobs. Items are (job, layer, kv, token), each `heads` rows; strides are per side and per kv.
+template <typename S, typename D>
+void run_jobs(const std::vector<FrameJob<S, D>>& jobs, const KvGeometry& g, const FrameStrides (&ss)[2],
+              const FrameStrides (&ds)[2]) {
+  const int64_t per_job = g.layers * 2 * g.tokens;
+  const int64_t total = static_cast<int64_t>(jobs.size()) * per_job;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, g.heads * g.head_dim));
+  at::parallel_for(0, total, grain, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const FrameJob<S, D>& job = jobs[i / per_job];
+      int64_t r = i % per_job;
+      const int64_t t = r % g.tokens;
+      r /= g.tokens;
+      const int64_t kv = r % 2, l = r / 2;
+      const S* s = job.src[kv] + l * ss[kv].layer + t * ss[kv].token;
+      D* d = job.dst[kv] + l * ds[kv].layer + t * ds[kv].token;
+      const int64_t rot = kv == 0 ? job.rot_pairs : 0;
+      for (int64_t h = 0; h < g.heads; ++h) {
+        copy_row(s + h * ss[kv].head, d + h * ds[kv].head, g.head_dim, rot, job.cs);
+      }
+    }
+  });
+}
+
+// Sources may be any strided view; only their last dim must be dense, else a dense copy is taken.
+at::Tensor last_dim_dense(const at::Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous(); }
+
+void write_kv_cpu(at::Tensor pool, const at::Tensor& src_k, const at::Tensor& src_v, const at::Tensor& slots) {
+  const KvGeometry g = check_write_kv_args(pool, src_k, src_v, slots);
+  check_same_device(src_k, pool, "src_k", "pool");
+  const at::Tensor slots_c = slots.contiguous();
+  const int64_t* sl = slots_c.data_ptr<int64_t>();
+  const int64_t n = slots.size(0);
+  std::vector<uint8_t> seen(static_cast<size_t>(g.num_slots), 0);
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(sl[i] >= -1 && sl[i] < g.num_slots, "slots[", i, "] = ", sl[i],
+                " is outside the pool: expected -1 (skip) or a slot in [0, pool.shape[0] = ", g.num_slots, ")");
+    if (sl[i] < 0) continue;
+    TORCH_CHECK(!seen[sl[i]], "slots[", i, "] = ", sl[i], " is listed more than once (a slot may be written once ",
+                "per call)");
+    seen[sl[i]] = 1;
+  }
+  const at::Tensor sk = last_dim_dense(src_k), sv = last_dim_dense(src_v);
+  const FrameStrides ss[2] = {{sk.stride(0), sk.stride(2), sk.stride(3)}, {sv.stride(0), sv.stride(2), sv.stride(3)}};
+  const FrameStrides pool_side{pool.stride(1), pool.stride(3), pool.stride(4)};
+  const FrameStrides ds[2] = {pool_side, pool_side};
+  dispatch_float_pair(sk.scalar_type(), pool.scalar_type(), [&](auto s_tag, auto d_tag) {
+    using S = decltype(s_tag);
+    using D = decltype(d_tag);
+    std::vector<FrameJob<S, D>> jobs;
+    for (int64_t i = 0; i < n; ++i) {
+      if (sl[i] < 0) continue;
+      D* base = pool.data_ptr<D>() + sl[i] * pool.stride(0);
+      jobs.push_back({{sk.data_ptr<S>() + i * sk.stride(1), sv.data_ptr<S>() + i * sv.stride(1)},
+                      {base, base + pool.stride(2)}, 0, nullptr});
+    }
+    run_jobs(jobs, g, ss, ds);
+  });
+}
+
+void gather_kv_cpu(const at::Tensor& pool, const at::Tensor& slots, at::Tensor dst_k, at::Tensor dst_v,
+                   const at::Tensor& dst_frame, const at::Tensor& delta, int64_t rope_temporal_pairs,
+                   double rope_theta) {
+  const KvGeometry g =
+      check_gather_kv_args(pool, slots, dst_k, dst_v, dst_frame, delta, rope_temporal_pairs, rope_theta);
+  check_same_device(pool, dst_k, "pool", "dst_k");
+  const int64_t B = slots.size(0), m = slots.size(1), F = dst_k.size(2);
+  const at::Tensor slots_c = slots.contiguous(), frame_c = dst_frame.contiguous(), delta_c = delta.contiguous();
+  const int64_t* sl = slots_c.data_ptr<int64_t>();
+  const int64_t* fr = frame_c.data_ptr<int64_t>();
+  const int64_t* dl = delta_c.data_ptr<int64_t>();
+
+  // Value checks, all before any write. A destination frame may receive at most one source per stream.
+  std::vector<int64_t> taken(static_cast<size_t>(B * F), -1);
+  std::vector<int64_t> valid;
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t j = 0; j < m; ++j) {
+      const int64_t e = b * m + j;
+      TORCH_CHECK(sl[e] >= -1 && sl[e] < g.num_slots, "slots[", b, ", ", j, "] = ", sl[e],
+                  " is outside the pool: expected -1 (skip) or a slot in [0, pool.shape[0] = ", g.num_slots, ")");
+      if (sl[e] < 0) continue;
+      TORCH_CHECK(fr[e] >= 0 && fr[e] < F, "dst_frame[", b, ", ", j, "] = ", fr[e],
+                  " is outside the cache: expected a frame in [0, dst_k.shape[2] = ", F, ")");
+      int64_t& owner = taken[b * F + fr[e]];
+      TORCH_CHECK(owner < 0, "dst_frame[", b, ", ", j, "] = ", fr[e], " is also the destination of dst_frame[", b,
+                  ", ", owner, "]: each cache frame may receive one source per call");
+      owner = j;
+      valid.push_back(e);
+    }
+  }
+
+  // cos/sin of every (entry, temporal pair) in float64, computed once and shared by all layers and tokens.
+  const int64_t tp = rope_temporal_pairs;
+  std::vector<double> inv(static_cast<size_t>(tp));
+  for (int64_t q = 0; q < tp; ++q) inv[q] = rope_inv_freq(q, tp, rope_theta);
+  std::vector<double> cs(valid.size() * static_cast<size_t>(2 * tp));
+  for (size_t v = 0; v < valid.size(); ++v) {
+    const double d = static_cast<double>(dl[valid[v]]);
+    for (int64_t q = 0; q < tp; ++q) {
+      cs[v * 2 * tp + 2 * q] = std::cos(d * inv[q]);
+      cs[v * 2 * tp + 2 * q + 1] = std::sin(d * inv[q]);
+    }
+  }
+
+  const FrameStrides pool_side{pool.stride(1), pool.stride(3), pool.stride(4)};
+  const FrameStrides ss[2] = {pool_side, pool_side};
+  const FrameStrides ds[2] = {{dst_k.stride(0), dst_k.stride(3), dst_k.stride(4)},
+                              {dst_v.stride(0), dst_v.stride(3), dst_v.stride(4)}};
+  dispatch_float_pair(pool.scalar_type(), dst_k.scalar_type(), [&](auto s_tag, auto d_tag) {
+    using S = decltype(s_tag);
+    using D = decltype(d_tag);
+    std::vector<FrameJob<S, D>> jobs;
+    for (size_t v = 0; v < valid.size(); ++v) {
+      const int64_t e = valid[v], b = e / m;
+      const S* base = pool.data_ptr<S>() + sl[e] * pool.stride(0);
+      jobs.push_back({{base, base + pool.stride(2)},
+                      {dst_k.data_ptr<D>() + b * dst_k.stride(1) + fr[e] * dst_k.stride(2),
+                       dst_v.data_ptr<D>() + b * dst_v.stride(1) + fr[e] * dst_v.stride(2)},
+                      dl[e] == 0 ? 0 : tp, cs.data() + v * 2 * tp});
+    }
+    run_jobs(jobs, g, ss, ds);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lrag_ext, CPU, m) {
+  m.impl("write_kv", &write_kv_cpu);
+  m.impl("gather_kv", &gather_kv_cpu);
+}
+
+}  // namespace lrag

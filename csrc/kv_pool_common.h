@@ -1,0 +1,133 @@
+// Argument checks and geometry of the paged KV pool ops (write_kv, gather_kv), shared by their CPU and CUDA
+// hosts. Only metadata is read here (shapes, strides, dtypes, devices), so nothing synchronises a device.
+//
+// Pool layout: [num_slots, layers, 2 (K, V), tokens, heads, head_dim]; any strides, but head_dim dense.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <limits>
+
+#include "checks.h"
+
+namespace lrag {
+
+struct KvGeometry {
+  int64_t num_slots;
+  int64_t layers;
+  int64_t tokens;
+  int64_t heads;
+  int64_t head_dim;
+};
+
+// Element strides of one side (source or destination) of a frame copy: between layers, tokens and heads of
+// one frame's [layers, tokens, heads, head_dim] (head_dim is always dense).
+struct FrameStrides {
+  int64_t layer;
+  int64_t token;
+  int64_t head;
+};
+
+inline void check_last_dim_dense(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, name, " must be dense in its last dim (head_dim), got strides ",
+              t.strides());
+}
+
+inline KvGeometry check_pool(const at::Tensor& pool) {
+  check_dim(pool, 6, "pool", "[num_slots, layers, 2, tokens, heads, head_dim]");
+  check_float_dtype(pool, "pool");
+  TORCH_CHECK(pool.size(2) == 2, "pool.shape[2] must be 2 (K and V), got ", pool.size(2));
+  check_last_dim_dense(pool, "pool");
+  KvGeometry g{pool.size(0), pool.size(1), pool.size(3), pool.size(4), pool.size(5)};
+  TORCH_CHECK(g.head_dim % 2 == 0, "pool.shape[5] (head_dim) must be even (RoPE pairs), got ", g.head_dim);
+  // The CUDA kernels index inside one frame with 32-bit integers.
+  TORCH_CHECK(g.tokens * g.heads * g.head_dim < std::numeric_limits<int32_t>::max(),
+              "tokens * heads * head_dim of one frame must be < 2^31 - 1, got ", g.tokens * g.heads * g.head_dim);
+  return g;
+}
+
+// Checks that `t` has the frame geometry of the pool in its last three dims (dims `first`..`first+2`) and
+// the pool's layer count in dim 0.
+inline void check_frame_geometry(const at::Tensor& t, const KvGeometry& g, const char* name) {
+  const int64_t d = t.dim();
+  check_size(t, 0, g.layers, name, "pool.shape[1] (layers)");
+  check_size(t, d - 3, g.tokens, name, "pool.shape[3] (tokens)");
+  check_size(t, d - 2, g.heads, name, "pool.shape[4] (heads)");
+  check_size(t, d - 1, g.head_dim, name, "pool.shape[5] (head_dim)");
+}
+
+inline void check_index(const at::Tensor& t, const char* name, const char* shape, int64_t dim) {
+  check_dim(t, dim, name, shape);
+  check_dtype(t, at::kLong, name);
+}
+
+// write_kv(pool, src_k, src_v, slots): src_* [layers, n, tokens, heads, head_dim], slots [n] int64.
+inline KvGeometry check_write_kv_args(const at::Tensor& pool, const at::Tensor& src_k, const at::Tensor& src_v,
+                                      const at::Tensor& slots) {
+  const KvGeometry g = check_pool(pool);
+  check_dim(src_k, 5, "src_k", "[layers, n, tokens, heads, head_dim]");
+  check_float_dtype(src_k, "src_k");
+  check_frame_geometry(src_k, g, "src_k");
+  TORCH_CHECK(src_v.sizes() == src_k.sizes(), "src_v must have the shape of src_k (", src_k.sizes(), "), got ",
+              src_v.sizes());
+  TORCH_CHECK(src_v.scalar_type() == src_k.scalar_type(), "src_v must have the dtype of src_k (",
+              c10::toString(src_k.scalar_type()), "), got ", c10::toString(src_v.scalar_type()));
+  check_index(slots, "slots", "[n]", 1);
+  check_size(slots, 0, src_k.size(1), "slots", "src_k.shape[1] (n)");
+  check_same_device(src_v, src_k, "src_v", "src_k");
+  check_same_device(slots, src_k, "slots", "src_k");
+  return g;
+}
+
+// gather_kv(pool, slots, dst_k, dst_v, dst_frame, delta, pairs, theta): slots, dst_frame, delta [B, m] int64;
+// dst_* [layers, B, cache_frames, tokens, heads, head_dim].
+inline KvGeometry check_gather_kv_args(const at::Tensor& pool, const at::Tensor& slots, const at::Tensor& dst_k,
+                                       const at::Tensor& dst_v, const at::Tensor& dst_frame,
+                                       const at::Tensor& delta, int64_t rope_temporal_pairs, double rope_theta) {
+  const KvGeometry g = check_pool(pool);
+  check_dim(dst_k, 6, "dst_k", "[layers, B, cache_frames, tokens, heads, head_dim]");
+  check_float_dtype(dst_k, "dst_k");
+  check_frame_geometry(dst_k, g, "dst_k");
+  check_last_dim_dense(dst_k, "dst_k");
+  TORCH_CHECK(dst_v.sizes() == dst_k.sizes(), "dst_v must have the shape of dst_k (", dst_k.sizes(), "), got ",
+              dst_v.sizes());
+  TORCH_CHECK(dst_v.scalar_type() == dst_k.scalar_type(), "dst_v must have the dtype of dst_k (",
+              c10::toString(dst_k.scalar_type()), "), got ", c10::toString(dst_v.scalar_type()));
+  check_last_dim_dense(dst_v, "dst_v");
+  check_index(slots, "slots", "[B, m]", 2);
+  check_size(slots, 0, dst_k.size(1), "slots", "dst_k.shape[1] (B)");
+  check_index(dst_frame, "dst_frame", "[B, m]", 2);
+  TORCH_CHECK(dst_frame.sizes() == slots.sizes(), "dst_frame must have the shape of slots (", slots.sizes(),
+              "), got ", dst_frame.sizes());
+  check_index(delta, "delta", "[B, m]", 2);
+  TORCH_CHECK(delta.sizes() == slots.sizes(), "delta must have the shape of slots (", slots.sizes(), "), got ",
+              delta.sizes());
+  check_same_device(dst_v, dst_k, "dst_v", "dst_k");
+  check_same_device(slots, dst_k, "slots", "dst_k");
+  check_same_device(dst_frame, dst_k, "dst_frame", "dst_k");
+  check_same_device(delta, dst_k, "delta", "dst_k");
+  TORCH_CHECK(rope_temporal_pairs >= 0 && 2 * rope_temporal_pairs <= g.head_dim,
+              "rope_temporal_pairs must be in [0, head_dim / 2 = ", g.head_dim / 2, "], got ", rope_temporal_pairs);
+  TORCH_CHECK(rope_theta > 0.0 && std::isfinite(rope_theta), "rope_theta must be a positive finite number, got ",
+              rope_theta);
+  return g;
+}
+
+// Calls f(T{}) with T the C++ type of a float dtype (float, c10::Half, c10::BFloat16).
+template <typename F>
+void dispatch_float(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: f(float{}); break;
+    case at::kHalf: f(c10::Half{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    default: TORCH_CHECK(false, "unsupported dtype ", c10::toString(t));  // the arg checks rule this out
+  }
+}
+
+// Calls f(S{}, D{}) for a source and a destination float dtype.
+template <typename F>
+void dispatch_float_pair(at::ScalarType src, at::ScalarType dst, F&& f) {
+  dispatch_float(src, [&](auto s) { dispatch_float(dst, [&](auto d) { f(s, d); }); });
+}
+
+}  // namespace lrag

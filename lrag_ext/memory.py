@@ -1,0 +1,812 @@
+"""RetrievalMemory: the per-block retrieval memory a generator imports (LongLive-RAG's, with production features).
+
+One object serves many streams (videos). Each appended latent frame gets an entry: its embedding (always), and
+depending on ``MemoryConfig.storage`` its K/V for all layers (``"kv"``, the reference's behaviour) or its latent
+(``"latent"``, to recompute K/V with one t = 0 forward) or nothing more (``"embedding"``). Once per block the
+generator calls :meth:`RetrievalMemory.retrieve` (one ``cosine_topk`` launch for all streams, no host
+synchronisation) and, in ``"kv"`` mode, :meth:`RetrievalMemory.gather` (one ``gather_kv`` launch per storage
+segment) to write the selected frames into its attention cache's memory slots.
+
+Storage layout:
+- embeddings (and latents) live in pages of ``page_size`` frames; each stream has a page table (logical frame id ->
+  physical page), exactly what ``cosine_topk`` reads;
+- K/V live in slots ``[layers, 2, tokens, heads, head_dim]`` of two tiers: up to ``device_frames`` on ``device``,
+  older frames in pinned host memory (growing in segments of doubling size, at most ``host_frames``). When a new
+  frame needs a device slot and none is free, the oldest device-resident frame (of any stream) moves to the host
+  tier; when the host tier is full too, the oldest host-resident frame is dropped: its embedding stays, but it is
+  no longer retrievable (its stream's eligible range starts after it). Sink frames (ids < ``sink_frames``) are
+  never retrievable, so their K/V are not stored.
+
+Thread safety: every public method holds one re-entrant lock, so streams may be appended to and retrieved from
+several threads; results of device work are ordered by the CUDA stream of the calling thread.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+
+import safetensors.torch
+import torch
+
+import lrag_ext
+from lrag_ext.policy import RetrievalPolicy
+
+STORAGE_MODES = ("kv", "latent", "embedding")
+POSITION_MODES = ("sink", "ordered")
+_SEGMENT_SHIFT = 32  # a frame's K/V location is encoded as segment << 32 | slot (or -1: not stored)
+_FORMAT = "lrag_ext.RetrievalMemory"
+_VERSION = 1
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Per-frame K/V geometry of the backbone: one slot is ``[num_layers, 2, tokens_per_frame, num_heads, head_dim]``.
+
+    ``rope_temporal_pairs`` (``None``: Wan's split, 22 for head_dim 128) and ``rope_theta`` describe how
+    :meth:`RetrievalMemory.gather` re-positions K.
+    """
+
+    num_layers: int
+    tokens_per_frame: int
+    num_heads: int
+    head_dim: int
+    rope_temporal_pairs: int | None = None
+    rope_theta: float = 10000.0
+
+    def __post_init__(self):
+        for name in ("num_layers", "tokens_per_frame", "num_heads", "head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"KVLayout.{name} must be an int >= 1, got {value!r}")
+        if self.head_dim % 2:
+            raise ValueError(f"KVLayout.head_dim must be even (RoPE pairs), got {self.head_dim}")
+
+    @property
+    def frame_shape(self) -> tuple[int, int, int, int]:
+        """Shape of one frame's K (or V) across layers as :meth:`RetrievalMemory.append` takes it, minus the frame
+        dim: ``(num_layers, tokens_per_frame, num_heads, head_dim)``."""
+        return (self.num_layers, self.tokens_per_frame, self.num_heads, self.head_dim)
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """Configuration of a :class:`RetrievalMemory` (defaults: the reference release's retrieval policy).
+
+    Attributes:
+        top_k, recent_exclude, sink_frames, window_frames: the retrieval policy (:class:`RetrievalPolicy`).
+        embed_dim: embedding size D.
+        storage: ``"kv"`` | ``"latent"`` | ``"embedding"`` (what is kept per frame besides its embedding).
+        kv_layout: K/V geometry; required for ``storage="kv"``.
+        latent_shape: ``(C, H, W)`` of one latent frame; required for ``storage="latent"``.
+        device: where embeddings, latents and the device K/V tier live.
+        dtype: storage dtype of K/V and latents. embed_dtype: storage dtype of embeddings.
+        max_frames: frames (all streams together) the embedding pages can hold.
+        page_size: frames per embedding page.
+        device_frames: K/V slots on ``device``.
+        host_frames: K/V slots in pinned host memory at most (``None``: unbounded); allocated lazily.
+        pin_host: pin the host tier (only meaningful when ``device`` is a GPU).
+    """
+
+    top_k: int = 6
+    recent_exclude: int = 5
+    sink_frames: int = 1
+    window_frames: int = 12
+    embed_dim: int = 1024
+    storage: str = "kv"
+    kv_layout: KVLayout | None = None
+    latent_shape: tuple[int, int, int] | None = None
+    device: str | torch.device = "cpu"
+    dtype: torch.dtype = torch.bfloat16
+    embed_dtype: torch.dtype = torch.float32
+    max_frames: int = 4096
+    page_size: int = 16
+    device_frames: int = 64
+    host_frames: int | None = None
+    pin_host: bool = True
+
+    def __post_init__(self):
+        self.policy  # validates the policy fields
+        if self.storage not in STORAGE_MODES:
+            raise ValueError(f"storage must be one of {STORAGE_MODES}, got {self.storage!r}")
+        if self.storage == "kv" and not isinstance(self.kv_layout, KVLayout):
+            raise ValueError("storage='kv' needs kv_layout=KVLayout(num_layers, tokens_per_frame, num_heads, head_dim)")
+        if self.storage == "latent":
+            if (not isinstance(self.latent_shape, tuple) or len(self.latent_shape) != 3
+                    or not all(isinstance(s, int) and s >= 1 for s in self.latent_shape)):
+                raise ValueError(f"storage='latent' needs latent_shape=(C, H, W) of ints >= 1, got {self.latent_shape!r}")
+        for name, low in (("embed_dim", 1), ("max_frames", 1), ("page_size", 1), ("device_frames", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if self.host_frames is not None and (not isinstance(self.host_frames, int) or self.host_frames < 0):
+            raise ValueError(f"host_frames must be None or an int >= 0, got {self.host_frames!r}")
+        for name in ("dtype", "embed_dtype"):
+            if getattr(self, name) not in (torch.float32, torch.float16, torch.bfloat16):
+                raise ValueError(f"{name} must be float32, float16 or bfloat16, got {getattr(self, name)}")
+        if self.storage == "kv" and self.device_frames + (self.host_frames if self.host_frames is not None else 1) == 0:
+            raise ValueError("storage='kv' needs device_frames + host_frames >= 1")
+
+    @property
+    def policy(self) -> RetrievalPolicy:
+        return RetrievalPolicy(top_k=self.top_k, recent_exclude=self.recent_exclude, sink_frames=self.sink_frames,
+                               window_frames=self.window_frames)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["device"] = str(self.device)
+        d["dtype"] = str(self.dtype).removeprefix("torch.")
+        d["embed_dtype"] = str(self.embed_dtype).removeprefix("torch.")
+        d["latent_shape"] = list(self.latent_shape) if self.latent_shape else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MemoryConfig":
+        d = dict(d)
+        d["dtype"] = getattr(torch, d["dtype"])
+        d["embed_dtype"] = getattr(torch, d["embed_dtype"])
+        d["kv_layout"] = KVLayout(**d["kv_layout"]) if d.get("kv_layout") else None
+        d["latent_shape"] = tuple(d["latent_shape"]) if d.get("latent_shape") else None
+        return cls(**d)
+
+
+@dataclass
+class RetrievalPlan:
+    """The result of one :meth:`RetrievalMemory.retrieve` call, for the streams it was asked about, in order.
+
+    ``ids`` and ``scores`` stay on the memory's device (reading them on the host synchronises); everything else
+    is host data known without synchronising.
+
+    Attributes:
+        streams: stream ids.
+        start_frames: the frame each stream's next block starts at (= its frame count at retrieval time).
+        counts: frames selected per stream, ``min(top_k, #eligible)``.
+        ids: ``[B, top_k]`` int64 global frame ids, by descending similarity, ``-1`` padded.
+        scores: ``[B, top_k]`` float32 cosine similarities, ``-inf`` padded.
+    """
+
+    streams: list[int]
+    start_frames: list[int]
+    counts: list[int]
+    ids: torch.Tensor
+    scores: torch.Tensor
+
+
+@dataclass
+class _Segment:
+    """A K/V pool tensor and the allocator of its slots."""
+
+    pool: torch.Tensor
+    allocator: object  # lrag_ext.SlotAllocator
+
+
+class _CodeTable:
+    """Frame -> K/V location code (``segment << 32 | slot``, or -1), a list-like view over a growing int64 tensor
+    so a retrieval can hand the whole table to the device without rebuilding it from Python ints."""
+
+    def __init__(self, codes=()):
+        codes = list(codes)
+        self._t = torch.full((max(16, len(codes)),), -1, dtype=torch.int64)
+        self._t[:len(codes)] = torch.tensor(codes, dtype=torch.int64)
+        self._n = len(codes)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, frame: int) -> int:
+        return int(self._t[frame])
+
+    def __setitem__(self, frame: int, code: int) -> None:
+        self._t[frame] = code
+
+    def __iter__(self):
+        return iter(self.tolist())
+
+    def extend_empty(self, n: int) -> None:
+        """Appends ``n`` frames with no K/V stored yet."""
+        if self._n + n > self._t.numel():
+            grown = torch.full((max(2 * self._t.numel(), self._n + n),), -1, dtype=torch.int64)
+            grown[:self._n] = self._t[:self._n]
+            self._t = grown
+        self._n += n
+
+    def tensor(self) -> torch.Tensor:
+        """``[num_frames]`` int64 view (not a copy)."""
+        return self._t[:self._n]
+
+    def tolist(self) -> list[int]:
+        return self.tensor().tolist()
+
+
+@dataclass
+class _Stream:
+    num_frames: int = 0
+    pages: list[int] = field(default_factory=list)          # logical page -> physical embedding page
+    kv_code: _CodeTable = field(default_factory=_CodeTable)  # frame -> segment << 32 | slot, or -1
+    first_retrievable: int = 0                               # frames below lost their K/V to the host limit
+    log: list[dict] = field(default_factory=list)
+
+
+class RetrievalMemory:
+    """Per-block retrieval memory over many streams (see the module docstring for layout and tiers).
+
+    Typical use, once per block of a stream ``s``::
+
+        plan = mem.retrieve([s])                          # query: the last appended frame's embedding
+        mem.gather(plan, cache_k, cache_v)                # K/V of the selected frames into the memory slots
+        ... denoise the block, context rerun ...
+        mem.append(s, embeddings, k=block_k, v=block_v)   # the finished block's frames
+    """
+
+    def __init__(self, config: MemoryConfig):
+        if not isinstance(config, MemoryConfig):
+            raise TypeError(f"config must be a MemoryConfig, got {type(config).__name__}")
+        self.config = config
+        self.policy = config.policy
+        self.device = torch.device(config.device)
+        self._lock = threading.RLock()
+        n_pages = -(-config.max_frames // config.page_size)
+        self._pages = torch.zeros((n_pages, config.page_size, config.embed_dim), dtype=config.embed_dtype,
+                                  device=self.device)
+        self._latents = None
+        if config.storage == "latent":
+            self._latents = torch.zeros((n_pages, config.page_size) + tuple(config.latent_shape), dtype=config.dtype,
+                                        device=self.device)
+        self._page_alloc = lrag_ext.SlotAllocator(n_pages)
+        self._streams: dict[int, _Stream] = {}
+        self._next_stream = 0
+        # K/V tiers: segment 0 is the device tier; segments 1.. are host segments of doubling size.
+        self._segments: list[_Segment] = []
+        self._fifo: dict[str, collections.deque] = {"device": collections.deque(), "host": collections.deque()}
+        if config.storage == "kv":
+            self._segments.append(self._new_segment(config.device_frames, self.device, pin=False))
+
+    # ---------------------------------------------------------------------------------------------- streams
+    def add_stream(self) -> int:
+        """Registers a new stream (video) and returns its id."""
+        with self._lock:
+            s = self._next_stream
+            self._next_stream += 1
+            self._streams[s] = _Stream()
+            return s
+
+    def streams(self) -> list[int]:
+        with self._lock:
+            return sorted(self._streams)
+
+    def num_frames(self, stream: int) -> int:
+        with self._lock:
+            return self._stream(stream).num_frames
+
+    def reset(self, stream: int) -> None:
+        """Forgets every frame and log record of ``stream`` (the id stays valid) and frees its storage."""
+        with self._lock:
+            st = self._stream(stream)
+            self._release(stream, st)
+            self._streams[stream] = _Stream()
+
+    def remove_stream(self, stream: int) -> None:
+        """Frees the storage of ``stream`` and forgets the id."""
+        with self._lock:
+            st = self._stream(stream)
+            self._release(stream, st)
+            del self._streams[stream]
+
+    # ----------------------------------------------------------------------------------------------- append
+    def append(self, stream: int, embeddings: torch.Tensor, k: torch.Tensor | None = None,
+               v: torch.Tensor | None = None, latents: torch.Tensor | None = None) -> None:
+        """Appends the frames of a finished block to ``stream``, in order.
+
+        Args:
+            stream: a stream id from :meth:`add_stream`.
+            embeddings: ``[n, embed_dim]`` float; stored as given (cosine similarity ignores the norm).
+            k, v: ``[num_layers, n, tokens_per_frame, num_heads, head_dim]`` (``storage="kv"`` only), K without RoPE.
+            latents: ``[n, C, H, W]`` (``storage="latent"`` only).
+
+        Raises:
+            KeyError: unknown stream. ValueError / TypeError: wrong shapes, dtypes or devices, a missing or
+            unexpected tensor for the storage mode, or no room left in the embedding pages. Nothing is changed
+            when an error is raised.
+        """
+        with self._lock:
+            st = self._stream(stream)
+            n = self._check_append(embeddings, k, v, latents)
+            new_pages = -(-(st.num_frames + n) // self.config.page_size) - len(st.pages)
+            if new_pages > self._page_alloc.num_free:
+                raise ValueError(
+                    f"memory is full: appending {n} frames to stream {stream} needs {new_pages} more embedding "
+                    f"pages but {self._page_alloc.num_free} are free (raise MemoryConfig.max_frames="
+                    f"{self.config.max_frames})")
+            kv_frames = [f for f in range(st.num_frames, st.num_frames + n) if f >= self.policy.sink_frames]
+            # Validation done: from here on the call succeeds.
+            if new_pages:
+                st.pages += list(self._page_alloc.allocate(new_pages, stream))
+            frames = torch.arange(st.num_frames, st.num_frames + n)
+            page_idx = torch.tensor(st.pages, dtype=torch.int64)[frames // self.config.page_size].to(self.device)
+            slot_idx = (frames % self.config.page_size).to(self.device)
+            self._pages[page_idx, slot_idx] = embeddings.to(self.device, self.config.embed_dtype)
+            if self._latents is not None:
+                self._latents[page_idx, slot_idx] = latents.to(self.device, self.config.dtype)
+            st.kv_code.extend_empty(n)
+            if self.config.storage == "kv" and kv_frames:
+                self._store_kv(stream, st, kv_frames, k[:, n - len(kv_frames):], v[:, n - len(kv_frames):])
+            st.num_frames += n
+
+    # --------------------------------------------------------------------------------------------- retrieve
+    def retrieve(self, streams: list[int] | int, queries: torch.Tensor | None = None) -> RetrievalPlan:
+        """Selects, for each stream, the top-k most similar eligible frames for its next block.
+
+        The next block of a stream holding ``n`` frames starts at frame ``n``; eligible are the frames of
+        :meth:`RetrievalPolicy.eligible_range` that still have their storage. One ``cosine_topk`` launch serves all
+        streams; nothing is synchronised with the device.
+
+        Args:
+            streams: stream ids (or one id).
+            queries: ``[B, embed_dim]`` query embeddings; ``None`` uses each stream's last appended frame (frame
+                ``n - 1``, the last clean frame of the previous block, as the reference does).
+
+        Returns:
+            A :class:`RetrievalPlan`; a log record per stream is added (materialised lazily by :meth:`log`).
+
+        Raises:
+            KeyError: unknown stream. ValueError: a stream with no frames when ``queries`` is None, a repeated
+            stream, or ``queries`` of the wrong shape/device.
+        """
+        start = time.perf_counter()
+        with self._lock:
+            streams = [streams] if isinstance(streams, int) else list(streams)
+            if not streams:
+                raise ValueError("streams must name at least one stream")
+            if len(set(streams)) != len(streams):
+                raise ValueError(f"streams must be distinct, got {streams}")
+            states = [self._stream(s) for s in streams]
+            if queries is None:
+                for s, st in zip(streams, states):
+                    if st.num_frames == 0:
+                        raise ValueError(f"stream {s} has no frames: nothing to query with (pass queries=...)")
+                queries = self._embedding_of([(st, st.num_frames - 1) for st in states])
+            else:
+                self._check_tensor(queries, "queries", (len(streams), self.config.embed_dim))
+                queries = queries.to(self.config.embed_dtype)
+            ranges = [self._eligible(st) for st in states]
+            max_pages = max([len(st.pages) for st in states] + [1])
+            table = torch.zeros((len(streams), max_pages), dtype=torch.int32)
+            for b, st in enumerate(states):
+                table[b, :len(st.pages)] = torch.tensor(st.pages, dtype=torch.int32)
+            lo = torch.tensor([r[0] for r in ranges], dtype=torch.int64)
+            hi = torch.tensor([r[1] for r in ranges], dtype=torch.int64)
+            scores, ids = lrag_ext.cosine_topk(queries, self._pages, self._to_device(table), self._to_device(lo),
+                                               self._to_device(hi), self.policy.top_k)
+            plan = RetrievalPlan(streams=streams, start_frames=[st.num_frames for st in states],
+                                 counts=[min(self.policy.top_k, h - l) for l, h in ranges], ids=ids, scores=scores)
+            elapsed_ms = (time.perf_counter() - start) * 1e3
+            for b, (s, st) in enumerate(zip(streams, states)):
+                st.log.append(dict(_plan=plan, _row=b, block=len(st.log), query_frame=st.num_frames,
+                                   query_descriptor_frame=st.num_frames - 1,
+                                   num_evicted=self.policy.num_evicted(st.num_frames),
+                                   num_eligible=ranges[b][1] - ranges[b][0], k_sel=plan.counts[b],
+                                   timings_ms=dict(retrieve=elapsed_ms)))
+            return plan
+
+    # ----------------------------------------------------------------------------------------------- gather
+    def gather(self, plan: RetrievalPlan, dst_k: torch.Tensor, dst_v: torch.Tensor,
+               dst_frame: torch.Tensor | None = None, positions: str | torch.Tensor = "sink",
+               stream: "torch.cuda.Stream | None" = None) -> "torch.cuda.Event | None":
+        """Writes the K/V of the plan's selected frames into the memory slots of an attention cache.
+
+        For stream ``b`` of the plan and rank ``j < counts[b]``: ``dst_v[:, b, dst_frame[b, j]] = V`` of frame
+        ``ids[b, j]`` and ``dst_k[:, b, dst_frame[b, j]] = R(position) K`` (temporal RoPE of ``position``; K is
+        stored without RoPE). Cache frames of unselected ranks are left untouched.
+
+        Args:
+            plan: from :meth:`retrieve` (``storage="kv"``).
+            dst_k, dst_v: ``[num_layers, B, cache_frames, tokens_per_frame, num_heads, head_dim]``.
+            dst_frame: ``[B, top_k]`` int64 cache frame per rank; default ``sink_frames + j``.
+            positions: ``"sink"`` (every retrieved frame at temporal position 0, the sink's, as the reference),
+                ``"ordered"`` (by frame id, ending just before the local window: positions
+                ``sink + top_k - count + rank_in_time``), or a ``[B, top_k]`` int64 tensor of positions.
+            stream: a CUDA stream to run the copies on (prefetch). The call then returns an event recorded
+                after the copies: the consumer must ``torch.cuda.current_stream().wait_event(event)`` before
+                reading ``dst_k``/``dst_v``, and must not write the memory's storage from another stream meanwhile.
+
+        Returns:
+            The event when ``stream`` is given, else ``None``.
+        """
+        start = time.perf_counter()
+        with self._lock:
+            if self.config.storage != "kv":
+                raise ValueError(f"gather needs storage='kv', this memory stores {self.config.storage!r}")
+            if not isinstance(plan, RetrievalPlan):
+                raise TypeError(f"plan must be a RetrievalPlan returned by retrieve(), got {type(plan).__name__}")
+            states = [self._stream(s) for s in plan.streams]
+            B, K = plan.ids.shape
+            layout = self.config.kv_layout
+            for name, t in (("dst_k", dst_k), ("dst_v", dst_v)):
+                if not isinstance(t, torch.Tensor) or t.dim() != 6 or t.shape[0] != layout.num_layers or \
+                        t.shape[1] != B or tuple(t.shape[3:]) != layout.frame_shape[1:]:
+                    raise ValueError(
+                        f"{name} must be [num_layers={layout.num_layers}, B={B}, cache_frames, "
+                        f"{', '.join(map(str, layout.frame_shape[1:]))}], got "
+                        f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+                if t.device != self.device:
+                    raise ValueError(f"{name} must be on {self.device}, got {t.device}")
+            cache_frames = dst_k.shape[2]
+            if dst_frame is None:
+                if self.policy.sink_frames + K > cache_frames:
+                    raise ValueError(f"the cache has {cache_frames} frames: too few for sink {self.policy.sink_frames} "
+                                     f"+ top_k {K} memory slots; pass dst_frame")
+                dst_frame = (self.policy.sink_frames + torch.arange(K, device=self.device)).expand(B, K)
+            self._check_tensor(dst_frame, "dst_frame", (B, K), dtype=torch.int64)
+            delta = self._positions(plan, positions)
+            ctx = torch.cuda.stream(stream) if stream is not None else _nullcontext()
+            with ctx:
+                # Locations are looked up now, not at retrieve time: appends in between may have moved frames.
+                codes = self._codes_of(states, plan.ids)
+                for seg_index, seg in enumerate(self._segments):
+                    slots = torch.where((codes >> _SEGMENT_SHIFT) == seg_index, codes & 0xFFFFFFFF,
+                                        torch.full_like(codes, -1))
+                    slots = torch.where(codes < 0, torch.full_like(codes, -1), slots)
+                    lrag_ext.gather_kv(seg.pool, slots, dst_k, dst_v, dst_frame.contiguous(), delta,
+                                       rope_temporal_pairs=layout.rope_temporal_pairs, rope_theta=layout.rope_theta)
+                event = None
+                if stream is not None:
+                    event = torch.cuda.Event()
+                    event.record(stream)
+            elapsed_ms = (time.perf_counter() - start) * 1e3
+            for b, s in enumerate(plan.streams):
+                st = self._streams.get(s)
+                if st is not None and st.log and st.log[-1].get("_plan") is plan:
+                    st.log[-1]["timings_ms"]["gather"] = elapsed_ms
+            return event
+
+    def latents(self, plan: RetrievalPlan) -> torch.Tensor:
+        """``[B, top_k, C, H, W]`` latents of the plan's selected frames (zeros where fewer were selected), for
+        ``storage="latent"``: the generator recomputes their K/V with one t = 0 forward."""
+        with self._lock:
+            if self.config.storage != "latent":
+                raise ValueError(f"latents needs storage='latent', this memory stores {self.config.storage!r}")
+            states = [self._stream(s) for s in plan.streams]
+            max_pages = max([len(st.pages) for st in states] + [1])
+            table = torch.zeros((len(states), max_pages), dtype=torch.int64)
+            for b, st in enumerate(states):
+                table[b, :len(st.pages)] = torch.tensor(st.pages, dtype=torch.int64)
+            table = self._to_device(table)
+            ids = plan.ids.clamp(min=0)
+            page = table.gather(1, ids // self.config.page_size)
+            out = self._latents[page, ids % self.config.page_size]
+            return torch.where((plan.ids >= 0)[..., None, None, None], out, torch.zeros_like(out))
+
+    # ------------------------------------------------------------------------------------------------- log
+    def log(self, stream: int) -> list[dict]:
+        """Per-block retrieval records of ``stream`` with the reference's fields: ``query_frame`` (the block start
+        s, as the reference logs it), ``query_descriptor_frame`` (s - 1, the frame actually used as the query),
+        ``num_evicted``, ``num_eligible``, ``k_sel``, ``selected_pool_indices`` (frame - sink),
+        ``selected_global_frames``, ``selected_similarities``, plus ``block`` and ``timings_ms``. Reading the log
+        copies the selections to the host (one synchronisation per unread plan)."""
+        with self._lock:
+            st = self._stream(stream)
+            out = []
+            for rec in st.log:
+                self._materialise(rec)
+                out.append({k: v for k, v in rec.items() if not k.startswith("_")})
+            return out
+
+    def _materialise(self, rec: dict) -> None:
+        plan = rec.pop("_plan", None)
+        if plan is None:
+            return
+        b, n = rec.pop("_row"), rec["k_sel"]
+        ids = plan.ids[b, :n].tolist()
+        rec["selected_global_frames"] = ids
+        rec["selected_pool_indices"] = [i - self.policy.sink_frames for i in ids]
+        rec["selected_similarities"] = plan.scores[b, :n].tolist()
+
+    # ------------------------------------------------------------------------------------------ save / load
+    def save(self, path: str) -> None:
+        """Writes the memory to the folder ``path`` (created; must not exist or be empty): ``tensors.safetensors``
+        (embedding/latent pages, the K/V of every stored frame) and ``manifest.json`` (format version, config,
+        streams with their page tables and K/V locations, the eviction queues, the materialised log, and the
+        SHA-256 and size of the tensor file). Nothing is pickled. The folder is written under a temporary name and
+        renamed, so a crash never leaves a half-written memory at ``path``."""
+        with self._lock:
+            if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+                raise FileExistsError(f"path {path!r} exists and is not an empty folder")
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            tensors = {"embedding_pages": self._pages.cpu().contiguous()}
+            if self._latents is not None:
+                tensors["latent_pages"] = self._latents.cpu().contiguous()
+            streams = {}
+            for sid, st in self._streams.items():
+                for rec in st.log:
+                    self._materialise(rec)
+                streams[str(sid)] = dict(num_frames=st.num_frames, pages=list(st.pages), kv_code=st.kv_code.tolist(),
+                                         first_retrievable=st.first_retrievable, log=[dict(r) for r in st.log])
+                stored = [c for c in st.kv_code.tolist() if c >= 0]
+                if stored:
+                    tensors[f"kv/{sid}"] = torch.stack([self._segments[c >> _SEGMENT_SHIFT].pool[c & 0xFFFFFFFF].cpu()
+                                                        for c in stored])
+            manifest = dict(format=_FORMAT, version=_VERSION, config=self.config.to_dict(),
+                            next_stream=self._next_stream, streams=streams,
+                            segments=[seg.allocator.num_slots for seg in self._segments],
+                            fifo={tier: [list(x) for x in q] for tier, q in self._fifo.items()})
+            tmp = f"{path.rstrip(os.sep)}.tmp-{os.getpid()}-{threading.get_ident()}"
+            os.makedirs(tmp)
+            try:
+                tensor_file = os.path.join(tmp, "tensors.safetensors")
+                safetensors.torch.save_file(tensors, tensor_file)
+                manifest["files"] = {"tensors.safetensors": dict(sha256=_sha256(tensor_file),
+                                                                 bytes=os.path.getsize(tensor_file))}
+                with open(os.path.join(tmp, "manifest.json"), "w") as f:
+                    json.dump(manifest, f, indent=1)
+                if os.path.isdir(path):
+                    os.rmdir(path)
+                os.replace(tmp, path)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+
+    @classmethod
+    def load(cls, path: str, device: str | torch.device | None = None) -> "RetrievalMemory":
+        """Restores a memory written by :meth:`save` (optionally onto another ``device``). Retrieval results equal
+        the saved memory's. Raises ``ValueError`` naming the problem for a missing, truncated or altered file."""
+        manifest_file = os.path.join(path, "manifest.json")
+        try:
+            with open(manifest_file) as f:
+                manifest = json.load(f)
+        except FileNotFoundError:
+            raise ValueError(f"{manifest_file} not found: not a saved RetrievalMemory") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{manifest_file} is not valid JSON ({err}): the file is truncated or altered") from None
+        if manifest.get("format") != _FORMAT or manifest.get("version") != _VERSION:
+            raise ValueError(f"{manifest_file}: unsupported format {manifest.get('format')!r} version "
+                             f"{manifest.get('version')!r} (this build reads {_FORMAT!r} version {_VERSION})")
+        tensor_file = os.path.join(path, "tensors.safetensors")
+        want = manifest["files"]["tensors.safetensors"]
+        if not os.path.exists(tensor_file):
+            raise ValueError(f"{tensor_file} is missing")
+        if os.path.getsize(tensor_file) != want["bytes"]:
+            raise ValueError(f"{tensor_file} has {os.path.getsize(tensor_file)} bytes, the manifest says "
+                             f"{want['bytes']}: the file is truncated or altered")
+        if _sha256(tensor_file) != want["sha256"]:
+            raise ValueError(f"{tensor_file} does not match its SHA-256 in the manifest: the file is altered")
+        tensors = safetensors.torch.load_file(tensor_file)
+        config = MemoryConfig.from_dict(manifest["config"])
+        if device is not None:
+            config = dataclasses.replace(config, device=device)
+        mem = cls(config)
+        for size in manifest["segments"][1:]:
+            pin = config.pin_host and mem.device.type == "cuda"
+            mem._segments.append(mem._new_segment(size, torch.device("cpu"), pin))
+        mem._next_stream = manifest["next_stream"]
+        for sid_text, rec in manifest["streams"].items():
+            sid = int(sid_text)
+            st = _Stream(num_frames=rec["num_frames"], first_retrievable=rec["first_retrievable"], log=rec["log"])
+            st.pages = list(mem._page_alloc.allocate(len(rec["pages"]), sid))
+            # Physical pages and slots are reassigned; logical ids (what retrieval returns) are unchanged.
+            if rec["pages"]:
+                mem._pages[torch.tensor(st.pages)] = tensors["embedding_pages"][torch.tensor(rec["pages"])].to(mem.device)
+                if mem._latents is not None:
+                    mem._latents[torch.tensor(st.pages)] = tensors["latent_pages"][torch.tensor(rec["pages"])].to(mem.device)
+            st.kv_code = _CodeTable([-1] * len(rec["kv_code"]))
+            stored = [(f, c) for f, c in enumerate(rec["kv_code"]) if c >= 0]
+            for row, (f, c) in enumerate(stored):
+                seg_index = c >> _SEGMENT_SHIFT
+                seg = mem._segments[seg_index]
+                slot = seg.allocator.allocate(1, sid)[0]
+                seg.pool[slot].copy_(tensors[f"kv/{sid}"][row])
+                st.kv_code[f] = (seg_index << _SEGMENT_SHIFT) | slot
+            mem._streams[sid] = st
+        mem._fifo = {tier: collections.deque(tuple(x) for x in q) for tier, q in manifest["fifo"].items()}
+        return mem
+
+    # ----------------------------------------------------------------------------------------------- helpers
+    def _stream(self, stream: int) -> _Stream:
+        try:
+            return self._streams[stream]
+        except (KeyError, TypeError):
+            raise KeyError(f"unknown stream {stream!r} (known: {sorted(self._streams)})") from None
+
+    def _eligible(self, st: _Stream) -> tuple[int, int]:
+        lo, hi = self.policy.eligible_range(st.num_frames)
+        lo = max(lo, st.first_retrievable)
+        return lo, max(lo, hi)
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+    def _embedding_of(self, frames: list[tuple[_Stream, int]]) -> torch.Tensor:
+        ps = self.config.page_size
+        page = torch.tensor([st.pages[f // ps] for st, f in frames], dtype=torch.int64)
+        slot = torch.tensor([f % ps for _, f in frames], dtype=torch.int64)
+        return self._pages[self._to_device(page), self._to_device(slot)]
+
+    def _codes_of(self, states: list[_Stream], ids: torch.Tensor) -> torch.Tensor:
+        """K/V location codes of the selected ids, looked up on the device (no synchronisation)."""
+        width = max([st.num_frames for st in states] + [1])
+        table = torch.full((len(states), width), -1, dtype=torch.int64)
+        for b, st in enumerate(states):
+            if st.num_frames:
+                table[b, :st.num_frames] = st.kv_code.tensor()
+        codes = self._to_device(table).gather(1, ids.clamp(min=0))
+        return torch.where(ids < 0, torch.full_like(codes, -1), codes)
+
+    def _positions(self, plan: RetrievalPlan, positions) -> torch.Tensor:
+        B, K = plan.ids.shape
+        if isinstance(positions, torch.Tensor):
+            self._check_tensor(positions, "positions", (B, K), dtype=torch.int64)
+            return positions.contiguous()
+        if positions == "sink":
+            return torch.zeros((B, K), dtype=torch.int64, device=self.device)
+        if positions == "ordered":
+            # Rank of each selected frame by time among its stream's selection; padding (-1) ranks last.
+            key = torch.where(plan.ids < 0, torch.full_like(plan.ids, torch.iinfo(torch.int64).max), plan.ids)
+            rank = key.argsort(dim=1).argsort(dim=1)
+            counts = torch.tensor(plan.counts, dtype=torch.int64, device=self.device)[:, None]
+            return self.policy.sink_frames + K - counts + rank
+        raise ValueError(f"positions must be 'sink', 'ordered' or a [B, top_k] int64 tensor, got {positions!r}")
+
+    def _check_tensor(self, t, name: str, shape: tuple, dtype: torch.dtype | None = None) -> None:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+        if dtype is not None and t.dtype != dtype:
+            raise ValueError(f"{name} must have dtype {dtype}, got {t.dtype}")
+        if dtype is None and not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.device != self.device:
+            raise ValueError(f"{name} must be on {self.device}, got {t.device}")
+
+    def _check_append(self, embeddings, k, v, latents) -> int:
+        if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
+            raise ValueError(f"embeddings must be [n, embed_dim={self.config.embed_dim}], got "
+                             f"{list(embeddings.shape) if isinstance(embeddings, torch.Tensor) else type(embeddings).__name__}")
+        n = embeddings.shape[0]
+        if n < 1:
+            raise ValueError("embeddings must hold at least one frame")
+        self._check_tensor(embeddings, "embeddings", (n, self.config.embed_dim))
+        storage = self.config.storage
+        if storage == "kv":
+            if k is None or v is None:
+                raise ValueError("storage='kv' needs k and v: [num_layers, n, tokens_per_frame, num_heads, head_dim]")
+            L, T, H, Dh = self.config.kv_layout.frame_shape
+            self._check_tensor(k, "k", (L, n, T, H, Dh))
+            self._check_tensor(v, "v", (L, n, T, H, Dh))
+        elif k is not None or v is not None:
+            raise ValueError(f"k/v given but storage={storage!r} does not keep K/V")
+        if storage == "latent":
+            if latents is None:
+                raise ValueError(f"storage='latent' needs latents: [n, {', '.join(map(str, self.config.latent_shape))}]")
+            self._check_tensor(latents, "latents", (n,) + tuple(self.config.latent_shape))
+        elif latents is not None:
+            raise ValueError(f"latents given but storage={storage!r} does not keep latents")
+        return n
+
+    # K/V tiers ----------------------------------------------------------------------------------------------
+    def _new_segment(self, slots: int, device: torch.device, pin: bool) -> _Segment:
+        layout = self.config.kv_layout
+        pool = lrag_ext.kv_pool_empty(slots, layout.num_layers, layout.tokens_per_frame, layout.num_heads,
+                                      layout.head_dim, dtype=self.config.dtype, device=device, pin_memory=pin)
+        return _Segment(pool=pool, allocator=lrag_ext.SlotAllocator(slots))
+
+    def _host_capacity(self) -> int:
+        return sum(seg.allocator.num_slots for seg in self._segments[1:])
+
+    def _host_free(self) -> int:
+        return sum(seg.allocator.num_free for seg in self._segments[1:])
+
+    def _kv_limit(self) -> int | None:
+        """Frames the K/V tiers can hold in all (None: unbounded)."""
+        if self.config.host_frames is None:
+            return None
+        return self.config.device_frames + self.config.host_frames
+
+    def _grow_host(self) -> bool:
+        """Adds a host segment (doubling size, capped by host_frames); False when the host tier is at its limit."""
+        capacity = self._host_capacity()
+        limit = self.config.host_frames
+        size = max(16, capacity)
+        if limit is not None:
+            size = min(size, limit - capacity)
+        if size <= 0:
+            return False
+        pin = self.config.pin_host and self.device.type == "cuda"
+        self._segments.append(self._new_segment(size, torch.device("cpu"), pin))
+        return True
+
+    def _take_free(self, tier: str, stream: int) -> int | None:
+        """A free slot code in ``tier`` without evicting anything (growing the host tier if allowed), or None."""
+        segments = [0] if tier == "device" else list(range(1, len(self._segments)))
+        for i in segments:
+            if self._segments[i].allocator.num_free:
+                return (i << _SEGMENT_SHIFT) | self._segments[i].allocator.allocate(1, stream)[0]
+        if tier == "host" and self._grow_host():
+            return self._take_free(tier, stream)
+        return None
+
+    def _alloc_in(self, tier: str, stream: int) -> int | None:
+        """A free slot code in ``tier``, making room first, oldest frame first: a device frame moves to the host
+        tier (or is dropped when the host tier has no room), a host frame is dropped. None if nothing can go."""
+        code = self._take_free(tier, stream)
+        if code is not None or not self._fifo[tier]:
+            return code
+        old_stream, frame = self._fifo[tier].popleft()
+        st = self._streams[old_stream]
+        old = st.kv_code[frame]
+        host = self._alloc_in("host", old_stream) if tier == "device" else None
+        if host is not None:
+            src, dst = self._segments[old >> _SEGMENT_SHIFT], self._segments[host >> _SEGMENT_SHIFT]
+            # Stream-ordered copy: it is enqueued before anything can overwrite the freed device slot.
+            dst.pool[host & 0xFFFFFFFF].copy_(src.pool[old & 0xFFFFFFFF], non_blocking=True)
+            st.kv_code[frame] = host
+            self._fifo["host"].append((old_stream, frame))
+        else:  # dropped: its embedding stays, but it can no longer be retrieved
+            st.kv_code[frame] = -1
+            st.first_retrievable = max(st.first_retrievable, frame + 1)
+        self._free_code(old)
+        return self._take_free(tier, stream)
+
+    def _free_code(self, code: int) -> None:
+        self._segments[code >> _SEGMENT_SHIFT].allocator.free([code & 0xFFFFFFFF])
+
+    def _store_kv(self, stream: int, st: _Stream, frames: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Allocates slots for new frames (making room in the tiers), then writes them: one write_kv per segment.
+
+        Slots are all allocated before the new frames join the eviction queues, so making room only ever moves
+        or drops frames stored by earlier calls, whose data is already written.
+        """
+        limit = self._kv_limit()
+        if limit is not None and len(frames) > limit:  # more new frames than the tiers hold: oldest dropped now
+            st.first_retrievable = max(st.first_retrievable, frames[-limit - 1] + 1)
+            frames, k, v = frames[-limit:], k[:, -limit:], v[:, -limit:]
+        if not frames:
+            return
+        n_device = min(len(frames), self.config.device_frames)
+        tiers = ["host"] * (len(frames) - n_device) + ["device"] * n_device  # the oldest overflow to the host
+        codes = [self._alloc_in(tier, stream) for tier in tiers]
+        if any(code is None for code in codes):  # cannot happen: at most `limit` new frames, older ones give way
+            raise RuntimeError("internal error: no K/V slot could be made free")
+        for f, code, tier in zip(frames, codes, tiers):
+            st.kv_code[f] = code
+            self._fifo[tier].append((stream, f))
+        codes_t = torch.tensor(codes, dtype=torch.int64)
+        for seg_index, seg in enumerate(self._segments):
+            mine = (codes_t >> _SEGMENT_SHIFT) == seg_index
+            if not bool(mine.any()):
+                continue
+            slots = torch.where(mine, codes_t & 0xFFFFFFFF, torch.full_like(codes_t, -1))
+            lrag_ext.write_kv(seg.pool, k.to(seg.pool.device), v.to(seg.pool.device), slots.to(seg.pool.device))
+
+    def _release(self, stream: int, st: _Stream) -> None:
+        if st.pages:
+            self._page_alloc.free(st.pages)
+        for code in st.kv_code.tolist():
+            if code >= 0:
+                self._free_code(code)
+        for tier in self._fifo:
+            self._fifo[tier] = collections.deque(x for x in self._fifo[tier] if x[0] != stream)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

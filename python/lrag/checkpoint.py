@@ -1,0 +1,122 @@
+"""Loading released Self-Forcing / Causal-Forcing / LongLive generator weights into :class:`CausalWanModel`.
+
+Outer formats accepted (``torch.load(weights_only=True)`` for pickles, or safetensors):
+
+- ``{"generator": sd, "generator_ema": sd, ...}`` (the training checkpoints): EMA weights by default when present;
+- ``{"model": sd}`` / ``{"state_dict": sd}``;
+- a plain state dict.
+
+Key prefixes the wrappers add are removed: ``_fsdp_wrapped_module.`` anywhere, then a leading ``model.``
+(``WanDiffusionWrapper.model``) or ``module.`` (DDP).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from lrag.models.wan import CausalWanModel
+
+_NESTED_KEYS = ("model", "state_dict", "module")
+
+
+def _load_file(path: str) -> dict:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def select_state_dict(ckpt: dict, use_ema: bool | None = None) -> dict[str, torch.Tensor]:
+    """Picks the generator state dict out of a loaded checkpoint object.
+
+    Args:
+        ckpt: what ``torch.load`` / safetensors returned.
+        use_ema: ``None`` (default) = ``generator_ema`` when present, else ``generator``; ``True`` requires
+            ``generator_ema``; ``False`` requires ``generator``.
+
+    Raises:
+        KeyError: the requested entry is missing (names the keys that exist).
+    """
+    if not isinstance(ckpt, dict):
+        raise TypeError(f"checkpoint must hold a dict, got {type(ckpt).__name__}")
+    if "generator" in ckpt or "generator_ema" in ckpt:
+        key = "generator_ema" if (use_ema or (use_ema is None and "generator_ema" in ckpt)) else "generator"
+        if key not in ckpt:
+            raise KeyError(f"checkpoint has no {key!r} entry (top-level keys: {sorted(ckpt)})")
+        return ckpt[key]
+    if use_ema:
+        raise KeyError(f"use_ema=True but the checkpoint has no 'generator_ema' entry (top-level keys: "
+                       f"{sorted(ckpt)[:10]})")
+    for key in _NESTED_KEYS:
+        if isinstance(ckpt.get(key), dict) and ckpt[key] and all(isinstance(v, torch.Tensor)
+                                                               for v in ckpt[key].values()):
+            return ckpt[key]
+    return ckpt
+
+
+def normalize_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Removes wrapper prefixes (``_fsdp_wrapped_module.``, leading ``model.`` / ``module.``)."""
+    out = {}
+    for name, value in sd.items():
+        name = name.replace("_fsdp_wrapped_module.", "")
+        for prefix in ("module.", "model."):
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+        out[name] = value
+    return out
+
+
+def load_generator(model: CausalWanModel, path_or_ckpt, use_ema: bool | None = None,
+                   dtype: torch.dtype | None = None, assign: bool = False) -> CausalWanModel:
+    """Loads generator weights into ``model`` strictly (every parameter, no extras, matching shapes).
+
+    Args:
+        model: the backbone to fill.
+        path_or_ckpt: a ``.pt``/``.pth`` (loaded with ``weights_only=True``) or ``.safetensors`` path, or an
+            already loaded checkpoint dict.
+        use_ema: see :func:`select_state_dict`.
+        dtype: cast the model to this dtype after loading (e.g. ``torch.bfloat16``).
+        assign: take the checkpoint's tensors as the parameters (for a model built on the ``meta`` device).
+
+    Returns:
+        ``model``, in eval mode.
+
+    Raises:
+        ValueError: missing / unexpected keys or shape mismatches, all listed. The model is unchanged.
+    """
+    ckpt = _load_file(path_or_ckpt) if isinstance(path_or_ckpt, (str, os.PathLike)) else path_or_ckpt
+    sd = normalize_keys(select_state_dict(ckpt, use_ema))
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    bad_shape = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                       for k in set(own) & set(sd) if sd[k].shape != own[k].shape)
+    if missing or unexpected or bad_shape:
+        raise ValueError("checkpoint does not match the model config:\n"
+                         f"  missing keys ({len(missing)}): {missing}\n"
+                         f"  unexpected keys ({len(unexpected)}): {unexpected}\n"
+                         f"  shape mismatches ({len(bad_shape)}): {bad_shape}")
+    model.load_state_dict(sd, strict=True, assign=assign)
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+def build_generator(cfg, path_or_ckpt, use_ema: bool | None = None, dtype: torch.dtype | None = None,
+                    device=None) -> CausalWanModel:
+    """Builds a :class:`CausalWanModel` for ``cfg`` directly from a checkpoint, without first initialising (and
+    allocating) random weights: the model is created on the ``meta`` device and takes the loaded tensors.
+
+    Args:
+        cfg: the :class:`~lrag.config.WanConfig` the checkpoint was trained with.
+        path_or_ckpt, use_ema: as :func:`load_generator`.
+        dtype: parameter dtype (default: the checkpoint's).
+        device: where to put the model (default: CPU).
+    """
+    with torch.device("meta"):
+        model = CausalWanModel(cfg)
+    load_generator(model, path_or_ckpt, use_ema=use_ema, assign=True)
+    return model.to(device=device or "cpu", dtype=dtype).eval()

@@ -1,0 +1,165 @@
+"""Geometry and cache policy of the causal Wan backbone (nothing else in :mod:`lrag` hard-codes a size)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WanConfig:
+    """Everything the causal Wan DiT and its block loop need to know about sizes.
+
+    Model fields follow the original Wan ``config.json`` (``dim``, ``ffn_dim``, ``num_heads``, ...). The cache
+    fields describe the block-autoregressive schedule: ``window`` latent frames of self-attention cache of which
+    the first ``sink`` are kept forever, ``frames_per_block`` frames generated per block.
+    """
+
+    num_layers: int
+    dim: int
+    num_heads: int
+    ffn_dim: int
+    freq_dim: int = 256
+    text_dim: int = 4096
+    text_len: int = 512
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    in_dim: int = 16
+    out_dim: int = 16
+    latent_height: int = 60
+    latent_width: int = 104
+    frames_per_block: int = 3
+    window: int = 12
+    sink: int = 1
+    eps: float = 1e-6
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    rope_max_positions: int = 1024
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        positive = ("num_layers", "dim", "num_heads", "ffn_dim", "freq_dim", "text_dim", "text_len", "in_dim",
+                    "out_dim", "latent_height", "latent_width", "frames_per_block", "window")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"WanConfig.{name} must be a positive int, got {value!r}")
+        if self.dim % self.num_heads:
+            raise ValueError(f"WanConfig.dim ({self.dim}) must be divisible by num_heads ({self.num_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"WanConfig head_dim = dim / num_heads must be even, got {self.head_dim}")
+        if self.freq_dim % 2:
+            raise ValueError(f"WanConfig.freq_dim must be even, got {self.freq_dim}")
+        if len(self.patch_size) != 3 or self.patch_size[0] != 1:
+            raise ValueError(f"WanConfig.patch_size must be (1, ph, pw), got {self.patch_size!r}")
+        if self.latent_height % self.patch_size[1] or self.latent_width % self.patch_size[2]:
+            raise ValueError(f"latent size {self.latent_height}x{self.latent_width} is not divisible by the patch "
+                             f"{self.patch_size[1]}x{self.patch_size[2]}")
+        if not 0 <= self.sink < self.window:
+            raise ValueError(f"WanConfig.sink must be in [0, window), got sink={self.sink}, window={self.window}")
+        if self.frames_per_block > self.window - self.sink:
+            raise ValueError(f"frames_per_block ({self.frames_per_block}) must fit in the non-sink window "
+                             f"({self.window - self.sink})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Token grid ``(h, w)`` of one latent frame."""
+        return self.latent_height // self.patch_size[1], self.latent_width // self.patch_size[2]
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return math.prod(self.grid)
+
+    def replace(self, **changes) -> "WanConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_wan_config(cls, cfg: dict | str, **overrides) -> "WanConfig":
+        """Builds a config from a Wan/diffusers ``config.json`` (a dict, a JSON string or a path).
+
+        Keys the backbone does not use (``_class_name``, ``model_type``, ...) are ignored; ``overrides`` set the
+        fields a ``config.json`` does not hold (latent size, window, sink, frames per block).
+        """
+        if isinstance(cfg, str):
+            cfg = json.loads(cfg) if cfg.lstrip().startswith("{") else json.load(open(cfg))
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in cfg.items() if k in names}
+        if "patch_size" in kwargs:
+            kwargs["patch_size"] = tuple(kwargs["patch_size"])
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+def wan_1_3b(**overrides) -> WanConfig:
+    """Wan2.1-T2V-1.3B as used by Self-Forcing / Causal-Forcing / LongLive (480x832 video, 60x104 latents)."""
+    base = dict(num_layers=30, dim=1536, num_heads=12, ffn_dim=8960, freq_dim=256, text_dim=4096, text_len=512,
+                latent_height=60, latent_width=104, frames_per_block=3, window=12, sink=1)
+    base.update(overrides)
+    return WanConfig(**base)
+
+
+def tiny_from_run_json(run: dict | str, **overrides) -> WanConfig:
+    """The tiny test model of the official fixtures, from a ``*_run.json`` (dict or path).
+
+    Reads ``tiny_model_config_json`` for the DiT, and the run's block size and window/sink for the schedule;
+    the latent size follows from ``tokens_per_frame`` and the patch (square latents, as in the fixtures).
+    """
+    if isinstance(run, str):
+        run = json.load(open(run))
+    kwargs = run["resolved_config"].get("model_kwargs", {})
+    model_cfg = run["tiny_model_config_json"]
+    if isinstance(model_cfg, str):
+        model_cfg = json.loads(model_cfg)
+    patch = model_cfg.get("patch_size", (1, 2, 2))
+    side = int(round(math.sqrt(run["tokens_per_frame"]))) * patch[1]
+    base = dict(latent_height=side, latent_width=side, frames_per_block=run["num_frame_per_block"],
+                window=kwargs.get("local_attn_size", 12), sink=kwargs.get("sink_size", 1))
+    base.update(overrides)
+    return WanConfig.from_wan_config(model_cfg, **base)
+
+
+MEMORY_POSITION_POLICIES = ("absolute", "ordered")
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """The LongLive-RAG retrieval schedule: ``k`` frames retrieved per block, the ``recent_exclude`` most recently
+    evicted frames never retrieved.
+
+    ``device_frames`` / ``host_frames`` / ``max_frames`` size the :class:`lrag_ext.RetrievalMemory` tiers: K/V of
+    up to ``device_frames`` frames on the model's device, older ones in (pinned) host memory up to ``host_frames``
+    (``None``: unbounded), embeddings of up to ``max_frames`` frames over all streams.
+
+    ``storage`` is ``"kv"`` (keep every frame's K/V, as the reference) or ``"latent"`` (keep only its latent and
+    recompute the retrieved frames' K/V with one t = 0 forward per block: orders of magnitude less memory, not the
+    reference's numbers).
+
+    ``memory_position`` is the temporal RoPE position policy of the retrieved frames:
+    an int (all at that position; 0 = the sink's phase, the reference's choice), ``"absolute"`` (their global
+    frame index, for absolute-RoPE caches) or ``"ordered"`` (in temporal order, on the positions just before the
+    local window's first frame, clamped at 0).
+    """
+
+    k: int = 6
+    recent_exclude: int = 5
+    memory_position: int | str = 0
+    device_frames: int = 64
+    host_frames: int | None = None
+    max_frames: int = 4096
+    storage: str = "kv"
+
+    def __post_init__(self) -> None:
+        pos = self.memory_position
+        if not ((isinstance(pos, int) and pos >= 0) or pos in MEMORY_POSITION_POLICIES):
+            raise ValueError(f"RetrievalConfig.memory_position must be an int >= 0 or one of "
+                             f"{MEMORY_POSITION_POLICIES}, got {pos!r}")
+        if self.k < 1:
+            raise ValueError(f"RetrievalConfig.k must be >= 1, got {self.k}")
+        if self.storage not in ("kv", "latent"):
+            raise ValueError(f"RetrievalConfig.storage must be 'kv' or 'latent', got {self.storage!r}")
+        if self.recent_exclude < 0:
+            raise ValueError(f"RetrievalConfig.recent_exclude must be >= 0, got {self.recent_exclude}")

@@ -1,0 +1,268 @@
+"""The block-autoregressive generation loop (Self-Forcing / LongLive inference, with LongLive-RAG retrieval).
+
+Per block of ``F`` frames starting at frame ``s`` (see docs/generator.md):
+
+1. ``rag`` mode: query = embedding of frame ``s - 1`` (the last frame appended to the memory);
+   :meth:`lrag_ext.RetrievalMemory.retrieve` selects up to K frames for all streams in one search, and
+   :meth:`~lrag_ext.RetrievalMemory.gather` writes their K/V straight into the cache's memory slots, once per
+   block (temporal RoPE positions by ``RetrievalConfig.memory_position``: 0, as the reference, by default; the
+   model applies RoPE by position at attention time).
+2. Denoise: for each warped timestep ``t_j``: flow = model(x, t_j); x0 = x - sigma(t_j) flow (float64); unless
+   last, x = (1 - sigma_{j+1}) x0 + sigma_{j+1} eps (float32, eps from ``renoise`` or the generator).
+3. Context rerun: one more forward on the clean x0 at t = ``context_noise`` (0) commits the block's clean,
+   un-roped K/V to the cache; ``rag`` mode then appends them with the frames' embeddings to the memory (one
+   memory stream per batch element).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+import lrag_ext
+from lrag.config import RetrievalConfig
+from lrag.models.wan import CausalWanModel
+from lrag.scheduler import FlowMatchScheduler
+
+Embedder = Callable[[torch.Tensor], torch.Tensor]
+
+
+def mean_descriptor(latents: torch.Tensor) -> torch.Tensor:
+    """Fallback embedder: spatial mean ``[N, C, H, W] -> [N, C]``."""
+    return latents.float().mean(dim=(-2, -1))
+
+
+@dataclass
+class BlockResult:
+    """One finished block, as handed to the callback."""
+
+    index: int
+    start_frame: int
+    latents: torch.Tensor                  # [B, F, C, H, W]
+    timings: dict                          # seconds: retrieval, denoise, rerun, memory, total
+    memory_record: Optional[dict] = None   # the reference's log fields when a retrieval happened
+
+
+@dataclass
+class GenerationResult:
+    latents: torch.Tensor                  # [B, num_frames, C, H, W]
+    blocks: list = field(default_factory=list)       # BlockResult per block (latents dropped)
+    memory_log: list = field(default_factory=list)   # one record per block with a retrieval
+    x_in: Optional[torch.Tensor] = None    # trace: [blocks, steps + 1, B, F, C, H, W] input of every forward
+    x0: Optional[torch.Tensor] = None      # trace: same shape, x0 of every forward (the rerun's included)
+
+
+class Pipeline:
+    """Generates latent videos block by block with a :class:`CausalWanModel`.
+
+    Args:
+        model: the backbone (eval mode, weights loaded).
+        denoising_steps: nominal steps, warped through the scheduler table ([1000, 750, 500, 250]).
+        scheduler: defaults to ``FlowMatchScheduler(shift=5.0)``.
+        context_noise: timestep of the context rerun (0).
+        retrieval: K, R, the memory frames' temporal position and the memory tiers for ``rag`` mode.
+        embed: ``[N, C, H, W] -> [N, D]`` frame embedder for retrieval (default: spatial mean).
+
+    ``rag`` mode keeps its retrieval memory (an :class:`lrag_ext.RetrievalMemory`, one memory stream per batch
+    element) in :attr:`memory` after :meth:`generate`, for inspection or :meth:`~lrag_ext.RetrievalMemory.save`.
+    """
+
+    def __init__(self, model: CausalWanModel, denoising_steps: Sequence[int] = (1000, 750, 500, 250),
+                 scheduler: FlowMatchScheduler | None = None, context_noise: float = 0.0,
+                 retrieval: RetrievalConfig | None = None, embed: Embedder | None = None):
+        self.model = model
+        self.cfg = model.cfg
+        self.scheduler = scheduler or FlowMatchScheduler(5.0)
+        self.timesteps = self.scheduler.warp(list(denoising_steps))          # float32 [S]
+        self.context_noise = float(context_noise)
+        self.retrieval = retrieval or RetrievalConfig()
+        self.embed = embed or mean_descriptor
+        self.memory: lrag_ext.RetrievalMemory | None = None
+
+    def _new_memory(self, embed_dim: int) -> lrag_ext.RetrievalMemory:
+        """The retrieval memory of one generation: the policy from the model config and ``retrieval``, K/V in the
+        backbone's layout and dtype."""
+        cfg, r = self.cfg, self.retrieval
+        layout = lrag_ext.KVLayout(num_layers=cfg.num_layers, tokens_per_frame=cfg.tokens_per_frame,
+                                   num_heads=cfg.num_heads, head_dim=cfg.head_dim, rope_theta=cfg.rope_theta)
+        return lrag_ext.RetrievalMemory(lrag_ext.MemoryConfig(
+            top_k=r.k, recent_exclude=r.recent_exclude, sink_frames=cfg.sink, window_frames=cfg.window,
+            embed_dim=embed_dim, storage=r.storage, kv_layout=layout,
+            latent_shape=(cfg.in_dim, cfg.latent_height, cfg.latent_width), device=self.model.device,
+            dtype=self.model.dtype, max_frames=r.max_frames, device_frames=r.device_frames,
+            host_frames=r.host_frames))
+
+    def _check(self, text, num_frames, mode, noise, renoise, B):
+        cfg, F = self.cfg, self.cfg.frames_per_block
+        if mode not in ("rag", "native"):
+            raise ValueError(f"mode must be 'rag' or 'native', got {mode!r}")
+        if num_frames < 1 or num_frames % F:
+            raise ValueError(f"num_frames must be a positive multiple of frames_per_block={F}, got {num_frames}")
+        shape = (B, num_frames, cfg.in_dim, cfg.latent_height, cfg.latent_width)
+        if noise is not None and tuple(noise.shape) != shape:
+            raise ValueError(f"noise must be {list(shape)}, got {list(noise.shape)}")
+        if renoise is not None:
+            need = (num_frames // F, len(self.timesteps) - 1)
+            if tuple(renoise.shape[:2]) != need or renoise[0, 0].numel() != B * F * shape[2] * shape[3] * shape[4]:
+                raise ValueError(f"renoise must be [{need[0]}, {need[1]}, ...] with B*F*C*H*W elements per entry, "
+                                 f"got {list(renoise.shape)}")
+
+    @torch.no_grad()
+    def generate(self, text_embeddings: torch.Tensor, num_frames: int, generator: torch.Generator | None = None,
+                 mode: str = "rag", noise: torch.Tensor | None = None, renoise: torch.Tensor | None = None,
+                 position_mode: str | None = None, callback: Callable[[BlockResult], None] | None = None,
+                 trace: bool = False) -> GenerationResult:
+        """Generates ``num_frames`` latent frames.
+
+        Args:
+            text_embeddings: ``[B, L, text_dim]`` prompt embeddings (umT5 output for the real model).
+            num_frames: a multiple of ``frames_per_block``.
+            generator: source of the initial noise and the re-noise when they are not given.
+            mode: ``"rag"`` (retrieval memory; window-relative RoPE, as the reference retrieval model) or
+                ``"native"`` (sink + sliding window; absolute RoPE, as Self-Forcing / LongLive).
+            noise: ``[B, num_frames, C, H, W]`` initial noise.
+            renoise: ``[blocks, steps - 1, ...]``; entry ``[b, j]`` (``B*F*C*H*W`` values in ``[B, F, C, H, W]``
+                order) is the noise added after denoising step ``j`` of block ``b``.
+            position_mode: override the RoPE position mode (``"absolute"`` / ``"window"``).
+            callback: called with a :class:`BlockResult` after every block.
+            trace: also return the input and x0 of every forward.
+
+        Returns:
+            :class:`GenerationResult`.
+        """
+        model, cfg, sched = self.model, self.cfg, self.scheduler
+        B, F = text_embeddings.shape[0], cfg.frames_per_block
+        self._check(text_embeddings, num_frames, mode, noise, renoise, B)
+        device, dtype = model.device, model.dtype
+        shape = (B, num_frames, cfg.in_dim, cfg.latent_height, cfg.latent_width)
+        if noise is None:
+            noise = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu")
+        noise = noise.to(device=device, dtype=dtype)
+        rag = mode == "rag"
+        cache = model.new_cache(B, position_mode or ("window" if rag else "absolute"),
+                                memory_slots=self.retrieval.k if rag else 0)
+        model.set_text(cache, text_embeddings)
+        self.memory = None          # created at the first append, when the embedding size is known
+        streams: list[int] = []
+        out = torch.zeros(shape, dtype=dtype, device=device)
+        steps = len(self.timesteps)
+        result = GenerationResult(out)
+        if trace:
+            result.x_in = torch.zeros((num_frames // F, steps + 1, B, F, *shape[2:]), dtype=dtype)
+            result.x0 = torch.zeros_like(result.x_in)
+
+        for b in range(num_frames // F):
+            s = b * F
+            timings = {}
+            t_block = time.perf_counter()
+            plan = self._retrieve(s, cache, streams) if rag else None
+            _sync(device)
+            timings["retrieval"] = time.perf_counter() - t_block
+
+            t0 = time.perf_counter()
+            x = noise[:, s:s + F]
+            for j in range(steps):
+                t = torch.full((B, F), float(self.timesteps[j]), dtype=torch.float32, device=device)
+                x0 = sched.to_x0(model(x, t, cache), x, t)
+                if trace:
+                    result.x_in[b, j], result.x0[b, j] = x.cpu(), x0.cpu()
+                if j < steps - 1:
+                    eps = (renoise[b, j].reshape(x0.shape).to(device=device, dtype=dtype) if renoise is not None
+                           else torch.randn(x0.shape, generator=generator,
+                                            device=generator.device if generator else "cpu").to(device, dtype))
+                    t_next = torch.full((B, F), float(self.timesteps[j + 1]), dtype=torch.float32, device=device)
+                    x = sched.add_noise(x0, eps, t_next)
+            out[:, s:s + F] = x0
+            _sync(device)
+            timings["denoise"] = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            t_ctx = torch.full((B, F), self.context_noise, dtype=torch.float32, device=device)
+            flow = model(x0, t_ctx, cache, update_cache=True)
+            if trace:
+                result.x_in[b, steps], result.x0[b, steps] = x0.cpu(), sched.to_x0(flow, x0, t_ctx).cpu()
+            _sync(device)
+            timings["rerun"] = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            if rag:
+                k, v = cache.block_kv()
+                for i in range(B):
+                    emb = self.embed(x0[i])
+                    if self.memory is None:
+                        self.memory = self._new_memory(emb.shape[-1])
+                        streams = [self.memory.add_stream() for _ in range(B)]
+                    if self.retrieval.storage == "kv":
+                        self.memory.append(streams[i], emb, k=k[:, i], v=v[:, i])
+                    else:
+                        self.memory.append(streams[i], emb, latents=x0[i])
+            _sync(device)
+            timings["memory"] = time.perf_counter() - t0
+            timings["total"] = time.perf_counter() - t_block
+            record = self._record(b, s, plan, cache, streams, timings["retrieval"]) if plan is not None else None
+
+            block = BlockResult(b, s, x0, timings, record)
+            if callback is not None:
+                callback(block)
+            result.blocks.append(BlockResult(b, s, None, timings, record))
+            if record is not None:
+                result.memory_log.append(record)
+        return result
+
+    def _retrieve(self, s: int, cache, streams: list[int]) -> Optional["lrag_ext.RetrievalPlan"]:
+        """Retrieval for the block starting at ``s``: fills (or clears) the cache's memory slots; returns the plan,
+        or ``None`` when nothing was retrieved. No host synchronisation unless a position policy needs the ids."""
+        cache.clear_memory()
+        if s == 0:
+            return None
+        plan = self.memory.retrieve(streams)
+        m = plan.counts[0]                   # every stream holds the same number of frames
+        if m == 0:
+            return None
+        positions = self._memory_positions(cache, plan, m)
+        if self.retrieval.storage == "latent":
+            k, v = self.model.recompute_kv(self.memory.latents(plan)[:, :m], cache)
+            cache.set_memory(k, v, positions)
+            return plan
+        mem_k, mem_v = cache.memory_buffers()
+        slots = torch.arange(plan.ids.shape[1], device=mem_k.device).expand(len(streams), -1)
+        # K goes in un-roped (delta 0): the model applies RoPE by position at attention time.
+        self.memory.gather(plan, mem_k, mem_v, dst_frame=slots, positions="sink")
+        cache.set_memory_positions(positions)
+        return plan
+
+    def _record(self, b: int, s: int, plan, cache, streams: list[int], retrieval_s: float) -> dict:
+        """The block's log record (the reference's fields, one list per stream); reads the selection on the host."""
+        logs = [self.memory.log(st)[-1] for st in streams]
+        return {
+            "block": b,
+            "query_frame": s,                    # the reference logs the block start, not the query frame s-1
+            "query_embedding_frame": s - 1,
+            "num_evicted": logs[0]["num_evicted"],
+            "num_candidates": logs[0]["num_eligible"],
+            "selected_pool_indices": [rec["selected_pool_indices"] for rec in logs],
+            "selected_global_frames": [rec["selected_global_frames"] for rec in logs],
+            "selected_similarities": [rec["selected_similarities"] for rec in logs],
+            "memory_positions": cache.mem_positions.tolist(),
+            "retrieval_s": retrieval_s,
+        }
+
+    def _memory_positions(self, cache, plan, m: int) -> torch.Tensor:
+        """``[B, m]`` temporal positions of the plan's first ``m`` selected frames under the configured policy."""
+        policy = self.retrieval.memory_position
+        B = len(plan.streams)
+        if isinstance(policy, int):
+            return torch.full((B, m), policy, dtype=torch.long)
+        frames = plan.ids[:, :m].cpu()
+        if policy == "absolute":
+            return frames
+        first_local = int(cache.plan(self.cfg.frames_per_block).local_pos[0])      # "ordered"
+        rank = frames.argsort(dim=1).argsort(dim=1)                  # 0 = the oldest selected frame
+        return (first_local - m + rank).clamp(min=0)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,431 @@
+"""RetrievalMemory: the official trace, brute-force equivalence across tiers, save/restore, threads, errors."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lrag_ext
+from lrag_ext import reference
+from lrag_ext.memory import KVLayout, MemoryConfig, RetrievalMemory
+
+from conftest import fixture_path
+
+LAYOUT = KVLayout(num_layers=2, tokens_per_frame=3, num_heads=2, head_dim=8)
+
+
+def kv_config(device="cpu", **kw) -> MemoryConfig:
+    base = dict(top_k=3, recent_exclude=2, sink_frames=1, window_frames=5, embed_dim=6, storage="kv",
+                kv_layout=LAYOUT, device=device, dtype=torch.float32, max_frames=512, page_size=4,
+                device_frames=4, host_frames=None)
+    base.update(kw)
+    return MemoryConfig(**base)
+
+
+# --- the official trace ---------------------------------------------------------------------------------------
+
+def test_reproduces_official_trace_and_log(device):
+    with open(fixture_path("retrieval_trace.json")) as f:
+        trace = json.load(f)
+    desc = load_file(fixture_path("retrieval_descriptors.safetensors"))["descriptors"].to(device)
+    kw = trace["resolved_config"]["model_kwargs"]
+    mem = RetrievalMemory(MemoryConfig(top_k=kw["memory_size"], recent_exclude=kw["recent_exclude"],
+                                       sink_frames=kw["sink_size"], window_frames=kw["local_attn_size"],
+                                       embed_dim=desc.shape[1], storage="embedding", device=device, page_size=5))
+    s = mem.add_stream()
+    per_block = trace["num_frame_per_block"]
+    for block in trace["blocks"]:
+        start = block["start_frame"]
+        if start > 0:
+            mem.retrieve(s)
+        mem.append(s, desc[start:start + per_block])
+    log = mem.log(s)
+    assert len(log) == len(trace["blocks"]) - 1
+    for rec, block in zip(log, trace["blocks"][1:]):
+        assert rec["query_frame"] == block["start_frame"]
+        assert rec["num_evicted"] == block["pool_size_at_block_start"]
+        assert rec["num_eligible"] == block["num_eligible"]
+        want = block["retrieval"]
+        if want is None:
+            assert rec["k_sel"] == 0 and rec["selected_global_frames"] == []
+            continue
+        for key in ("query_descriptor_frame", "k_sel", "selected_pool_indices", "selected_global_frames"):
+            assert rec[key] == want[key], (block["block"], key)
+        assert rec["selected_similarities"] == pytest.approx(want["selected_similarities"], abs=1e-6)
+        assert set(rec["timings_ms"]) == {"retrieve"}
+
+
+# --- brute-force oracle ------------------------------------------------------------------------------------------
+
+class Oracle:
+    """Everything the memory was given, kept in plain Python: the independent answer to retrieve and gather."""
+
+    def __init__(self, config: MemoryConfig):
+        self.cfg = config
+        self.emb: dict[int, list[torch.Tensor]] = {}
+        self.kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def append(self, s, emb, k, v):
+        self.emb.setdefault(s, []).extend(emb.cpu())
+        self.kv.setdefault(s, []).extend((k[:, i].cpu(), v[:, i].cpu()) for i in range(emb.shape[0]))
+
+    def eligible(self, s, first_retrievable=0):
+        n = len(self.emb.get(s, []))
+        lo, hi = self.cfg.policy.eligible_range(n)
+        lo = max(lo, first_retrievable)
+        return list(range(lo, max(lo, hi)))
+
+    def retrieve(self, s, first_retrievable=0):
+        emb = self.emb[s]
+        q = emb[-1].double()
+        rows = []
+        for i in self.eligible(s, first_retrievable):
+            e = emb[i].double()
+            rows.append((-float(q @ e / ((q.norm() + 1e-8) * (e.norm() + 1e-8))), i))
+        rows.sort()
+        return [i for _, i in rows[:self.cfg.top_k]]
+
+
+def random_block(g, cfg, n):
+    L, T, H, Dh = cfg.kv_layout.frame_shape
+    return (torch.randn(n, cfg.embed_dim, generator=g), torch.randn(L, n, T, H, Dh, generator=g),
+            torch.randn(L, n, T, H, Dh, generator=g))
+
+
+def first_retrievable(mem, s):
+    return mem._streams[s].first_retrievable
+
+
+@pytest.mark.parametrize("device_frames, host_frames", [(64, None), (4, None), (3, 6), (0, 10), (2, 0)])
+def test_matches_brute_force_across_tiers(device, device_frames, host_frames):
+    cfg = kv_config(device, device_frames=device_frames, host_frames=host_frames)
+    mem, oracle = RetrievalMemory(cfg), Oracle(cfg)
+    g = torch.Generator().manual_seed(device_frames * 7 + (host_frames or 0))
+    streams = [mem.add_stream() for _ in range(3)]
+    cache = cfg.sink_frames + cfg.top_k + 2
+    for step in range(12):
+        for s in streams:
+            if mem.num_frames(s) > 0:
+                plan = mem.retrieve(s)
+                want = oracle.retrieve(s, first_retrievable(mem, s))
+                got = plan.ids[0, :plan.counts[0]].tolist()
+                assert got == want, (step, s)
+                # Gather: cache slots sink..sink+k-1 get the selected frames; positions "sink" = plain copy.
+                L, T, H, Dh = LAYOUT.frame_shape
+                dst_k = torch.zeros(L, 1, cache, T, H, Dh, device=device)
+                dst_v = torch.zeros_like(dst_k)
+                mem.gather(plan, dst_k, dst_v)
+                for j, frame in enumerate(got):
+                    k_ref, v_ref = oracle.kv[s][frame]
+                    assert torch.equal(dst_k[:, 0, cfg.sink_frames + j].cpu(), k_ref), (step, s, frame)
+                    assert torch.equal(dst_v[:, 0, cfg.sink_frames + j].cpu(), v_ref)
+                untouched = [f for f in range(cache) if not cfg.sink_frames <= f < cfg.sink_frames + len(got)]
+                assert (dst_k[:, 0, untouched] == 0).all()
+            n = random.Random(step * 10 + s).randint(1, 3)
+            emb, k, v = random_block(g, cfg, n)
+            mem.append(s, emb.to(device), k=k.to(device), v=v.to(device))
+            oracle.append(s, emb, k, v)
+    # Tier accounting: every stored frame holds exactly one slot, no slot is shared.
+    codes = [c for s in streams for c in mem._streams[s].kv_code if c >= 0]
+    assert len(codes) == len(set(codes))
+    used = sum(seg.allocator.num_slots - seg.allocator.num_free for seg in mem._segments)
+    assert used == len(codes)
+    if host_frames is not None:
+        assert sum(seg.allocator.num_slots for seg in mem._segments[1:]) <= host_frames
+
+
+def test_several_streams_in_one_call_match_single_calls(device):
+    cfg = kv_config(device)
+    mem = RetrievalMemory(cfg)
+    g = torch.Generator().manual_seed(5)
+    streams = [mem.add_stream() for _ in range(4)]
+    for s in streams:
+        for _ in range(5 + s):
+            emb, k, v = random_block(g, cfg, 2)
+            mem.append(s, emb.to(device), k=k.to(device), v=v.to(device))
+    joint = mem.retrieve(streams)
+    for b, s in enumerate(streams):
+        single = mem.retrieve([s])
+        assert torch.equal(joint.ids[b], single.ids[0]) and torch.equal(joint.scores[b], single.scores[0])
+
+
+def test_positions_rotate_k_like_reference(device):
+    cfg = kv_config(device, top_k=2, recent_exclude=0, window_frames=3)
+    mem = RetrievalMemory(cfg)
+    g = torch.Generator().manual_seed(1)
+    s = mem.add_stream()
+    emb, k, v = random_block(g, cfg, 8)
+    mem.append(s, emb.to(device), k=k.to(device), v=v.to(device))
+    plan = mem.retrieve(s)
+    assert plan.counts == [2]
+    ids = plan.ids[0].tolist()
+    L, T, H, Dh = LAYOUT.frame_shape
+    for positions, want_pos in [("ordered", None), (torch.tensor([[5, 9]], device=device), [5, 9])]:
+        dst_k = torch.zeros(L, 1, 4, T, H, Dh, device=device)
+        dst_v = torch.zeros_like(dst_k)
+        mem.gather(plan, dst_k, dst_v, positions=positions)
+        if want_pos is None:  # ordered: by frame id, ending just before the local window (slots 1, 2)
+            want_pos = [1 + sorted(ids).index(i) for i in ids]
+        for j, frame in enumerate(ids):
+            rotated = reference.rope_rotate_temporal(k[:, frame], torch.tensor(want_pos[j]),
+                                                     reference.wan_temporal_pairs(Dh)).float()
+            torch.testing.assert_close(dst_k[:, 0, 1 + j].cpu(), rotated, atol=1e-5, rtol=1e-5)
+            assert torch.equal(dst_v[:, 0, 1 + j].cpu(), v[:, frame])
+
+
+def test_latent_mode_returns_selected_latents(device):
+    cfg = MemoryConfig(top_k=3, recent_exclude=0, sink_frames=1, window_frames=3, embed_dim=5, storage="latent",
+                       latent_shape=(2, 3, 4), device=device, dtype=torch.float32, page_size=3)
+    mem = RetrievalMemory(cfg)
+    s = mem.add_stream()
+    emb, lat = torch.randn(9, 5), torch.randn(9, 2, 3, 4)
+    mem.append(s, emb.to(device), latents=lat.to(device))
+    plan = mem.retrieve(s)
+    out = mem.latents(plan)
+    assert out.shape == (1, 3, 2, 3, 4)
+    for j, frame in enumerate(plan.ids[0].tolist()):
+        assert torch.equal(out[0, j].cpu(), lat[frame])
+    assert torch.equal(mem.latents(plan), out)  # deterministic
+
+
+def test_reset_and_remove_free_everything():
+    cfg = kv_config(device_frames=3)
+    mem = RetrievalMemory(cfg)
+    g = torch.Generator().manual_seed(2)
+    a, b = mem.add_stream(), mem.add_stream()
+    for s in (a, b):
+        emb, k, v = random_block(g, cfg, 9)
+        mem.append(s, emb, k=k, v=v)
+    mem.reset(a)
+    assert mem.num_frames(a) == 0 and mem.log(a) == []
+    mem.remove_stream(b)
+    assert mem.streams() == [a]
+    assert mem._page_alloc.num_free == mem._page_alloc.num_slots
+    assert all(seg.allocator.num_free == seg.allocator.num_slots for seg in mem._segments)
+    with pytest.raises(KeyError, match="unknown stream 1"):
+        mem.num_frames(b)
+
+
+# --- save / restore --------------------------------------------------------------------------------------------
+
+def filled_memory(device="cpu"):
+    cfg = kv_config(device, device_frames=3, host_frames=None)
+    mem = RetrievalMemory(cfg)
+    g = torch.Generator().manual_seed(9)
+    for _ in range(2):
+        s = mem.add_stream()
+        for _ in range(6):
+            emb, k, v = random_block(g, cfg, 3)
+            mem.append(s, emb.to(device), k=k.to(device), v=v.to(device))
+            mem.retrieve(s)
+    return mem
+
+
+def test_save_load_round_trip(tmp_path, device):
+    mem = filled_memory(device)
+    path = str(tmp_path / "mem")
+    mem.save(path)
+    assert sorted(os.listdir(path)) == ["manifest.json", "tensors.safetensors"]
+    back = RetrievalMemory.load(path)
+    assert back.streams() == mem.streams() and back.config == mem.config
+    L, T, H, Dh = LAYOUT.frame_shape
+    for s in mem.streams():
+        assert back.log(s) == mem.log(s)
+        p1, p2 = mem.retrieve(s), back.retrieve(s)
+        assert torch.equal(p1.ids, p2.ids) and torch.equal(p1.scores, p2.scores)
+        outs = []
+        for m, p in ((mem, p1), (back, p2)):
+            dk = torch.zeros(L, 1, 6, T, H, Dh, device=device)
+            dv = torch.zeros_like(dk)
+            m.gather(p, dk, dv, positions="ordered")
+            outs.append((dk, dv))
+        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    # appending continues identically after a restore
+    g = torch.Generator().manual_seed(4)
+    emb, k, v = random_block(g, mem.config, 2)
+    for m in (mem, back):
+        m.append(0, emb.to(device), k=k.to(device), v=v.to(device))
+    assert torch.equal(mem.retrieve(0).ids, back.retrieve(0).ids)
+
+
+def test_save_refuses_non_empty_folder(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "f").write_text("")
+    with pytest.raises(FileExistsError, match="exists and is not an empty folder"):
+        filled_memory().save(str(tmp_path / "x"))
+
+
+@pytest.mark.parametrize("damage, match", [
+    ("truncate", "truncated or altered"),
+    ("flip", "does not match its SHA-256"),
+    ("manifest", "not valid JSON"),
+    ("missing", "is missing"),
+    ("version", "unsupported format"),
+])
+def test_corrupted_save_is_refused(tmp_path, damage, match):
+    path = str(tmp_path / "mem")
+    filled_memory().save(path)
+    tensors, manifest = os.path.join(path, "tensors.safetensors"), os.path.join(path, "manifest.json")
+    if damage == "truncate":
+        with open(tensors, "r+b") as f:
+            f.truncate(os.path.getsize(tensors) - 7)
+    elif damage == "flip":
+        with open(tensors, "r+b") as f:
+            f.seek(os.path.getsize(tensors) - 3)
+            byte = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    elif damage == "manifest":
+        with open(manifest, "r+") as f:
+            f.truncate(100)
+    elif damage == "missing":
+        os.remove(tensors)
+    elif damage == "version":
+        data = json.load(open(manifest))
+        data["version"] = 99
+        json.dump(data, open(manifest, "w"))
+    with pytest.raises(ValueError, match=match):
+        RetrievalMemory.load(path)
+
+
+# --- threads ----------------------------------------------------------------------------------------------------
+
+def test_threads_never_lose_or_share_a_slot():
+    cfg = kv_config(device_frames=8, host_frames=40, max_frames=2048)
+    mem = RetrievalMemory(cfg)
+    errors = []
+
+    def worker(seed):
+        try:
+            rng = random.Random(seed)
+            g = torch.Generator().manual_seed(seed)
+            s = mem.add_stream()
+            for step in range(40):
+                emb, k, v = random_block(g, cfg, rng.randint(1, 3))
+                mem.append(s, emb, k=k, v=v)
+                mem.retrieve(s)
+                if rng.random() < 0.1:
+                    mem.reset(s)
+                if rng.random() < 0.05:
+                    mem.remove_stream(s)
+                    s = mem.add_stream()
+        except Exception as err:  # noqa: BLE001 - surfaced below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    streams = mem.streams()
+    pages = [p for s in streams for p in mem._streams[s].pages]
+    assert len(pages) == len(set(pages))
+    assert mem._page_alloc.num_slots - mem._page_alloc.num_free == len(pages)
+    codes = [c for s in streams for c in mem._streams[s].kv_code if c >= 0]
+    assert len(codes) == len(set(codes))
+    assert sum(seg.allocator.num_slots - seg.allocator.num_free for seg in mem._segments) == len(codes)
+    fifo = [x for q in mem._fifo.values() for x in q]
+    assert sorted(fifo) == sorted((s, f) for s in streams for f, c in enumerate(mem._streams[s].kv_code) if c >= 0)
+
+
+# --- errors leave the memory unchanged ---------------------------------------------------------------------------
+
+def snapshot(mem):
+    return (mem.streams(), {s: (mem.num_frames(s), len(mem._streams[s].log)) for s in mem.streams()},
+            mem._page_alloc.num_free, [seg.allocator.num_free for seg in mem._segments])
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda m, e, k, v, plan: m.append(7, e, k=k, v=v), KeyError, "unknown stream 7"),
+    (lambda m, e, k, v, plan: m.append(0, e[:, :5], k=k, v=v), ValueError, r"embeddings must have shape \[2, 6\]"),
+    (lambda m, e, k, v, plan: m.append(0, e.long(), k=k, v=v), ValueError, "embeddings must be a floating-point tensor"),
+    (lambda m, e, k, v, plan: m.append(0, e.to("meta"), k=k, v=v), ValueError, "embeddings must be on cpu"),
+    (lambda m, e, k, v, plan: m.append(0, e, k=k[:, :, :2], v=v), ValueError, r"k must have shape \[2, 2, 3, 2, 8\]"),
+    (lambda m, e, k, v, plan: m.append(0, e, k=k), ValueError, "storage='kv' needs k and v"),
+    (lambda m, e, k, v, plan: m.append(0, e, k=k, v=v, latents=e), ValueError, "latents given but storage='kv'"),
+    (lambda m, e, k, v, plan: m.append(0, e[:0], k=k, v=v), ValueError, "at least one frame"),
+    (lambda m, e, k, v, plan: m.retrieve(1), ValueError, "stream 1 has no frames"),
+    (lambda m, e, k, v, plan: m.retrieve([0, 0]), ValueError, "streams must be distinct"),
+    (lambda m, e, k, v, plan: m.retrieve([]), ValueError, "at least one stream"),
+    (lambda m, e, k, v, plan: m.retrieve(0, queries=e), ValueError, r"queries must have shape \[1, 6\]"),
+    (lambda m, e, k, v, plan: m.gather("plan", k, v), TypeError, "plan must be a RetrievalPlan"),
+    (lambda m, e, k, v, plan: m.latents(plan), ValueError, "latents needs storage='latent'"),
+])
+def test_bad_calls_raise_and_change_nothing(call, error, match):
+    cfg = kv_config()
+    mem = RetrievalMemory(cfg)
+    g = torch.Generator().manual_seed(0)
+    mem.add_stream()
+    mem.add_stream()
+    emb, k, v = random_block(g, cfg, 2)
+    mem.append(0, emb, k=k, v=v)
+    plan = mem.retrieve(0)
+    before = snapshot(mem)
+    with pytest.raises(error, match=match):
+        call(mem, emb, k, v, plan)
+    assert snapshot(mem) == before
+
+
+def test_gather_shape_errors():
+    cfg = kv_config()
+    mem = RetrievalMemory(cfg)
+    g = torch.Generator().manual_seed(0)
+    s = mem.add_stream()
+    emb, k, v = random_block(g, cfg, 9)
+    mem.append(s, emb, k=k, v=v)
+    plan = mem.retrieve(s)
+    good = torch.zeros(2, 1, 6, 3, 2, 8)
+    with pytest.raises(ValueError, match=r"dst_k must be \[num_layers=2, B=1, cache_frames, 3, 2, 8\]"):
+        mem.gather(plan, torch.zeros(2, 1, 6, 3, 2, 4), good)
+    with pytest.raises(ValueError, match="too few for sink 1 \\+ top_k 3"):
+        mem.gather(plan, good[:, :, :3], good[:, :, :3])
+    with pytest.raises(ValueError, match="positions must be 'sink', 'ordered'"):
+        mem.gather(plan, good, good.clone(), positions="absolute")
+    with pytest.raises(ValueError, match=r"dst_frame must have shape \[1, 3\]"):
+        mem.gather(plan, good, good.clone(), dst_frame=torch.zeros(1, 2, dtype=torch.int64))
+
+
+def test_memory_full_error_names_the_limit():
+    cfg = kv_config(max_frames=8, page_size=4)
+    mem = RetrievalMemory(cfg)
+    g = torch.Generator().manual_seed(0)
+    s = mem.add_stream()
+    emb, k, v = random_block(g, cfg, 8)
+    mem.append(s, emb, k=k, v=v)
+    before = snapshot(mem)
+    emb, k, v = random_block(g, cfg, 1)
+    with pytest.raises(ValueError, match=r"memory is full: appending 1 frames to stream 0 needs 1 more embedding "
+                                         r"pages but 0 are free \(raise MemoryConfig.max_frames=8\)"):
+        mem.append(s, emb, k=k, v=v)
+    assert snapshot(mem) == before
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(storage="disk"), "storage must be one of"),
+    (dict(storage="kv", kv_layout=None), "storage='kv' needs kv_layout"),
+    (dict(storage="latent", latent_shape=(2, 3)), "storage='latent' needs latent_shape"),
+    (dict(embed_dim=0), "embed_dim must be an int >= 1"),
+    (dict(page_size=0), "page_size must be an int >= 1"),
+    (dict(host_frames=-1), "host_frames must be None or an int >= 0"),
+    (dict(dtype=torch.int8), "dtype must be float32, float16 or bfloat16"),
+    (dict(top_k=0), "top_k must be >= 1"),
+    (dict(device_frames=0, host_frames=0), "needs device_frames \\+ host_frames >= 1"),
+])
+def test_config_errors(kwargs, match):
+    base = dict(storage="kv", kv_layout=LAYOUT, embed_dim=6)
+    base.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        MemoryConfig(**base)
+
+
+def test_kv_layout_errors():
+    with pytest.raises(ValueError, match="KVLayout.head_dim must be even"):
+        KVLayout(num_layers=1, tokens_per_frame=1, num_heads=1, head_dim=3)
+    with pytest.raises(ValueError, match="KVLayout.num_layers must be an int >= 1"):
+        KVLayout(num_layers=0, tokens_per_frame=1, num_heads=1, head_dim=2)

@@ -1,0 +1,194 @@
+"""Unit tests of the causal Wan backbone: config presets, RoPE, the cache's window/position rules (fixture README
+§6), the memory-slot API and argument errors."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import fixture_path
+from lrag.config import WanConfig, tiny_from_run_json, wan_1_3b
+from lrag.models.rope import Rope3D
+from lrag.models.wan import CausalWanModel
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return tiny_from_run_json(json.load(open(fixture_path("rag_tiny_run.json"))))
+
+
+@pytest.fixture(scope="module")
+def model(cfg):
+    torch.manual_seed(0)
+    return CausalWanModel(cfg).eval()
+
+
+def test_presets(cfg):
+    big = wan_1_3b()
+    assert (big.tokens_per_frame, big.head_dim, big.grid) == (1560, 128, (30, 52))
+    assert Rope3D(big.head_dim, big.grid).split == (22, 21, 21)
+    assert (cfg.dim, cfg.num_layers, cfg.num_heads, cfg.text_dim, cfg.text_len) == (64, 2, 2, 32, 16)
+    assert (cfg.tokens_per_frame, cfg.frames_per_block, cfg.window, cfg.sink) == (16, 3, 12, 1)
+    assert Rope3D(cfg.head_dim, cfg.grid).split == (6, 5, 5)
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(num_heads=3), "divisible by num_heads"),
+    (dict(sink=12), "sink must be in"),
+    (dict(frames_per_block=12), "must fit in the non-sink window"),
+    (dict(latent_height=7), "not divisible by the patch"),
+    (dict(num_layers=0), "num_layers must be a positive int"),
+])
+def test_config_errors(cfg, changes, match):
+    with pytest.raises(ValueError, match=match):
+        cfg.replace(**changes)
+
+
+def test_rope_against_closed_form():
+    # independent real-arithmetic rotation: pair j of an axis with n pairs turns by pos * 10000^(-j/n)
+    rope = Rope3D(32, (3, 4))
+    x = torch.randn(1, 2, 12, 2, 32, dtype=torch.float64)
+    pos = torch.tensor([5, 900])
+    out = rope.apply(x, pos)
+    hh, ww = torch.meshgrid(torch.arange(3), torch.arange(4), indexing="ij")
+    angles = []
+    for f in range(2):
+        per_axis = []
+        for p, n in ((torch.full((12,), int(pos[f])), 6), (hh.reshape(-1), 5), (ww.reshape(-1), 5)):
+            per_axis.append(p[:, None].double() * 10000.0 ** (-torch.arange(n, dtype=torch.float64) / n))
+        angles.append(torch.cat(per_axis, dim=1))
+    ang = torch.stack(angles)[None, :, :, None, :]                       # [1, F, T, 1, 16]
+    a, b = x[..., 0::2], x[..., 1::2]
+    expect = torch.stack([a * ang.cos() - b * ang.sin(), a * ang.sin() + b * ang.cos()], dim=-1).flatten(-2)
+    torch.testing.assert_close(out, expect, atol=1e-10, rtol=0)
+    # re-positioning from a to b is a rotation of the temporal pairs only, by (b - a) w (SPEC §4)
+    as_c = lambda t: torch.view_as_complex(t.reshape(*t.shape[:-1], 16, 2))  # noqa: E731
+    ratio = as_c(rope.apply(x, pos + 7)) / as_c(out)
+    w = 10000.0 ** (-torch.arange(6, dtype=torch.float64) / 6)
+    torch.testing.assert_close(ratio[..., :6], torch.polar(torch.ones(6, dtype=torch.float64), 7 * w).expand_as(
+        ratio[..., :6]), atol=1e-9, rtol=0)
+    torch.testing.assert_close(ratio[..., 6:], torch.ones_like(ratio[..., 6:]), atol=1e-9, rtol=0)
+    with pytest.raises(ValueError, match="RoPE positions"):
+        rope.apply(x, torch.tensor([0, 1024]))
+
+
+def _drive(model, mode, slots, blocks):
+    """Commits `blocks` blocks of dummy K/V (value = global frame id) and returns the cache."""
+    cfg = model.cfg
+    cache = model.new_cache(1, mode, memory_slots=slots)
+    for _ in range(blocks):
+        plan = cache.plan(cfg.frames_per_block)
+        ids = torch.arange(cache.num_frames, cache.num_frames + cfg.frames_per_block, dtype=torch.float32)
+        kv = ids.reshape(1, -1, 1, 1, 1).expand(1, -1, cfg.tokens_per_frame, cfg.num_heads, cfg.head_dim)
+        cache.commit([kv] * cfg.num_layers, [-kv] * cfg.num_layers, plan)
+    return cache
+
+
+def _attended(cache, cfg):
+    plan = cache.plan(cfg.frames_per_block)
+    ids = torch.arange(cache.num_frames, cache.num_frames + cfg.frames_per_block, dtype=torch.float32)
+    new = ids.reshape(1, -1, 1, 1, 1).expand(1, -1, cfg.tokens_per_frame, cfg.num_heads, cfg.head_dim)
+    k, v, pos = cache.attention_kv(0, new, -new, plan)
+    assert pos.shape == (1, k.shape[1])
+    return k[0, :, 0, 0, 0].long().tolist(), pos[0].tolist(), plan.query_pos.tolist()
+
+
+def test_window_mode_positions(model, cfg):
+    # block 0: the sink is the block's own first frame
+    assert _attended(_drive(model, "window", 6, 0), cfg) == ([0, 1, 2], [0, 1, 2], [0, 1, 2])
+    # block 1: local budget = 12 - 1 - 6 = 5 frames -> everything
+    assert _attended(_drive(model, "window", 6, 1), cfg) == ([0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5], [3, 4, 5])
+    # block 2: the local window is already shortened (frames 1-3 dropped) though nothing was retrieved
+    assert _attended(_drive(model, "window", 6, 2), cfg) == ([0, 4, 5, 6, 7, 8], [0, 4, 5, 6, 7, 8], [6, 7, 8])
+    # block 4: window full -> slots 0..11, the block at 9, 10, 11, local = slots 7..11
+    cache = _drive(model, "window", 6, 4)
+    assert cache.frame_ids == list(range(12))
+    assert _attended(cache, cfg) == ([0, 10, 11, 12, 13, 14], [0, 7, 8, 9, 10, 11], [9, 10, 11])
+    # with two memory frames: [sink | memory at position 0 | local]
+    mem = torch.full((cfg.num_layers, 2, cfg.tokens_per_frame, cfg.num_heads, cfg.head_dim), 99.0)
+    cache.set_memory(mem, -mem, 0)
+    assert _attended(cache, cfg) == ([0, 99, 99, 10, 11, 12, 13, 14], [0, 0, 0, 7, 8, 9, 10, 11], [9, 10, 11])
+    cache.clear_memory()
+    assert cache.mem_count == 0
+
+
+def test_absolute_mode_positions(model, cfg):
+    cache = _drive(model, "absolute", 0, 4)
+    ids, pos, query = _attended(cache, cfg)
+    assert ids == [0] + list(range(4, 15)) and pos == ids and query == [12, 13, 14]   # sink + last 11
+    cache = _drive(model, "absolute", 0, 9)
+    assert cache.frame_ids == [0] + list(range(16, 27))
+    assert _attended(cache, cfg)[0] == [0] + list(range(19, 30))
+
+
+def test_forward_commits_block_kv(model, cfg):
+    cache = model.new_cache(1, "window", memory_slots=6)
+    model.set_text(cache, torch.randn(1, 5, cfg.text_dim))
+    with pytest.raises(RuntimeError, match="no block"):
+        cache.block_kv()
+    x = torch.randn(1, 3, cfg.in_dim, cfg.latent_height, cfg.latent_width)
+    with torch.no_grad():
+        flow = model(x, torch.full((1, 3), 1000.0), cache)
+        assert cache.num_frames == 0 and flow.shape == x.shape
+        model(x, torch.zeros(1, 3), cache, update_cache=True)
+    k, v = cache.block_kv()
+    assert k.shape == (cfg.num_layers, 1, 3, cfg.tokens_per_frame, cfg.num_heads, cfg.head_dim) == v.shape
+    assert cache.num_frames == 3 and torch.equal(cache.k[:, :, :3], k)
+
+
+def test_memory_position_is_applied(model, cfg):
+    torch.manual_seed(1)
+    x = torch.randn(1, 3, cfg.in_dim, cfg.latent_height, cfg.latent_width)
+    mem = torch.randn(cfg.num_layers, 1, cfg.tokens_per_frame, cfg.num_heads, cfg.head_dim)
+    outs = []
+    for pos in (0, 0, 5):
+        cache = model.new_cache(1, "window", memory_slots=6)
+        model.set_text(cache, torch.ones(1, 4, cfg.text_dim))
+        cache.set_memory(mem, mem, pos)
+        with torch.no_grad():
+            outs.append(model(x, torch.full((1, 3), 500.0), cache))
+    assert torch.equal(outs[0], outs[1]) and not torch.allclose(outs[0], outs[2])
+
+
+def test_bf16_forward(cfg):
+    torch.manual_seed(0)
+    model = CausalWanModel(cfg).to(torch.bfloat16)
+    cache = model.new_cache(1, "absolute")
+    model.set_text(cache, torch.randn(1, 3, cfg.text_dim))
+    x = torch.randn(1, 3, cfg.in_dim, cfg.latent_height, cfg.latent_width, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = model(x, torch.full((1, 3), 1000.0), cache, update_cache=True)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all() and cache.k.dtype == torch.bfloat16
+
+
+def test_errors_leave_state_unchanged(model, cfg):
+    cache = model.new_cache(1, "window", memory_slots=2)
+    x = torch.randn(1, 3, cfg.in_dim, cfg.latent_height, cfg.latent_width)
+    with pytest.raises(RuntimeError, match="set_text"):
+        model(x, torch.zeros(1, 3), cache)
+    with pytest.raises(ValueError, match="text must be"):
+        model.set_text(cache, torch.randn(1, cfg.text_len + 1, cfg.text_dim))
+    model.set_text(cache, torch.randn(1, 2, cfg.text_dim))
+    with pytest.raises(ValueError, match="x must be"):
+        model(x[..., :4], torch.zeros(1, 3), cache)
+    with pytest.raises(ValueError, match="timestep must be"):
+        model(x, torch.zeros(3), cache)
+    with pytest.raises(ValueError, match="a block must have"):
+        model(torch.randn(1, 12, cfg.in_dim, cfg.latent_height, cfg.latent_width), torch.zeros(1, 12), cache)
+    mem = torch.zeros(cfg.num_layers, 3, cfg.tokens_per_frame, cfg.num_heads, cfg.head_dim)
+    with pytest.raises(ValueError, match="exceed the cache's memory_slots"):
+        cache.set_memory(mem, mem)
+    with pytest.raises(ValueError, match="memory k/v must be"):
+        cache.set_memory(mem[..., :4], mem[..., :4])
+    with pytest.raises(ValueError, match=r"positions must be an int, \[m=2\]"):
+        cache.set_memory(mem[:, :2], mem[:, :2], torch.tensor([0, 1, 2]))
+    assert cache.mem_count == 0 and cache.num_frames == 0
+    with pytest.raises(ValueError, match="position_mode"):
+        model.new_cache(1, "relative")
+    with pytest.raises(ValueError, match="memory_slots"):
+        model.new_cache(1, "window", memory_slots=11)
+    assert isinstance(WanConfig.from_wan_config({"num_layers": 1, "dim": 8, "num_heads": 2, "ffn_dim": 8,
+                                                 "_class_name": "WanModel", "patch_size": [1, 2, 2]}), WanConfig)
+    assert math.prod(cfg.grid) == cfg.tokens_per_frame
