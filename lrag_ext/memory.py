@@ -32,7 +32,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import safetensors.torch
 import torch
 
 import lrag_ext
@@ -567,6 +566,7 @@ class RetrievalMemory:
             os.makedirs(tmp)
             try:
                 tensor_file = os.path.join(tmp, "tensors.safetensors")
+                import safetensors.torch  # noqa: PLC0415 - only saving and loading need it
                 safetensors.torch.save_file(tensors, tensor_file)
                 manifest["files"] = {"tensors.safetensors": dict(sha256=_sha256(tensor_file),
                                                                  bytes=os.path.getsize(tensor_file))}
@@ -603,6 +603,7 @@ class RetrievalMemory:
                              f"{want['bytes']}: the file is truncated or altered")
         if _sha256(tensor_file) != want["sha256"]:
             raise ValueError(f"{tensor_file} does not match its SHA-256 in the manifest: the file is altered")
+        import safetensors.torch  # noqa: PLC0415
         tensors = safetensors.torch.load_file(tensor_file)
         config = MemoryConfig.from_dict(manifest["config"])
         if device is not None:
