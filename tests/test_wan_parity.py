@@ -233,3 +233,23 @@ def test_recompute_kv_matches_a_context_rerun(rag):
     model(lat, torch.zeros(1, 3), fresh, update_cache=True)
     assert k.shape == (model.cfg.num_layers, 1, 3, model.cfg.tokens_per_frame, model.cfg.num_heads, model.cfg.head_dim)
     assert torch.equal(k, fresh.block_kv()[0]) and torch.equal(v, fresh.block_kv()[1])
+
+
+def test_longlive_rag_end_to_end_with_our_latent_ae(rag, rag_result):
+    # The whole method with nothing replayed: our LatentAE loaded from the release-format checkpoint the reference
+    # run used (rag_tiny_ae_ckpt.pt) embeds each finished block, and the run reproduces the reference's selections
+    # and output. (Batched convolutions may round the descriptors ~1e-6 differently from the reference's per-frame
+    # calls; the fixture's smallest top-k rank gap is 0.0149, far above that.)
+    from lrag_ext.embedder import load_embedder
+
+    run, model, io = rag
+    embedder = load_embedder(fixture_path("rag_tiny_ae_ckpt.pt"))
+    pipe = Pipeline(model, embed=embedder.embed)
+    res = pipe.generate(io["text_embeds"], run["num_output_frames"], mode="rag", noise=io["init_noise"],
+                        renoise=io["renoise"])
+    assert [r["selected_global_frames"][0] for r in res.memory_log] == \
+        [io["memory_global_frames"][b][io["memory_global_frames"][b] >= 0].tolist() for b in range(6, 10)]
+    _close(res.latents, io["output_latents"], "output latents with our LatentAE")
+    sims = torch.tensor([s for r in res.memory_log for s in r["selected_similarities"][0]])
+    want = torch.cat([io["memory_similarities"][b][~io["memory_similarities"][b].isnan()] for b in range(6, 10)])
+    torch.testing.assert_close(sims, want, atol=1e-5, rtol=0)
