@@ -31,6 +31,12 @@ TORCH_LIBRARY(lrag_ext, m) {
   // (adjacent dims 2i, 2i+1) rotated by delta[b, j] * rope_theta^(-i / rope_temporal_pairs), in float64.
   m.def("gather_kv(Tensor pool, Tensor slots, Tensor(a!) dst_k, Tensor(b!) dst_v, Tensor dst_frame, "
         "Tensor delta, int rope_temporal_pairs, float rope_theta) -> ()");
+  // The LatentAE encoder's tail, fused: GroupNorm(groups, eps) -> SiLU -> global average pool -> Linear ->
+  // L2-normalise (z / max(|z|, 1e-12)); feat [N, C, H, W] (NCHW or channels-last) -> [N, D] float32.
+  m.def("embed_head(Tensor feat, Tensor gn_weight, Tensor gn_bias, Tensor fc_weight, Tensor fc_bias, int groups, float eps) -> Tensor");
+  // The light embedder, fused: adaptive-average-pool each frame to grid x grid (adaptive_avg_pool2d bins) ->
+  // flatten channel-major -> Linear -> L2-normalise; x [N, C, H, W] -> [N, D] float32.
+  m.def("pooled_embed(Tensor x, Tensor weight, Tensor bias, int grid) -> Tensor");
 }
 
 #ifndef LRAG_NO_PYTHON

@@ -8,7 +8,7 @@ from lrag_ext._extension import load_compiled_module as _load
 _C = _load()
 
 from lrag_ext import ops, reference  # noqa: E402  (ops need _C loaded first)
-from lrag_ext.ops import cosine_topk, gather_kv, kv_pool_empty, write_kv  # noqa: E402
+from lrag_ext.ops import cosine_topk, embed_head, gather_kv, kv_pool_empty, pooled_embed, write_kv  # noqa: E402
 
 SlotAllocator = _C.SlotAllocator
 
@@ -25,4 +25,5 @@ def build_info() -> dict:
 
 
 __all__ = ["KVLayout", "MemoryConfig", "RetrievalMemory", "RetrievalPlan", "RetrievalPolicy", "SlotAllocator",
-           "build_info", "cosine_topk", "gather_kv", "kv_pool_empty", "ops", "reference", "write_kv"]
+           "build_info", "cosine_topk", "embed_head", "gather_kv", "kv_pool_empty", "ops", "pooled_embed",
+           "reference", "write_kv"]
