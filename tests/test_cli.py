@@ -374,3 +374,34 @@ def test_real_checkpoint_end_to_end(tiny_wan, tmp_path, capsys):
     assert [r["block"] for r in log["records"]] == [6, 7] and log["embedder"].startswith("spatial-mean")
     assert json.loads((out / "timings.json").read_text())["modes"]["rag"]["summary"]["blocks_done"] == DEMO_BLOCKS
     shutil.rmtree(out)
+    # with the release-format LatentAE of the fixtures (16 x 8 x 8 latents) as the retrieval embedder
+    argv[argv.index("both")] = "rag"
+    assert cli.main(argv + ["--embedder", fixture_path("rag_tiny_ae_ckpt.pt")]) == 0
+    log = json.loads((out / "memory_log.json").read_text())
+    assert log["embedder"].endswith("rag_tiny_ae_ckpt.pt") and len(log["records"]) == 2
+    assert not (out / "native.mp4").exists() and count_frames(out / "rag.mp4") == 93
+    # a checkpoint that is not an embedder
+    err = _error(argv + ["--embedder", fixture_path("sf_tiny_ckpt.pt")], capsys)
+    assert f"--embedder '{fixture_path('sf_tiny_ckpt.pt')}'" in err
+
+
+def test_heavy_dependencies_are_imported_lazily():
+    # lrag_ext never imports them; lrag (and its CLI module) only in the commands that need them
+    import subprocess
+    import sys
+    code = ("import sys, lrag_ext, lrag, lrag.cli, lrag.runner, lrag.generate, lrag.ckpt_info; "
+            "heavy = {'transformers', 'diffusers', 'imageio', 'matplotlib'} & set(m.split('.')[0] for m in sys.modules); "
+            "print(sorted(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_python_dash_m_lrag(capsys):
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, "-m", "lrag", "inspect", fixture_path("sf_tiny_ckpt.pt")],
+                         capture_output=True, text=True)
+    assert res.returncode == 0 and "kind:        generator" in res.stdout
+    res = subprocess.run([sys.executable, "-m", "lrag", "generate", "--demo", "--seconds", "0"],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "lrag: error: --seconds must be a finite number > 0" in res.stderr

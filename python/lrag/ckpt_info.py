@@ -104,8 +104,8 @@ def describe_checkpoint(path: str | os.PathLike) -> dict:
     path = os.fspath(path)
     obj = read_checkpoint_lazily(path)
     info: dict = {"path": path, "bytes": os.path.getsize(path)}
-    if isinstance(obj, dict):
-        info["top_level_keys"] = sorted(str(k) for k in obj)[:20]
+    if isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        info["top_level_keys"] = sorted(str(k) for k in obj)[:20]       # a wrapper, not a plain state dict
     if isinstance(obj, dict) and ("generator" in obj or "generator_ema" in obj):
         info["ema"] = "generator_ema" in obj
     else:
@@ -149,7 +149,7 @@ def format_description(info: dict) -> str:
                   f"  patch:       {tuple(geo['patch_size'])}"]
     if "embedding_dim" in info:
         lines.append(f"  embedding:   {info['embedding_dim']}-d")
-    if "top_level_keys" in info and info["kind"] != "unknown":
+    if "top_level_keys" in info:
         lines.append(f"  top level:   {', '.join(info['top_level_keys'][:8])}")
     lines += [f"  EMA:         {'yes (generator_ema, used by default)' if info['ema'] else 'no'}",
               f"  dtype:       {info['dtype']}", f"  tensors:     {info['num_tensors']}",

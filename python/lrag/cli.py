@@ -58,7 +58,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--text-len", type=int, default=512, help="text tokens of the DiT (512 for Wan2.1)")
     p.add_argument("--no-ema", action="store_true", help="use 'generator' instead of 'generator_ema'")
     p.add_argument("--quiet", action="store_true", help="no progress output")
-    p.add_argument("--demo-latent", type=int, default=24, help=argparse.SUPPRESS)   # demo latent side (tests)
+    p.add_argument("--demo-latent", type=int, default=32, help=argparse.SUPPRESS)   # demo latent side (tests)
 
 
 def build_parser() -> argparse.ArgumentParser:

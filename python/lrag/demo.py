@@ -20,7 +20,7 @@ MODEL_SEED = 11
 EMBED_SEED = 26
 
 
-def demo_config(latent_size: int = 24) -> WanConfig:
+def demo_config(latent_size: int = 32) -> WanConfig:
     """The demo's geometry: 2 layers, dim 64, 2 heads, 16 x ``latent_size`` x ``latent_size`` latents, the
     real schedule (3 frames per block, window 12, sink 1)."""
     return WanConfig(num_layers=2, dim=64, num_heads=2, ffn_dim=128, freq_dim=64, text_dim=32, text_len=16,

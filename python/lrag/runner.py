@@ -87,7 +87,6 @@ def _demo_setup(args, num_frames_hint: int) -> Setup:
     from lrag.video import latent_preview  # noqa: PLC0415
 
     cfg = demo.demo_config(args.demo_latent)
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     embedder = demo.demo_embedder(cfg)
     pipe = Pipeline(demo.demo_model(cfg), retrieval=_retrieval(args, num_frames_hint), embed=embedder.embed)
     scale = max(1, 128 // args.demo_latent)
@@ -145,7 +144,18 @@ def _real_setup(args, cfg: WanConfig, num_frames_hint: int, tokenizer=None) -> S
     if args.prompt is None or not args.prompt.strip():
         raise UsageError("--prompt is required without --demo")
     device, dtype = _device_dtype(args)
-    encoder = TextEncoder(args.wan_dir, text_len=cfg.text_len, device=device, tokenizer=tokenizer)
+    if args.embedder:
+        from lrag_ext.embedder import load_embedder  # noqa: PLC0415  (cheap: load it first)
+        try:
+            embed = load_embedder(args.embedder, map_location=device).embed
+        except (ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"--embedder {args.embedder!r}: {e}") from None
+        embedder = args.embedder
+    else:
+        embed, embedder = None, "spatial-mean descriptor (no --embedder)"
+        print("lrag: no --embedder given: retrieval uses the spatial-mean descriptor (SPEC §5 fallback)",
+              file=sys.stderr)
+    encoder = TextEncoder(args.wan_dir, text_len=cfg.text_len, device=device, dtype=dtype, tokenizer=tokenizer)
     if encoder.dim != cfg.text_dim:
         raise UsageError(f"the text encoder of --wan-dir gives {encoder.dim}-d states but the checkpoint expects "
                          f"text_dim={cfg.text_dim}")
@@ -156,17 +166,6 @@ def _real_setup(args, cfg: WanConfig, num_frames_hint: int, tokenizer=None) -> S
         raise UsageError(f"the VAE of --wan-dir has {vae.config.z_dim} latent channels, the checkpoint "
                          f"{cfg.in_dim}")
     model = build_generator(cfg, args.checkpoint, use_ema=False if args.no_ema else None, dtype=dtype, device=device)
-    if args.embedder:
-        from lrag_ext.embedder import load_embedder  # noqa: PLC0415
-        try:
-            embed = load_embedder(args.embedder, map_location=device).embed
-        except (ValueError, KeyError) as e:
-            raise UsageError(f"--embedder {args.embedder!r}: {e}") from None
-        embedder = args.embedder
-    else:
-        embed, embedder = None, "spatial-mean descriptor (no --embedder)"
-        print("lrag: no --embedder given: retrieval uses the spatial-mean descriptor (SPEC §5 fallback)",
-              file=sys.stderr)
     pipe = Pipeline(model, retrieval=_retrieval(args, num_frames_hint), embed=embed)
     return Setup(pipe, text, lambda: StreamingVAEDecoder(vae).decode,
                  {"source": f"{args.backbone}: {args.checkpoint}", "embedder": embedder})
@@ -184,6 +183,7 @@ def run_generate(args, on_block: Optional[Callable] = None, tokenizer=None) -> d
         KeyboardInterrupt: after the finished blocks' video and logs have been written.
     """
     _check_common(args)
+    args.out = args.out or ("lrag_demo" if args.demo else "lrag_out")
     modes = {"both": ["rag", "native"], None: ["rag", "native"] if args.demo else ["rag"]}.get(args.mode, [args.mode])
     if args.demo:
         from lrag.demo import demo_config  # noqa: PLC0415
@@ -197,7 +197,7 @@ def run_generate(args, on_block: Optional[Callable] = None, tokenizer=None) -> d
         cfg = _real_config(args)
         num_blocks = _check_blocks(args, cfg, modes)
         setup = _real_setup(args, cfg, num_blocks * cfg.frames_per_block, tokenizer=tokenizer)
-    out = args.out = args.out or ("lrag_demo" if args.demo else "lrag_out")
+    out = args.out
     os.makedirs(out, exist_ok=True)
     cfg = setup.pipe.cfg
     meta = {**setup.meta, "prompt": args.prompt or (DEMO_PROMPT if args.demo else None), "seed": args.seed,
@@ -207,7 +207,11 @@ def run_generate(args, on_block: Optional[Callable] = None, tokenizer=None) -> d
             "memory_position": args.memory_position, "device": str(setup.pipe.model.device),
             "dtype": str(setup.pipe.model.dtype).replace("torch.", ""), "modes": modes,
             "title": "demo (untrained)" if args.demo else args.backbone}
-    runs, interrupted, start = [], True, time.perf_counter()
+    runs, interrupted, start, threads = [], True, time.perf_counter(), torch.get_num_threads()
+    if args.demo:
+        # One thread: the tiny model's ops are too small to gain from more, and on a busy 2-core machine two
+        # threads lost 4x to OpenMP spinning (measured: 50 s vs 11 s for a 24 x 24 demo).
+        torch.set_num_threads(1)
     try:
         for mode in modes:
             run = ModeRun(mode, num_blocks, os.path.join(out, f"{mode}.mp4"))
@@ -216,6 +220,7 @@ def run_generate(args, on_block: Optional[Callable] = None, tokenizer=None) -> d
                      on_block=on_block, progress=Progress(mode, num_blocks, enabled=not args.quiet), run=run)
         interrupted = False
     finally:
+        torch.set_num_threads(threads)
         meta["wall_s"] = time.perf_counter() - start
         paths = write_outputs(out, runs, meta, cfg.frames_per_block, interrupted)
     videos = {f"video_{r.mode}": r.video for r in runs}
