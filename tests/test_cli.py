@@ -25,6 +25,16 @@ DEMO_BLOCKS = 8             # retrieval at blocks 6 and 7 (window 12, sink 1, R 
 DEMO = ["generate", "--demo", "--seconds", str(DEMO_BLOCKS * 0.75), "--demo-latent", "8", "--quiet"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # the tiny models' ops gain nothing from more threads, and on a busy machine OpenMP spinning makes 2 threads
+    # several times slower (measured: the tiny-VAE test 19 s vs 0.6 s)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _read_video(path) -> np.ndarray:
     import imageio.v2 as imageio
     reader = imageio.get_reader(path)
@@ -208,7 +218,8 @@ def _error(argv, capsys) -> str:
     (["--top-k", "0"], "--top-k must be >= 1"),
     (["--top-k", "11"], "--top-k must be <= window - sink - 1 = 10"),
     (["--recent-exclude", "-1"], "--recent-exclude must be >= 0"),
-    (["--device-frames", "0"], "--device-frames must be >= 1"),
+    (["--device-frames", "-1"], "--device-frames must be >= 0"),
+    (["--device-frames", "0", "--host-frames", "0"], "leave the retrieval memory no room"),
     (["--host-frames", "-2"], "--host-frames must be >= 0"),
     (["--memory-position", "sideways"], "--memory-position must be an int >= 0, 'absolute' or 'ordered'"),
     (["--mode", "native", "--seconds", "300"], "native mode uses absolute RoPE positions, at most 1024 frames"),
@@ -405,3 +416,13 @@ def test_python_dash_m_lrag(capsys):
     res = subprocess.run([sys.executable, "-m", "lrag", "generate", "--demo", "--seconds", "0"],
                          capture_output=True, text=True)
     assert res.returncode == 2 and "lrag: error: --seconds must be a finite number > 0" in res.stderr
+
+
+def test_kv_estimate_of_the_real_model():
+    from lrag.config import wan_1_3b
+    from lrag.runner import kv_estimate
+    est = kv_estimate(wan_1_3b(), 120, torch.bfloat16, device_frames=64, host_frames=None)
+    assert est["frame_mib"] * 2 ** 20 == 30 * 2 * 1560 * 1536 * 2            # 287.5 MB per frame (SPEC §2)
+    assert est["device_gib"] == pytest.approx(64 * est["frame_mib"] / 1024)
+    assert est["host_gib"] == pytest.approx(56 * est["frame_mib"] / 1024) and est["dropped_frames"] == 0
+    assert kv_estimate(wan_1_3b(), 120, torch.bfloat16, 64, 10)["dropped_frames"] == 46

@@ -40,13 +40,16 @@ class Setup:
 
 
 def _check_common(args) -> None:
-    for name in ("top_k", "device_frames"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.top_k < 1:
+        raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.device_frames < 0:
+        raise UsageError(f"--device-frames must be >= 0, got {args.device_frames}")
     if args.recent_exclude < 0:
         raise UsageError(f"--recent-exclude must be >= 0, got {args.recent_exclude}")
     if args.host_frames is not None and args.host_frames < 0:
         raise UsageError(f"--host-frames must be >= 0, got {args.host_frames}")
+    if args.device_frames == 0 and args.host_frames == 0:
+        raise UsageError("--device-frames 0 and --host-frames 0 leave the retrieval memory no room for K/V")
     if isinstance(args.memory_position, str) and args.memory_position not in ("absolute", "ordered"):
         raise UsageError(f"--memory-position must be an int >= 0, 'absolute' or 'ordered', got "
                          f"{args.memory_position!r}")
@@ -56,6 +59,17 @@ def _retrieval(args, num_frames: int) -> RetrievalConfig:
     return RetrievalConfig(k=args.top_k, recent_exclude=args.recent_exclude, memory_position=args.memory_position,
                            device_frames=args.device_frames, host_frames=args.host_frames,
                            max_frames=max(4096, num_frames))
+
+
+def kv_estimate(cfg: WanConfig, num_frames: int, dtype: torch.dtype, device_frames: int,
+                host_frames: int | None) -> dict:
+    """Bytes of K/V the retrieval memory will hold for a ``num_frames`` run (every generated frame is kept, up
+    to the tiers' bounds): one frame is ``layers x 2 x tokens x dim`` values (287.5 MB for Wan 1.3B in bf16)."""
+    per_frame = cfg.num_layers * 2 * cfg.tokens_per_frame * cfg.dim * torch.finfo(dtype).bits // 8
+    on_device = min(device_frames, num_frames)
+    on_host = num_frames - on_device if host_frames is None else min(host_frames, num_frames - on_device)
+    return {"frame_mib": per_frame / 2 ** 20, "device_gib": on_device * per_frame / 2 ** 30,
+            "host_gib": on_host * per_frame / 2 ** 30, "dropped_frames": num_frames - on_device - on_host}
 
 
 def _device_dtype(args) -> tuple[torch.device, torch.dtype]:
@@ -207,6 +221,14 @@ def run_generate(args, on_block: Optional[Callable] = None, tokenizer=None) -> d
             "memory_position": args.memory_position, "device": str(setup.pipe.model.device),
             "dtype": str(setup.pipe.model.dtype).replace("torch.", ""), "modes": modes,
             "title": "demo (untrained)" if args.demo else args.backbone}
+    if "rag" in modes:
+        est = kv_estimate(cfg, num_blocks * cfg.frames_per_block, setup.pipe.model.dtype, args.device_frames,
+                          args.host_frames)
+        meta["kv_memory_estimate"] = est
+        if not args.quiet:
+            print(f"lrag: retrieval memory: {est['frame_mib']:.1f} MiB of K/V per latent frame; up to "
+                  f"{est['device_gib']:.2f} GiB on {meta['device']} + {est['host_gib']:.2f} GiB host memory "
+                  f"(bound them with --device-frames / --host-frames)", file=sys.stderr)
     runs, interrupted, start, threads = [], True, time.perf_counter(), torch.get_num_threads()
     if args.demo:
         # One thread: the tiny model's ops are too small to gain from more, and on a busy 2-core machine two

@@ -19,7 +19,7 @@ def _transformers():
 class TextEncoder:
     """``encode(prompts) -> [B, text_len, d_model]``: umT5 encoder states, zero beyond each prompt's tokens.
 
-    As in Wan, each prompt is tokenised to at most ``text_len`` tokens (the EOS included), encoded with its
+    As in Wan, each prompt (whitespace collapsed) is tokenised to at most ``text_len`` tokens (the EOS included), encoded with its
     attention mask, and the states past its length are zeroed (the DiT pads with zeros to ``text_len``).
 
     Args:
@@ -46,6 +46,7 @@ class TextEncoder:
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> torch.Tensor:
+        prompts = [" ".join(p.split()) for p in prompts]      # Wan's whitespace clean-up of prompts
         tok = self.tokenizer(prompts, padding="max_length", max_length=self.text_len, truncation=True,
                              add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
         ids = tok["input_ids"].to(self.device)
