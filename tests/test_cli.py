@@ -426,3 +426,23 @@ def test_kv_estimate_of_the_real_model():
     assert est["device_gib"] == pytest.approx(64 * est["frame_mib"] / 1024)
     assert est["host_gib"] == pytest.approx(56 * est["frame_mib"] / 1024) and est["dropped_frames"] == 0
     assert kv_estimate(wan_1_3b(), 120, torch.bfloat16, 64, 10)["dropped_frames"] == 46
+
+
+def test_progress_line():
+    import io
+    from lrag.generate import Progress
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    timings = {"retrieval": 0.01, "memory": 0.01, "total": 0.2}
+    tty, log = Tty(), io.StringIO()
+    for stream in (tty, log):
+        p = Progress("rag", 20, stream=stream)
+        for done in range(1, 21):
+            p.update(done, timings)
+    assert tty.getvalue().count("\r") == 20 and "block 20/20" in tty.getvalue()
+    assert "retrieval 10.0% of block time" in tty.getvalue()
+    lines = log.getvalue().splitlines()           # not a terminal: every 2nd block of 20, no carriage returns
+    assert len(lines) == 10 and lines[-1].startswith("[rag] |########################| block 20/20")

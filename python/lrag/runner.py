@@ -185,6 +185,33 @@ def _real_setup(args, cfg: WanConfig, num_frames_hint: int, tokenizer=None) -> S
                  {"source": f"{args.backbone}: {args.checkpoint}", "embedder": embedder})
 
 
+def _build(args, modes: list[str], tokenizer) -> tuple[Setup, int]:
+    """Checks the options against the geometry, then builds the demo or the real setup."""
+    if args.demo:
+        from lrag.demo import demo_config  # noqa: PLC0415
+
+        if args.demo_latent < 2 or args.demo_latent % 2:
+            raise UsageError(f"--demo-latent must be an even number >= 2, got {args.demo_latent}")
+        cfg = demo_config(args.demo_latent)
+        num_blocks = _check_blocks(args, cfg, modes)
+        return _demo_setup(args, num_blocks * cfg.frames_per_block), num_blocks
+    _real_checks(args)
+    cfg = _real_config(args)
+    num_blocks = _check_blocks(args, cfg, modes)
+    return _real_setup(args, cfg, num_blocks * cfg.frames_per_block, tokenizer=tokenizer), num_blocks
+
+
+def _announce_memory(args, setup: Setup, num_blocks: int, device: str) -> dict:
+    cfg = setup.pipe.cfg
+    est = kv_estimate(cfg, num_blocks * cfg.frames_per_block, setup.pipe.model.dtype, args.device_frames,
+                      args.host_frames)
+    if not args.quiet:
+        print(f"lrag: retrieval memory: {est['frame_mib']:.1f} MiB of K/V per latent frame; up to "
+              f"{est['device_gib']:.2f} GiB on {device} + {est['host_gib']:.2f} GiB host memory "
+              f"(bound them with --device-frames / --host-frames)", file=sys.stderr)
+    return est
+
+
 def run_generate(args, on_block: Optional[Callable] = None, tokenizer=None) -> dict[str, str]:
     """Runs ``lrag generate`` for parsed ``args``; returns the artefacts' paths.
 
@@ -197,21 +224,9 @@ def run_generate(args, on_block: Optional[Callable] = None, tokenizer=None) -> d
         KeyboardInterrupt: after the finished blocks' video and logs have been written.
     """
     _check_common(args)
-    args.out = args.out or ("lrag_demo" if args.demo else "lrag_out")
+    args.out = out = args.out or ("lrag_demo" if args.demo else "lrag_out")
     modes = {"both": ["rag", "native"], None: ["rag", "native"] if args.demo else ["rag"]}.get(args.mode, [args.mode])
-    if args.demo:
-        from lrag.demo import demo_config  # noqa: PLC0415
-
-        if args.demo_latent < 2 or args.demo_latent % 2:
-            raise UsageError(f"--demo-latent must be an even number >= 2, got {args.demo_latent}")
-        num_blocks = _check_blocks(args, demo_config(args.demo_latent), modes)
-        setup = _demo_setup(args, num_blocks * 3)
-    else:
-        _real_checks(args)
-        cfg = _real_config(args)
-        num_blocks = _check_blocks(args, cfg, modes)
-        setup = _real_setup(args, cfg, num_blocks * cfg.frames_per_block, tokenizer=tokenizer)
-    out = args.out
+    setup, num_blocks = _build(args, modes, tokenizer)
     os.makedirs(out, exist_ok=True)
     cfg = setup.pipe.cfg
     meta = {**setup.meta, "prompt": args.prompt or (DEMO_PROMPT if args.demo else None), "seed": args.seed,
@@ -222,13 +237,7 @@ def run_generate(args, on_block: Optional[Callable] = None, tokenizer=None) -> d
             "dtype": str(setup.pipe.model.dtype).replace("torch.", ""), "modes": modes,
             "title": "demo (untrained)" if args.demo else args.backbone}
     if "rag" in modes:
-        est = kv_estimate(cfg, num_blocks * cfg.frames_per_block, setup.pipe.model.dtype, args.device_frames,
-                          args.host_frames)
-        meta["kv_memory_estimate"] = est
-        if not args.quiet:
-            print(f"lrag: retrieval memory: {est['frame_mib']:.1f} MiB of K/V per latent frame; up to "
-                  f"{est['device_gib']:.2f} GiB on {meta['device']} + {est['host_gib']:.2f} GiB host memory "
-                  f"(bound them with --device-frames / --host-frames)", file=sys.stderr)
+        meta["kv_memory_estimate"] = _announce_memory(args, setup, num_blocks, meta["device"])
     runs, interrupted, start, threads = [], True, time.perf_counter(), torch.get_num_threads()
     if args.demo:
         # One thread: the tiny model's ops are too small to gain from more, and on a busy 2-core machine two
