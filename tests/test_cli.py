@@ -306,6 +306,13 @@ def test_heads_must_be_given_when_not_inferable(tmp_path, capsys):
     assert "cannot infer the number of heads from dim=64: pass --num-heads" in err
 
 
+def test_bad_frames_per_block(tmp_path, capsys):
+    wan = _fake_wan_dir(tmp_path / "wan")
+    err = _error(_real(tmp_path, "--backbone", "causal-forcing", "--checkpoint", fixture_path("sf_tiny_ckpt.pt"),
+                       "--wan-dir", str(wan), "--num-heads", "2", "--frames-per-block", "0"), capsys)
+    assert "the checkpoint's geometry does not fit the options: WanConfig.frames_per_block must be a positive" in err
+
+
 def test_inspect_errors(tmp_path, capsys):
     assert "does not exist" in _error(["inspect", str(tmp_path / "x.pt")], capsys)
     bad = tmp_path / "bad.safetensors"
@@ -446,3 +453,16 @@ def test_progress_line():
     assert "retrieval 10.0% of block time" in tty.getvalue()
     lines = log.getvalue().splitlines()           # not a terminal: every 2nd block of 20, no carriage returns
     assert len(lines) == 10 and lines[-1].startswith("[rag] |########################| block 20/20")
+
+
+def test_real_frame_wise_run(tiny_wan, tmp_path):
+    # frame-wise schedule (Causal-Forcing's frame-wise variant): a block is 1 latent frame = 0.25 s
+    out = tmp_path / "out"
+    argv = ["generate", "--backbone", "causal-forcing", "--checkpoint", fixture_path("sf_tiny_ckpt.pt"),
+            "--wan-dir", str(tiny_wan), "--prompt", "a dog", "--seconds", "1", "--height", "64", "--width", "64",
+            "--num-heads", "2", "--text-len", "16", "--device", "cpu", "--mode", "native", "--frames-per-block", "1",
+            "--out", str(out), "--quiet"]
+    assert cli.main(argv) == 0
+    t = json.loads((out / "timings.json").read_text())
+    assert t["num_blocks"] == 4 and t["frames_per_block"] == 1
+    assert count_frames(out / "native.mp4") == 1 + 4 * 3

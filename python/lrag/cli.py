@@ -56,6 +56,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--width", type=int, default=832, help="video width (multiple of 16)")
     p.add_argument("--num-heads", type=int, default=None, help="attention heads (default: dim / 128)")
     p.add_argument("--text-len", type=int, default=512, help="text tokens of the DiT (512 for Wan2.1)")
+    p.add_argument("--frames-per-block", type=int, default=None,
+                   help="latent frames per block (default 3 for every backbone; 1 for frame-wise Causal-Forcing)")
     p.add_argument("--no-ema", action="store_true", help="use 'generator' instead of 'generator_ema'")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--demo-latent", type=int, default=32, help=argparse.SUPPRESS)   # demo latent side (tests)

@@ -26,6 +26,10 @@ from lrag.pipeline import Pipeline
 
 DEMO_PROMPT = "a red fox running through a snowy forest, cinematic"
 VAE_SPATIAL = 8              # Wan VAE: 8x spatial compression
+# What each backbone's released checkpoints were trained with (the geometry itself is read from the weights).
+BACKBONE_SCHEDULE = {"self-forcing": dict(frames_per_block=3, window=12, sink=1),
+                     "causal-forcing": dict(frames_per_block=3, window=12, sink=1),
+                     "longlive": dict(frames_per_block=3, window=12, sink=1)}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -143,8 +147,11 @@ def _real_config(args) -> WanConfig:
         geo["num_heads"] = args.num_heads
     if "num_heads" not in geo:
         raise UsageError(f"cannot infer the number of heads from dim={geo['dim']}: pass --num-heads")
+    schedule = dict(BACKBONE_SCHEDULE[args.backbone])
+    if args.frames_per_block is not None:
+        schedule["frames_per_block"] = args.frames_per_block
     try:
-        return wan_1_3b(**geo, text_len=args.text_len, latent_height=args.height // VAE_SPATIAL,
+        return wan_1_3b(**geo, **schedule, text_len=args.text_len, latent_height=args.height // VAE_SPATIAL,
                         latent_width=args.width // VAE_SPATIAL)
     except ValueError as e:
         raise UsageError(f"the checkpoint's geometry does not fit the options: {e}") from None
