@@ -54,11 +54,11 @@ def demo_run(tmp_path_factory):
 def test_demo_writes_every_artefact(demo_run):
     for name in ("rag.mp4", "native.mp4", "side_by_side.mp4", "memory_log.json", "timings.json", "retrieval.png"):
         assert (demo_run / name).stat().st_size > 0, name
-    # 8 blocks x 3 latent frames x 4 video frames, 16 x 8 x 8 latents previewed at x16
+    # 8 blocks x 3 latent frames x 4 video frames, 16 x 8 x 8 latents previewed at x16 above a 16-px strip
     rag = _read_video(demo_run / "rag.mp4")
-    assert rag.shape == (DEMO_BLOCKS * 12, 128, 128, 3)
+    assert rag.shape == (DEMO_BLOCKS * 12, 128 + 16, 128, 3)
     assert count_frames(demo_run / "native.mp4") == DEMO_BLOCKS * 12
-    assert _read_video(demo_run / "side_by_side.mp4").shape == (DEMO_BLOCKS * 12, 128, 2 * 128 + 16, 3)
+    assert _read_video(demo_run / "side_by_side.mp4").shape == (DEMO_BLOCKS * 12, 128 + 16, 2 * 128 + 16, 3)
     import matplotlib.image
     assert matplotlib.image.imread(demo_run / "retrieval.png").shape[:2] == (450, 800)
 
@@ -84,12 +84,24 @@ def test_demo_log_and_video_match_a_direct_pipeline_run(demo_run):
         s = got["query_frame"]
         assert all(1 <= f < 1 + (s - 12) - 5 for f in got["selected_global_frames"][0])
     # the video shows these latents (H.264 is lossy: compare means)
-    video = _read_video(demo_run / "rag.mp4").astype(np.float32)
+    video = _read_video(demo_run / "rag.mp4")[:, :128].astype(np.float32)
     want_frames = np.concatenate([latent_preview(res.latents[0, 3 * b:3 * b + 3], scale=16)
                                   for b in range(DEMO_BLOCKS)]).astype(np.float32)
     assert np.abs(video - want_frames).mean() < 6.0
     other = np.roll(want_frames, 12, axis=0)               # a block off: clearly worse
     assert np.abs(video - other).mean() > np.abs(video - want_frames).mean() + 2
+
+
+def test_timeline_strip_colours():
+    from lrag.demo import COLOURS, STRIP_HEIGHT, timeline_strip
+    # block 7 of a 10-block video (30 latent frames, 3 px each): rag window = sink + the last 5 frames
+    strip = timeline_strip(90, 30, start=21, frames=3, sink=1, local=5, retrieved=[4, 2])
+    assert strip.shape == (STRIP_HEIGHT, 90, 3) and not strip[:2].any()
+    assert [f for f in range(30) if tuple(strip[8, 3 * f]) == COLOURS["window"]] == [0, 19, 20]
+    assert [f for f in range(30) if tuple(strip[8, 3 * f]) == COLOURS["retrieved"]] == [2, 4]
+    assert [f for f in range(30) if tuple(strip[8, 3 * f]) == COLOURS["block"]] == [21, 22, 23]
+    assert [f for f in range(30) if tuple(strip[8, 3 * f]) == COLOURS["empty"]] == list(range(24, 30))
+    assert tuple(strip[8, 3 * 10]) == COLOURS["past"]
 
 
 def cli_prompt() -> str:

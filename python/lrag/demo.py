@@ -3,18 +3,20 @@
 It needs no download and runs the whole machinery (block loop, retrieval memory, streaming video, logs, plot)
 on a CPU in about a minute. Its frames show what the machinery does, not a meaningful video: the weights are
 random. Frames are rendered with :func:`lrag.video.latent_preview` (a fixed 16 -> 3 projection, upsampled),
-not the Wan VAE.
+not the Wan VAE, above a timeline strip showing what the block attended to (:func:`timeline_strip`).
 """
 from __future__ import annotations
 
 import math
 import zlib
 
+import numpy as np
 import torch
 from torch import nn
 
 from lrag.config import WanConfig
 from lrag.models.wan import CausalWanModel, LayerNorm, RMSNorm
+from lrag.video import latent_preview
 
 MODEL_SEED = 11
 EMBED_SEED = 26
@@ -64,3 +66,51 @@ def demo_text(prompt: str, cfg: WanConfig) -> torch.Tensor:
     so the same prompt always gives the same "embedding" and different prompts different ones."""
     g = torch.Generator().manual_seed(zlib.crc32(prompt.encode("utf-8")))
     return torch.randn((1, cfg.text_len, cfg.text_dim), generator=g)
+
+
+STRIP_HEIGHT = 16
+COLOURS = {"empty": (24, 24, 24), "past": (90, 90, 90), "window": (60, 120, 255), "retrieved": (255, 160, 0),
+           "block": (255, 255, 255)}
+
+
+def timeline_strip(width: int, total_frames: int, start: int, frames: int, sink: int, local: int,
+                   retrieved: list[int]) -> np.ndarray:
+    """``uint8 [STRIP_HEIGHT, width, 3]``: one column range per latent frame of the whole video, coloured by
+    its role for the block ``[start, start + frames)``: not generated yet (near black), generated (grey), attended
+    from the cache (blue: the sink and the last ``local`` frames of the window), retrieved (orange), the block
+    itself (white)."""
+    role = ["empty"] * total_frames
+    end = start + frames
+    role[:end] = ["past"] * end
+    for f in list(range(min(sink, end))) + list(range(max(sink, end - local), end)):
+        role[f] = "window"
+    for f in retrieved:
+        role[f] = "retrieved"
+    role[start:end] = ["block"] * frames
+    strip = np.empty((STRIP_HEIGHT, width, 3), dtype=np.uint8)
+    for f, name in enumerate(role):
+        x0 = f * width // total_frames
+        x1 = max((f + 1) * width // total_frames, x0 + 1)
+        strip[:, x0:x1] = COLOURS[name]
+    strip[:2] = 0                                    # a dark line between the frame and the strip
+    return strip
+
+
+class DemoRenderer:
+    """Renders a demo block: :func:`latent_preview` frames with a :func:`timeline_strip` underneath.
+
+    ``mode`` decides the attended local window: ``window - sink - top_k`` frames in ``rag`` mode (the retrieval
+    model's shortened window), ``window - sink`` in ``native`` mode.
+    """
+
+    def __init__(self, cfg: WanConfig, mode: str, total_frames: int, top_k: int, scale: int):
+        self.cfg, self.total, self.scale = cfg, total_frames, scale
+        self.local = cfg.window - cfg.sink - (top_k if mode == "rag" else 0)
+
+    def __call__(self, block) -> np.ndarray:
+        frames = latent_preview(block.latents[0], scale=self.scale)
+        rec = block.memory_record
+        retrieved = rec["selected_global_frames"][0] if rec is not None else []
+        strip = timeline_strip(frames.shape[2], self.total, block.start_frame, block.latents.shape[1],
+                               self.cfg.sink, self.local, retrieved)
+        return np.concatenate([frames, np.broadcast_to(strip, (len(frames), *strip.shape))], axis=1)

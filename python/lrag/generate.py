@@ -24,7 +24,7 @@ import torch
 from lrag.pipeline import BlockResult, Pipeline
 from lrag.video import FPS, TEMPORAL_STRIDE, VideoWriter
 
-Renderer = Callable[[torch.Tensor], np.ndarray]      # latents [F, C, H, W] -> uint8 [N, H, W, 3]
+Renderer = Callable[[BlockResult], np.ndarray]       # a finished block (latents [1, F, C, H, W]) -> uint8 [N, H, W, 3]
 PHASES = ("retrieval", "denoise", "rerun", "memory", "decode", "write", "total")
 
 
@@ -118,7 +118,7 @@ def run_mode(pipe: Pipeline, text: torch.Tensor, num_blocks: int, mode: str, ren
 
     def callback(block: BlockResult) -> None:
         t0 = time.perf_counter()
-        frames = render(block.latents[0])
+        frames = render(block)
         t1 = time.perf_counter()
         writer.append(frames)
         t2 = time.perf_counter()

@@ -39,7 +39,7 @@ class Setup:
 
     pipe: Pipeline
     text: torch.Tensor                       # [1, L, text_dim]
-    make_renderer: Callable[[], Callable]    # a fresh renderer per mode (the VAE decoder carries a cache)
+    make_renderer: Callable[[str], Callable]  # mode -> a fresh renderer (the VAE decoder carries a cache)
     meta: dict
 
 
@@ -100,16 +100,14 @@ def _check_blocks(args, cfg: WanConfig, modes: list[str]) -> int:
     return num_blocks
 
 
-def _demo_setup(args, num_frames_hint: int) -> Setup:
+def _demo_setup(args, num_frames: int) -> Setup:
     from lrag import demo  # noqa: PLC0415
-    from lrag.video import latent_preview  # noqa: PLC0415
-
     cfg = demo.demo_config(args.demo_latent)
     embedder = demo.demo_embedder(cfg)
-    pipe = Pipeline(demo.demo_model(cfg), retrieval=_retrieval(args, num_frames_hint), embed=embedder.embed)
+    pipe = Pipeline(demo.demo_model(cfg), retrieval=_retrieval(args, num_frames), embed=embedder.embed)
     scale = max(1, 128 // args.demo_latent)
     return Setup(pipe, demo.demo_text(args.prompt or DEMO_PROMPT, cfg),
-                 lambda: (lambda latents: latent_preview(latents, scale=scale)),
+                 lambda mode: demo.DemoRenderer(cfg, mode, num_frames, args.top_k, scale),
                  {"source": "demo (untrained seeded weights, latent preview instead of the VAE)",
                   "embedder": "PooledEmbedder (seeded, untrained)"})
 
@@ -157,7 +155,7 @@ def _real_config(args) -> WanConfig:
         raise UsageError(f"the checkpoint's geometry does not fit the options: {e}") from None
 
 
-def _real_setup(args, cfg: WanConfig, num_frames_hint: int, tokenizer=None) -> Setup:
+def _real_setup(args, cfg: WanConfig, num_frames: int, tokenizer=None) -> Setup:
     from lrag.checkpoint import build_generator  # noqa: PLC0415
     from lrag.text import TextEncoder  # noqa: PLC0415
     from lrag.vae import StreamingVAEDecoder, load_vae  # noqa: PLC0415
@@ -187,8 +185,12 @@ def _real_setup(args, cfg: WanConfig, num_frames_hint: int, tokenizer=None) -> S
         raise UsageError(f"the VAE of --wan-dir has {vae.config.z_dim} latent channels, the checkpoint "
                          f"{cfg.in_dim}")
     model = build_generator(cfg, args.checkpoint, use_ema=False if args.no_ema else None, dtype=dtype, device=device)
-    pipe = Pipeline(model, retrieval=_retrieval(args, num_frames_hint), embed=embed)
-    return Setup(pipe, text, lambda: StreamingVAEDecoder(vae).decode,
+    pipe = Pipeline(model, retrieval=_retrieval(args, num_frames), embed=embed)
+    def make_renderer(mode: str):
+        decode = StreamingVAEDecoder(vae).decode
+        return lambda block: decode(block.latents[0])
+
+    return Setup(pipe, text, make_renderer,
                  {"source": f"{args.backbone}: {args.checkpoint}", "embedder": embedder})
 
 
@@ -254,7 +256,7 @@ def run_generate(args, on_block: Optional[Callable] = None, tokenizer=None) -> d
         for mode in modes:
             run = ModeRun(mode, num_blocks, os.path.join(out, f"{mode}.mp4"))
             runs.append(run)
-            run_mode(setup.pipe, setup.text, num_blocks, mode, setup.make_renderer(), run.video, seed=args.seed,
+            run_mode(setup.pipe, setup.text, num_blocks, mode, setup.make_renderer(mode), run.video, seed=args.seed,
                      on_block=on_block, progress=Progress(mode, num_blocks, enabled=not args.quiet), run=run)
         interrupted = False
     finally:
