@@ -13,21 +13,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import ALL_THREADS, torch_threads
+from embed_models import perturbed_ae
+
 from lrag_ext import ops
-from lrag_ext.embedder import LatentAE, PooledEmbedder
+from lrag_ext.embedder import PooledEmbedder
 
 BLOCK = (3, 16, 60, 104)
+THREADS = sorted({1, ALL_THREADS})
 
 
-def perturbed_ae() -> LatentAE:
-    """Full-size LatentAE (hidden 64/128/256, D 1024) with its zero-initialised convs randomised."""
-    torch.manual_seed(0)
-    model = LatentAE().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.abs().max() == 0:
-                p.normal_(0, 0.02)
-    return model
+@pytest.fixture(params=THREADS, autouse=True, ids=lambda t: f"threads{t}")
+def threads(request, benchmark):
+    """Every case at 1 thread and at all threads (the shared machine makes multi-thread timings noisy)."""
+    benchmark.extra_info["threads"] = request.param
+    with torch_threads(request.param):
+        yield request.param
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +43,11 @@ def frames():
 
 def _info(benchmark, **kw):
     benchmark.extra_info.update(kw)
+
+
+def _gbps(benchmark, nbytes: int) -> float | None:
+    """Frame bytes read per second of the timed call (None when timing is disabled)."""
+    return nbytes / benchmark.stats.stats.mean / 1e9 if benchmark.stats else None
 
 
 @pytest.mark.benchmark(group="block")
@@ -84,7 +90,7 @@ def test_block_pooled_unfused(benchmark, pooled, frames):
         out = benchmark(pooled.encode, frames)
     torch.testing.assert_close(out, pooled.embed(frames), rtol=1e-4, atol=1e-5)
     _info(benchmark, frames=BLOCK[0], impl="torch adaptive_avg_pool2d + linear + normalize",
-          gbps=frames.numel() * 4 / benchmark.stats.stats.mean / 1e9)
+          gbps=_gbps(benchmark, frames.numel() * 4))
 
 
 @pytest.mark.benchmark(group="block")
@@ -94,7 +100,7 @@ def test_block_pooled_op(benchmark, pooled, frames):
     out = benchmark(pooled.embed, frames)
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
     _info(benchmark, frames=BLOCK[0], impl="pooled_embed op",
-          gbps=frames.numel() * 4 / benchmark.stats.stats.mean / 1e9)
+          gbps=_gbps(benchmark, frames.numel() * 4))
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import torch
 
 import lrag_ext
 from lrag_ext import reference
+from gpu_timing import median_ms
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -41,26 +42,11 @@ def time_graph(fn, iters: int = 50) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def time_eager(fn, iters: int = 30) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
-
-
 def copy_bandwidth() -> float:
     """Device copy bandwidth in bytes/s (read + write) of a 1 GiB clone."""
     x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
-    t = time_eager(lambda: y.copy_(x), iters=20)
+    t = median_ms(lambda: y.copy_(x)) / 1e3
     return 2 * x.numel() / t
 
 
@@ -83,7 +69,7 @@ def case(N, D, B, k, dtype, page_size, bw):
         return torch.topk(qn @ en.T, k, dim=1)
 
     t_ours = time_graph(lambda: lrag_ext.cosine_topk(q, pages, table, lo, hi, k))
-    t_mm = time_eager(torch_mm)
+    t_mm = median_ms(torch_mm, iters=30) / 1e3
     floor = N * D * pages.element_size() * B / bw
     return dict(N=N, D=D, B=B, k=k, dtype=str(dtype).split(".")[-1], correct=ok, ours_us=t_ours * 1e6,
                 torch_mm_us=t_mm * 1e6, floor_us=floor * 1e6, vs_floor=t_ours / floor, speedup_vs_mm=t_mm / t_ours)

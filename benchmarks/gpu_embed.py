@@ -23,26 +23,18 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from embed_models import perturbed_ae  # noqa: E402
 from gpu_cosine_topk import time_eager, time_graph  # noqa: E402  (shared GPU timing helpers)
 
 from lrag_ext import ops  # noqa: E402
-from lrag_ext.embedder import LatentAE, PooledEmbedder, mean_descriptor  # noqa: E402
-
-
-def perturbed_ae() -> LatentAE:
-    torch.manual_seed(0)
-    model = LatentAE().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.abs().max() == 0:
-                p.normal_(0, 0.02)
-    return model
+from lrag_ext.embedder import PooledEmbedder, mean_descriptor  # noqa: E402
 
 
 def min_cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(F.cosine_similarity(a.float(), b.float(), dim=-1).min())
 
 
+@torch.no_grad()
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--frames", type=int, default=3)
@@ -54,9 +46,8 @@ def main():
     bf_model = perturbed_ae().to(dev, torch.bfloat16)
     cl_model = perturbed_ae().to(dev, torch.bfloat16).to(memory_format=torch.channels_last)
     xb, xcl = x32.bfloat16(), x32.bfloat16().contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
-        want = ref_model.encode(x32)
-        feat = cl_model.encoder.trunk(xcl)
+    want = ref_model.encode(x32)
+    feat = cl_model.encoder.trunk(xcl)
     norm, fc = cl_model.encoder.final_norm[0], cl_model.encoder.fc
     head_args = (feat, norm.weight, norm.bias, fc.weight, fc.bias, norm.num_groups, norm.eps)
     pooled = PooledEmbedder(in_channels=16, grid=4, latent_dim=1024).to(dev).eval()
@@ -80,14 +71,13 @@ def main():
         ("mean descriptor", lambda: mean_descriptor(xb), None, True),
     ]
     rows = []
-    with torch.no_grad():
-        for name, fn, ref, graphable in cases:
-            out = fn()
-            cos = min_cos(out, ref) if ref is not None else float("nan")
-            ok = ref is None or cos >= 0.99
-            t_e = time_eager(fn)
-            t_g = time_graph(fn) if graphable else float("nan")
-            rows.append(dict(name=name, min_cos=cos, ok=ok, eager_us=t_e * 1e6, graph_us=t_g * 1e6))
+    for name, fn, ref, graphable in cases:
+        out = fn()
+        cos = min_cos(out, ref) if ref is not None else float("nan")
+        ok = ref is None or cos >= 0.99
+        t_e = time_eager(fn)
+        t_g = time_graph(fn) if graphable else float("nan")
+        rows.append(dict(name=name, min_cos=cos, ok=ok, eager_us=t_e * 1e6, graph_us=t_g * 1e6))
     base = rows[0]["eager_us"]
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  block = {args.frames} x 16 x 60 x 104")
     print(f"{'case':<28} {'ok':>3} {'min cos':>8} {'eager µs':>9} {'graph µs':>9} {'vs ref fp32 eager':>18}")

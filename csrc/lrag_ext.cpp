@@ -23,6 +23,12 @@ TORCH_LIBRARY(lrag_ext, m) {
   // similarity dot(q, e) / ((|q| + 1e-8)(|e| + 1e-8)) with queries[b]; scores float32 descending, ties to the
   // lower id, padded with (-inf, -1) when fewer than k ids are eligible.
   m.def("cosine_topk(Tensor queries, Tensor pages, Tensor page_table, Tensor lo, Tensor hi, int k) -> (Tensor, Tensor)");
+  // The LatentAE encoder's tail, fused: GroupNorm(groups, eps) -> SiLU -> global average pool -> Linear ->
+  // L2-normalise (z / max(|z|, 1e-12)); feat [N, C, H, W] (NCHW or channels-last) -> [N, D] float32.
+  m.def("embed_head(Tensor feat, Tensor gn_weight, Tensor gn_bias, Tensor fc_weight, Tensor fc_bias, int groups, float eps) -> Tensor");
+  // The light embedder, fused: adaptive-average-pool each frame to grid x grid (adaptive_avg_pool2d bins) ->
+  // flatten channel-major -> Linear -> L2-normalise; x [N, C, H, W] -> [N, D] float32.
+  m.def("pooled_embed(Tensor x, Tensor weight, Tensor bias, int grid) -> Tensor");
   // Paged KV pool [num_slots, layers, 2, tokens, heads, head_dim]: pool[slots[i], l, 0|1] = src_k|src_v[l, i],
   // cast to the pool dtype; slots[i] == -1 skips frame i.
   m.def("write_kv(Tensor(a!) pool, Tensor src_k, Tensor src_v, Tensor slots) -> ()");
@@ -31,12 +37,6 @@ TORCH_LIBRARY(lrag_ext, m) {
   // (adjacent dims 2i, 2i+1) rotated by delta[b, j] * rope_theta^(-i / rope_temporal_pairs), in float64.
   m.def("gather_kv(Tensor pool, Tensor slots, Tensor(a!) dst_k, Tensor(b!) dst_v, Tensor dst_frame, "
         "Tensor delta, int rope_temporal_pairs, float rope_theta) -> ()");
-  // The LatentAE encoder's tail, fused: GroupNorm(groups, eps) -> SiLU -> global average pool -> Linear ->
-  // L2-normalise (z / max(|z|, 1e-12)); feat [N, C, H, W] (NCHW or channels-last) -> [N, D] float32.
-  m.def("embed_head(Tensor feat, Tensor gn_weight, Tensor gn_bias, Tensor fc_weight, Tensor fc_bias, int groups, float eps) -> Tensor");
-  // The light embedder, fused: adaptive-average-pool each frame to grid x grid (adaptive_avg_pool2d bins) ->
-  // flatten channel-major -> Linear -> L2-normalise; x [N, C, H, W] -> [N, D] float32.
-  m.def("pooled_embed(Tensor x, Tensor weight, Tensor bias, int grid) -> Tensor");
 }
 
 #ifndef LRAG_NO_PYTHON

@@ -194,11 +194,49 @@ class _Segment:
     allocator: object  # lrag_ext.SlotAllocator
 
 
+class _CodeTable:
+    """Frame -> K/V location code (``segment << 32 | slot``, or -1), a list-like view over a growing int64 tensor
+    so a retrieval can hand the whole table to the device without rebuilding it from Python ints."""
+
+    def __init__(self, codes=()):
+        codes = list(codes)
+        self._t = torch.full((max(16, len(codes)),), -1, dtype=torch.int64)
+        self._t[:len(codes)] = torch.tensor(codes, dtype=torch.int64)
+        self._n = len(codes)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, frame: int) -> int:
+        return int(self._t[frame])
+
+    def __setitem__(self, frame: int, code: int) -> None:
+        self._t[frame] = code
+
+    def __iter__(self):
+        return iter(self.tolist())
+
+    def extend_empty(self, n: int) -> None:
+        """Appends ``n`` frames with no K/V stored yet."""
+        if self._n + n > self._t.numel():
+            grown = torch.full((max(2 * self._t.numel(), self._n + n),), -1, dtype=torch.int64)
+            grown[:self._n] = self._t[:self._n]
+            self._t = grown
+        self._n += n
+
+    def tensor(self) -> torch.Tensor:
+        """``[num_frames]`` int64 view (not a copy)."""
+        return self._t[:self._n]
+
+    def tolist(self) -> list[int]:
+        return self.tensor().tolist()
+
+
 @dataclass
 class _Stream:
     num_frames: int = 0
     pages: list[int] = field(default_factory=list)          # logical page -> physical embedding page
-    kv_code: list[int] = field(default_factory=list)        # frame -> segment << 32 | slot, or -1
+    kv_code: _CodeTable = field(default_factory=_CodeTable)  # frame -> segment << 32 | slot, or -1
     first_retrievable: int = 0                               # frames below lost their K/V to the host limit
     log: list[dict] = field(default_factory=list)
 
@@ -303,7 +341,7 @@ class RetrievalMemory:
             self._pages[page_idx, slot_idx] = embeddings.to(self.device, self.config.embed_dtype)
             if self._latents is not None:
                 self._latents[page_idx, slot_idx] = latents.to(self.device, self.config.dtype)
-            st.kv_code += [-1] * n
+            st.kv_code.extend_empty(n)
             if self.config.storage == "kv" and kv_frames:
                 self._store_kv(stream, st, kv_frames, k[:, n - len(kv_frames):], v[:, n - len(kv_frames):])
             st.num_frames += n
@@ -496,9 +534,9 @@ class RetrievalMemory:
             for sid, st in self._streams.items():
                 for rec in st.log:
                     self._materialise(rec)
-                streams[str(sid)] = dict(num_frames=st.num_frames, pages=list(st.pages), kv_code=list(st.kv_code),
+                streams[str(sid)] = dict(num_frames=st.num_frames, pages=list(st.pages), kv_code=st.kv_code.tolist(),
                                          first_retrievable=st.first_retrievable, log=[dict(r) for r in st.log])
-                stored = [c for c in st.kv_code if c >= 0]
+                stored = [c for c in st.kv_code.tolist() if c >= 0]
                 if stored:
                     tensors[f"kv/{sid}"] = torch.stack([self._segments[c >> _SEGMENT_SHIFT].pool[c & 0xFFFFFFFF].cpu()
                                                         for c in stored])
@@ -564,7 +602,7 @@ class RetrievalMemory:
                 mem._pages[torch.tensor(st.pages)] = tensors["embedding_pages"][torch.tensor(rec["pages"])].to(mem.device)
                 if mem._latents is not None:
                     mem._latents[torch.tensor(st.pages)] = tensors["latent_pages"][torch.tensor(rec["pages"])].to(mem.device)
-            st.kv_code = [-1] * len(rec["kv_code"])
+            st.kv_code = _CodeTable([-1] * len(rec["kv_code"]))
             stored = [(f, c) for f, c in enumerate(rec["kv_code"]) if c >= 0]
             for row, (f, c) in enumerate(stored):
                 seg_index = c >> _SEGMENT_SHIFT
@@ -605,7 +643,7 @@ class RetrievalMemory:
         table = torch.full((len(states), width), -1, dtype=torch.int64)
         for b, st in enumerate(states):
             if st.num_frames:
-                table[b, :st.num_frames] = torch.tensor(st.kv_code, dtype=torch.int64)
+                table[b, :st.num_frames] = st.kv_code.tensor()
         codes = self._to_device(table).gather(1, ids.clamp(min=0))
         return torch.where(ids < 0, torch.full_like(codes, -1), codes)
 
@@ -759,7 +797,7 @@ class RetrievalMemory:
     def _release(self, stream: int, st: _Stream) -> None:
         if st.pages:
             self._page_alloc.free(st.pages)
-        for code in st.kv_code:
+        for code in st.kv_code.tolist():
             if code >= 0:
                 self._free_code(code)
         for tier in self._fifo:

@@ -55,6 +55,68 @@ def _cosine_topk_fake(queries, pages, page_table, lo, hi, k):
     return (queries.new_empty((B, k), dtype=torch.float32), queries.new_empty((B, k), dtype=torch.int64))
 
 
+def embed_head(feat: torch.Tensor, gn_weight: torch.Tensor, gn_bias: torch.Tensor, fc_weight: torch.Tensor,
+               fc_bias: torch.Tensor, groups: int, eps: float = 1e-5) -> torch.Tensor:
+    """The LatentAE encoder's tail in one op: GroupNorm -> SiLU -> global average pool -> Linear -> L2-normalise.
+
+    ``y = silu(group_norm(feat, groups, gn_weight, gn_bias, eps))``, ``p[n, c] = mean_{h,w} y[n, c]``,
+    ``z = p @ fc_weight.T + fc_bias``, returns ``z / max(|z|, 1e-12)`` (``F.normalize``). Statistics and sums are
+    accumulated in float32 or better; the normalised feature map is never materialised.
+
+    Args:
+        feat: ``[N, C, H, W]`` float32, float16 or bfloat16 trunk features; NCHW-contiguous or channels-last are
+            read in place, other layouts are copied first.
+        gn_weight, gn_bias: ``[C]``, the GroupNorm affine parameters (dtype and device of ``feat``).
+        fc_weight: ``[D, C]``; fc_bias: ``[D]`` (dtype and device of ``feat``).
+        groups: GroupNorm groups, ``>= 1`` and dividing ``C``.
+        eps: GroupNorm epsilon, ``>= 0``.
+
+    Returns:
+        ``[N, D]`` float32 unit-norm embeddings (all-zero rows stay zero).
+
+    Raises:
+        RuntimeError: wrong ranks, sizes, dtypes or devices; ``groups`` not dividing ``C``; ``eps < 0``; on CUDA
+            ``C + D > 12256`` (the pooled vector and the output live in 48 KiB of shared memory).
+    """
+    return torch.ops.lrag_ext.embed_head.default(feat, gn_weight, gn_bias, fc_weight, fc_bias, groups, eps)
+
+
+@torch.library.register_fake("lrag_ext::embed_head")
+def _embed_head_fake(feat, gn_weight, gn_bias, fc_weight, fc_bias, groups, eps):
+    torch._check(feat.dim() == 4, lambda: "feat must be [N, C, H, W]")
+    torch._check(fc_weight.dim() == 2, lambda: "fc_weight must be [D, C]")
+    return feat.new_empty((feat.shape[0], fc_weight.shape[0]), dtype=torch.float32)
+
+
+def pooled_embed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, grid: int) -> torch.Tensor:
+    """The light embedder in one op: average-pool each frame to ``grid x grid`` -> Linear -> L2-normalise.
+
+    ``f[n, c, i, j]`` is the mean of ``x[n, c]`` over rows ``[floor(i H / g), ceil((i + 1) H / g))`` and columns
+    ``[floor(j W / g), ceil((j + 1) W / g))`` (exactly ``adaptive_avg_pool2d``), flattened channel-major to
+    ``[N, C g g]``; ``z = f @ weight.T + bias``; returns ``z / max(|z|, 1e-12)``. One pass over each frame.
+
+    Args:
+        x: ``[N, C, H, W]`` float32, float16 or bfloat16 latent frames, any strides.
+        weight: ``[D, C * grid * grid]``; bias: ``[D]`` (dtype and device of ``x``).
+        grid: pooled grid size, ``1 <= grid <= min(H, W)``.
+
+    Returns:
+        ``[N, D]`` float32 unit-norm embeddings.
+
+    Raises:
+        RuntimeError: wrong ranks, sizes, dtypes or devices; ``grid`` out of range; on CUDA
+            ``C * grid * grid + D > 12256`` (features and output live in 48 KiB of shared memory).
+    """
+    return torch.ops.lrag_ext.pooled_embed.default(x, weight, bias, grid)
+
+
+@torch.library.register_fake("lrag_ext::pooled_embed")
+def _pooled_embed_fake(x, weight, bias, grid):
+    torch._check(x.dim() == 4, lambda: "x must be [N, C, H, W]")
+    torch._check(weight.dim() == 2, lambda: "weight must be [D, C * grid * grid]")
+    return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Paged KV pool.
 
@@ -167,66 +229,6 @@ def _gather_kv_fake(pool, slots, dst_k, dst_v, dst_frame, delta, rope_temporal_p
     torch._check(dst_k.dim() == 6, lambda: "dst_k must be [layers, B, cache_frames, tokens, heads, head_dim]")
 
 
-def embed_head(feat: torch.Tensor, gn_weight: torch.Tensor, gn_bias: torch.Tensor, fc_weight: torch.Tensor,
-               fc_bias: torch.Tensor, groups: int, eps: float = 1e-5) -> torch.Tensor:
-    """The LatentAE encoder's tail in one op: GroupNorm -> SiLU -> global average pool -> Linear -> L2-normalise.
-
-    ``y = silu(group_norm(feat, groups, gn_weight, gn_bias, eps))``, ``p[n, c] = mean_{h,w} y[n, c]``,
-    ``z = p @ fc_weight.T + fc_bias``, returns ``z / max(|z|, 1e-12)`` (``F.normalize``). Statistics and sums are
-    accumulated in float32 or better; the normalised feature map is never materialised.
-
-    Args:
-        feat: ``[N, C, H, W]`` float32, float16 or bfloat16 trunk features; NCHW-contiguous or channels-last are
-            read in place, other layouts are copied first.
-        gn_weight, gn_bias: ``[C]``, the GroupNorm affine parameters (dtype and device of ``feat``).
-        fc_weight: ``[D, C]``; fc_bias: ``[D]`` (dtype and device of ``feat``).
-        groups: GroupNorm groups, ``>= 1`` and dividing ``C``.
-        eps: GroupNorm epsilon, ``>= 0``.
-
-    Returns:
-        ``[N, D]`` float32 unit-norm embeddings (all-zero rows stay zero).
-
-    Raises:
-        RuntimeError: wrong ranks, sizes, dtypes or devices; ``groups`` not dividing ``C``; ``eps < 0``.
-    """
-    return torch.ops.lrag_ext.embed_head.default(feat, gn_weight, gn_bias, fc_weight, fc_bias, groups, eps)
-
-
-@torch.library.register_fake("lrag_ext::embed_head")
-def _embed_head_fake(feat, gn_weight, gn_bias, fc_weight, fc_bias, groups, eps):
-    torch._check(feat.dim() == 4, lambda: "feat must be [N, C, H, W]")
-    torch._check(fc_weight.dim() == 2, lambda: "fc_weight must be [D, C]")
-    return feat.new_empty((feat.shape[0], fc_weight.shape[0]), dtype=torch.float32)
-
-
-def pooled_embed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, grid: int) -> torch.Tensor:
-    """The light embedder in one op: average-pool each frame to ``grid x grid`` -> Linear -> L2-normalise.
-
-    ``f[n, c, i, j]`` is the mean of ``x[n, c]`` over rows ``[floor(i H / g), ceil((i + 1) H / g))`` and columns
-    ``[floor(j W / g), ceil((j + 1) W / g))`` (exactly ``adaptive_avg_pool2d``), flattened channel-major to
-    ``[N, C g g]``; ``z = f @ weight.T + bias``; returns ``z / max(|z|, 1e-12)``. One pass over each frame.
-
-    Args:
-        x: ``[N, C, H, W]`` float32, float16 or bfloat16 latent frames, any strides.
-        weight: ``[D, C * grid * grid]``; bias: ``[D]`` (dtype and device of ``x``).
-        grid: pooled grid size, ``1 <= grid <= min(H, W)``.
-
-    Returns:
-        ``[N, D]`` float32 unit-norm embeddings.
-
-    Raises:
-        RuntimeError: wrong ranks, sizes, dtypes or devices; ``grid`` out of range.
-    """
-    return torch.ops.lrag_ext.pooled_embed.default(x, weight, bias, grid)
-
-
-@torch.library.register_fake("lrag_ext::pooled_embed")
-def _pooled_embed_fake(x, weight, bias, grid):
-    torch._check(x.dim() == 4, lambda: "x must be [N, C, H, W]")
-    torch._check(weight.dim() == 2, lambda: "weight must be [D, C * grid * grid]")
-    return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
-
-
 def _register_reference_fallbacks() -> None:
     """Serves CUDA tensors with the reference when this build has no CUDA kernels."""
     warned = []
@@ -242,10 +244,10 @@ def _register_reference_fallbacks() -> None:
         torch.library.impl(f"lrag_ext::{name}", "CUDA")(impl)
 
     fallback("cosine_topk", reference.cosine_topk)
-    fallback("write_kv", reference.write_kv)
-    fallback("gather_kv", reference.gather_kv)
     fallback("embed_head", reference.embed_head)
     fallback("pooled_embed", reference.pooled_embed)
+    fallback("write_kv", reference.write_kv)
+    fallback("gather_kv", reference.gather_kv)
 
 
 if not _CUDA_BUILT:

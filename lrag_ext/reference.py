@@ -62,6 +62,65 @@ def cosine_topk(queries: torch.Tensor, pages: torch.Tensor, page_table: torch.Te
     return out_scores, out_ids
 
 
+NORMALIZE_EPS = 1e-12  # F.normalize's clamp, which the reference LatentAE.encode uses
+
+
+def embed_head(feat: torch.Tensor, gn_weight: torch.Tensor, gn_bias: torch.Tensor, fc_weight: torch.Tensor,
+               fc_bias: torch.Tensor, groups: int, eps: float) -> torch.Tensor:
+    """The LatentAE encoder's tail: GroupNorm -> SiLU -> global average pool -> Linear -> L2-normalise.
+
+    ``y = silu(group_norm(feat, groups, gn_weight, gn_bias, eps))``, ``p = mean_{h,w} y`` ``[N, C]``,
+    ``z = p @ fc_weight.T + fc_bias``, result ``z / max(|z|, 1e-12)``; computed in float64, returned as float32.
+
+    Args:
+        feat: ``[N, C, H, W]`` trunk features (any memory format). gn_weight, gn_bias: ``[C]``.
+        fc_weight: ``[D, C]``; fc_bias: ``[D]``. groups: divides C. eps: GroupNorm epsilon.
+
+    Returns:
+        ``[N, D]`` float32 unit-norm embeddings.
+    """
+    # GroupNorm written out in float64 (F.group_norm refuses one value per group, which is well defined here).
+    N, C = feat.shape[:2]
+    x = feat.double().reshape(N, groups, -1)
+    mean = x.mean(dim=-1, keepdim=True)
+    var = (x - mean).pow(2).mean(dim=-1, keepdim=True)
+    y = ((x - mean) / torch.sqrt(var + eps)).reshape(feat.shape)
+    y = F.silu(y * gn_weight.double()[:, None, None] + gn_bias.double()[:, None, None])
+    z = F.linear(y.mean(dim=(2, 3)), fc_weight.double(), fc_bias.double())
+    return F.normalize(z, dim=-1, eps=NORMALIZE_EPS).float()
+
+
+def adaptive_bins(size: int, grid: int) -> list[tuple[int, int]]:
+    """The half-open bins of ``torch.nn.functional.adaptive_avg_pool2d`` along one axis:
+    bin ``i`` covers ``[floor(i * size / grid), ceil((i + 1) * size / grid))`` (bins overlap when ``grid``
+    does not divide ``size``)."""
+    return [((i * size) // grid, -((-(i + 1) * size) // grid)) for i in range(grid)]
+
+
+def pooled_embed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, grid: int) -> torch.Tensor:
+    """The light embedder: adaptive-average-pool each frame to ``grid x grid`` -> Linear -> L2-normalise.
+
+    ``f[n, c, i, j] = mean of x[n, c, rows(i), cols(j)]`` with the bins of :func:`adaptive_bins` (exactly
+    ``adaptive_avg_pool2d``), flattened channel-major to ``[N, C * grid * grid]``;
+    ``z = f @ weight.T + bias``; result ``z / max(|z|, 1e-12)``; all in float32.
+
+    Args:
+        x: ``[N, C, H, W]`` latent frames; weight: ``[D, C * grid * grid]``; bias: ``[D]``; grid: ``1 <= grid <=
+            min(H, W)``.
+
+    Returns:
+        ``[N, D]`` float32 unit-norm embeddings.
+    """
+    f = F.adaptive_avg_pool2d(x.float(), grid).flatten(1)
+    return F.normalize(F.linear(f, weight.float(), bias.float()), dim=-1, eps=NORMALIZE_EPS)
+
+
+def mean_descriptor(x: torch.Tensor) -> torch.Tensor:
+    """The reference's fallback descriptor when no embedder is loaded: the spatial mean ``[N, C]`` of
+    ``x [N, C, H, W]`` (float32, not normalised; retrieval normalises it)."""
+    return x.float().mean(dim=(2, 3))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Paged KV pool: write_kv, gather_kv and the temporal RoPE rotation they use.
 # Pool layout: [num_slots, layers, 2 (K, V), tokens, heads, head_dim].
@@ -150,62 +209,3 @@ def gather_kv(pool: torch.Tensor, slots: torch.Tensor, dst_k: torch.Tensor, dst_
     k = rope_rotate_temporal(frames[:, :, 0], delta[keep], rope_temporal_pairs, rope_theta)
     dst_k[:, b, f] = k.to(torch.float32).to(dst_k.dtype).transpose(0, 1)
     dst_v[:, b, f] = frames[:, :, 1].to(dst_v.dtype).transpose(0, 1)
-
-
-NORMALIZE_EPS = 1e-12  # F.normalize's clamp, which the reference LatentAE.encode uses
-
-
-def embed_head(feat: torch.Tensor, gn_weight: torch.Tensor, gn_bias: torch.Tensor, fc_weight: torch.Tensor,
-               fc_bias: torch.Tensor, groups: int, eps: float) -> torch.Tensor:
-    """The LatentAE encoder's tail: GroupNorm -> SiLU -> global average pool -> Linear -> L2-normalise.
-
-    ``y = silu(group_norm(feat, groups, gn_weight, gn_bias, eps))``, ``p = mean_{h,w} y`` ``[N, C]``,
-    ``z = p @ fc_weight.T + fc_bias``, result ``z / max(|z|, 1e-12)``; computed in float64, returned as float32.
-
-    Args:
-        feat: ``[N, C, H, W]`` trunk features (any memory format). gn_weight, gn_bias: ``[C]``.
-        fc_weight: ``[D, C]``; fc_bias: ``[D]``. groups: divides C. eps: GroupNorm epsilon.
-
-    Returns:
-        ``[N, D]`` float32 unit-norm embeddings.
-    """
-    # GroupNorm written out in float64 (F.group_norm refuses one value per group, which is well defined here).
-    N, C = feat.shape[:2]
-    x = feat.double().reshape(N, groups, -1)
-    mean = x.mean(dim=-1, keepdim=True)
-    var = (x - mean).pow(2).mean(dim=-1, keepdim=True)
-    y = ((x - mean) / torch.sqrt(var + eps)).reshape(feat.shape)
-    y = F.silu(y * gn_weight.double()[:, None, None] + gn_bias.double()[:, None, None])
-    z = F.linear(y.mean(dim=(2, 3)), fc_weight.double(), fc_bias.double())
-    return F.normalize(z, dim=-1, eps=NORMALIZE_EPS).float()
-
-
-def adaptive_bins(size: int, grid: int) -> list[tuple[int, int]]:
-    """The half-open bins of ``torch.nn.functional.adaptive_avg_pool2d`` along one axis:
-    bin ``i`` covers ``[floor(i * size / grid), ceil((i + 1) * size / grid))`` (bins overlap when ``grid``
-    does not divide ``size``)."""
-    return [((i * size) // grid, -((-(i + 1) * size) // grid)) for i in range(grid)]
-
-
-def pooled_embed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, grid: int) -> torch.Tensor:
-    """The light embedder: adaptive-average-pool each frame to ``grid x grid`` -> Linear -> L2-normalise.
-
-    ``f[n, c, i, j] = mean of x[n, c, rows(i), cols(j)]`` with the bins of :func:`adaptive_bins` (exactly
-    ``adaptive_avg_pool2d``), flattened channel-major to ``[N, C * grid * grid]``;
-    ``z = f @ weight.T + bias``; result ``z / max(|z|, 1e-12)``; all in float32.
-
-    Args:
-        x: ``[N, C, H, W]`` latent frames; weight: ``[D, C * grid * grid]``; bias: ``[D]``; grid: ``1 <= grid <=
-            min(H, W)``.
-
-    Returns:
-        ``[N, D]`` float32 unit-norm embeddings.
-    """
-    f = F.adaptive_avg_pool2d(x.float(), grid).flatten(1)
-    return F.normalize(F.linear(f, weight.float(), bias.float()), dim=-1, eps=NORMALIZE_EPS)
-
-
-def mean_descriptor(x: torch.Tensor) -> torch.Tensor:
-    """The reference's fallback descriptor when no embedder is loaded: the spatial mean ``[N, C]`` of
-    ``x [N, C, H, W]`` (float32, not normalised; retrieval normalises it)."""
-    return x.float().mean(dim=(2, 3))

@@ -55,6 +55,7 @@ def test_constant_and_large_offset(device):
     x, *p = make(2, 8, 5, 5, 7, device=device)
     const = torch.full_like(x, 3.0)
     check([const, *p], 4)
+    check([x, p[0] * 150, *p[1:]], 4)  # post-norm values far beyond +-87: the saturated ends of SiLU
     # At |mean| >> std float32 itself is the limit: be at most 2x as wrong as PyTorch's float32 path.
     big = x + 1000.0
     exact = reference.embed_head(big, *p, 2, 1e-5)

@@ -133,3 +133,27 @@ def test_mean_descriptor():
     x = torch.randn(3, 16, 5, 7)
     torch.testing.assert_close(mean_descriptor(x), x.mean(dim=(2, 3)))
     assert mean_descriptor(x).shape == (3, 16)
+
+
+def test_embed_compiles_fullgraph():
+    """The inference paths trace whole under torch.compile (trunk convs + the custom op)."""
+    from lrag_ext.embedder import PooledEmbedder
+    x = torch.randn(3, 16, 16, 16)
+    ae = LatentAE(hidden_dims=[8, 16], latent_dim=16, spatial_h=16, spatial_w=16).eval()
+    pooled = PooledEmbedder(grid=2, latent_dim=8).eval()
+    with torch.no_grad():
+        for model in (ae, pooled):
+            out = torch.compile(model.embed, fullgraph=True)(x)
+            torch.testing.assert_close(out, model.encode(x), rtol=1e-5, atol=1e-6)
+
+
+def test_embed_out_rows_errors(tiny, io):
+    x = io["x_seq"][0, :2]
+    with pytest.raises(ValueError, match="rows given without out"):
+        tiny.embed(x, rows=torch.tensor([0, 1]))
+    hist = torch.zeros(4, 64)
+    with pytest.raises(ValueError, match="rows must be a 1-D index tensor of length 2"):
+        tiny.embed(x, out=hist, rows=torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"out must be \[M, 64\]"):
+        tiny.embed(x, out=torch.zeros(4, 8), rows=torch.tensor([0, 1]))
+    assert hist.abs().sum() == 0

@@ -100,6 +100,10 @@ def test_data_errors(tmp_path, capsys):
     torch.save(torch.randn(5, 4, 8, 8), bad / "short.pt")
     assert main(["--data", str(bad), "--out", str(tmp_path / "o"), "--quiet"]) == 2
     assert "short.pt: has 5 frames, fewer than the chunk length 8" in capsys.readouterr().err
+    os.remove(bad / "short.pt")
+    torch.save(torch.randn(20, 4, 8, 6), bad / "narrow.pt")
+    assert main(["--data", str(bad), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "narrow.pt: frame shape (4, 8, 6) differs" in capsys.readouterr().err
     assert main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
     assert "does not exist" in capsys.readouterr().err
 

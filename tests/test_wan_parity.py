@@ -197,3 +197,39 @@ def test_rag_output_does_not_depend_on_the_memory_tier(rag, rag_result, device_f
     segments = pipe.memory._segments
     assert segments[0].allocator.num_slots == device_frames
     assert sum(seg.allocator.num_slots - seg.allocator.num_free for seg in segments[1:]) > 0
+
+
+def test_latent_memory_mode_is_deterministic_and_retrieves(rag, rag_result):
+    # "latent" storage keeps latents only and recomputes the retrieved frames' K/V with a t = 0 forward: not the
+    # reference's numbers, but the same retrieval schedule, a finite video, and the same bits twice.
+    from lrag.config import RetrievalConfig
+
+    run, model, io = rag
+    outs = []
+    for _ in range(2):
+        pipe = Pipeline(model, retrieval=RetrievalConfig(storage="latent"))   # spatial-mean embedder
+        res = pipe.generate(io["text_embeds"], run["num_output_frames"], mode="rag", noise=io["init_noise"],
+                            renoise=io["renoise"])
+        outs.append(res)
+        assert pipe.memory.config.storage == "latent"
+    assert torch.equal(outs[0].latents, outs[1].latents)
+    assert outs[0].latents.shape == rag_result[0].latents.shape and torch.isfinite(outs[0].latents).all()
+    assert [r["block"] for r in outs[0].memory_log] == [6, 7, 8, 9]
+    assert [len(r["selected_global_frames"][0]) for r in outs[0].memory_log] == [1, 4, 6, 6]
+    # blocks 0-5 have no memory, so they equal the kv run's; block 6 attends recomputed K/V, so it differs
+    assert torch.equal(outs[0].latents[:, :18], rag_result[0].latents[:, :18])
+    assert not torch.equal(outs[0].latents[:, 18:21], rag_result[0].latents[:, 18:21])
+
+
+def test_recompute_kv_matches_a_context_rerun(rag):
+    # The latent mode's primitive: K/V from recompute_kv equal those a fresh cache commits for the same frames.
+    run, model, io = rag
+    lat = io["output_latents"][:, 3:6]
+    cache = model.new_cache(1, "window", memory_slots=6)
+    model.set_text(cache, io["text_embeds"])
+    k, v = model.recompute_kv(lat, cache)
+    fresh = model.new_cache(1, "window")
+    model.set_text(fresh, io["text_embeds"])
+    model(lat, torch.zeros(1, 3), fresh, update_cache=True)
+    assert k.shape == (model.cfg.num_layers, 1, 3, model.cfg.tokens_per_frame, model.cfg.num_heads, model.cfg.head_dim)
+    assert torch.equal(k, fresh.block_kv()[0]) and torch.equal(v, fresh.block_kv()[1])

@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "embed_common.h"
@@ -15,6 +16,24 @@
 
 namespace lrag {
 namespace {
+
+LRAG_EMBED_MULTIVERSION static float sum_contiguous(const float* v, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += v[i];
+  return s;
+}
+
+// Sum of row[w * stride] for w in [w0, w1); the dense float32 case is vectorised.
+template <typename T>
+inline float range_sum(const T* row, int64_t stride, int64_t w0, int64_t w1) {
+  if constexpr (std::is_same<T, float>::value) {
+    if (stride == 1) return sum_contiguous(row + w0, w1 - w0);
+  }
+  float s = 0.f;
+  for (int64_t w = w0; w < w1; ++w) s += static_cast<float>(row[w * stride]);
+  return s;
+}
 
 template <typename T>
 void pooled_embed_kernel(const PooledEmbedGeometry& g, const T* x, const int64_t* st, const T* w, const T* b,
@@ -30,9 +49,8 @@ void pooled_embed_kernel(const PooledEmbedGeometry& g, const T* x, const int64_t
       for (int64_t h = 0; h < g.h; ++h) {
         const T* row = plane + h * st[2];
         for (int64_t j = 0; j < G; ++j) {
-          float s = 0.f;
-          for (int64_t ww = bin_start(j, g.w, G); ww < bin_end(j, g.w, G); ++ww) s += static_cast<float>(row[ww * st[3]]);
-          rowsum[j] = s;
+          const int64_t w0 = bin_start(j, g.w, G), w1 = bin_end(j, g.w, G);
+          rowsum[j] = range_sum(row, st[3], w0, w1);
         }
         // Row bins containing h: i from floor(h * G / H) while bin_start(i) <= h (at most two).
         for (int64_t i = (h * G) / g.h; i < G && bin_start(i, g.h, G) <= h; ++i) {

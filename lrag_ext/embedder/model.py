@@ -41,8 +41,45 @@ def downsampled(size: int, stages: int) -> int:
     return size
 
 
+class ConfigBase:
+    """Dict round-trip and validation helpers shared by the embedder config dataclasses."""
+
+    @classmethod
+    def from_dict(cls, cfg: dict):
+        """Builds a config from a (possibly larger) dict, ignoring keys that are not fields of this class."""
+        names = {f.name for f in fields(cls)}
+        out = cls(**{k: v for k, v in cfg.items() if k in names})
+        out.validate()
+        return out
+
+    @classmethod
+    def resolve(cls, cfg=None, **overrides):
+        """``cfg`` (default: the class defaults) with ``overrides`` applied, validated."""
+        base = cfg.to_dict() if cfg is not None else {}
+        out = cls(**{**base, **overrides})
+        out.validate()
+        return out
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def check_positive(self, *names: str) -> None:
+        for name in names:
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
 @dataclass
-class AEConfig:
+class LossFields(ConfigBase):
+    """The loss weights every embedder config carries (SPEC.md §5 defaults)."""
+    delta_margin: float = 0.85
+    delta_weight: float = 1.0
+    delta_window: int = 3
+    smooth_weight: float = 1.0
+
+
+@dataclass
+class AEConfig(LossFields):
     """The LatentAE fields of the reference's ``AEConfig`` (architecture and loss weights).
 
     The released checkpoints carry ``vars(AEConfig)`` with many more (training, logging) fields; use
@@ -53,30 +90,11 @@ class AEConfig:
     in_channels: int = 16
     spatial_h: int = 60
     spatial_w: int = 104
-    delta_margin: float = 0.85
-    delta_weight: float = 1.0
-    delta_window: int = 3
-    smooth_weight: float = 1.0
-
-    @classmethod
-    def from_dict(cls, cfg: dict) -> "AEConfig":
-        """Builds a config from a (possibly larger) dict, ignoring keys that are not fields of this class."""
-        names = {f.name for f in fields(cls)}
-        out = cls(**{k: v for k, v in cfg.items() if k in names})
-        out.validate()
-        return out
 
     def validate(self) -> None:
         if not self.hidden_dims or any(int(w) < 1 for w in self.hidden_dims):
             raise ValueError(f"hidden_dims must be a non-empty list of positive widths, got {self.hidden_dims}")
-        for name in ("latent_dim", "in_channels", "spatial_h", "spatial_w"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if int(self.delta_window) < 1:
-            raise ValueError(f"delta_window must be >= 1, got {self.delta_window}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+        self.check_positive("latent_dim", "in_channels", "spatial_h", "spatial_w", "delta_window")
 
 
 class ResBlock(nn.Module):
@@ -153,10 +171,7 @@ class LatentAE(nn.Module):
 
     def __init__(self, cfg: AEConfig | None = None, **overrides):
         super().__init__()
-        cfg = cfg if cfg is not None else AEConfig()
-        if overrides:
-            cfg = AEConfig(**{**cfg.to_dict(), **overrides})
-        cfg.validate()
+        cfg = AEConfig.resolve(cfg, **overrides)
         self.config = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg, self.encoder.feat_shape)

@@ -6,43 +6,27 @@ inference runs the fused ``pooled_embed`` op, which reads each frame once.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrag_ext.embedder.model import write_rows
+from lrag_ext.embedder.model import LossFields, write_rows
 
 
 @dataclass
-class PooledConfig:
+class PooledConfig(LossFields):
     """Architecture (``in_channels``, ``grid``, ``latent_dim``) and loss weights of a :class:`PooledEmbedder`."""
     in_channels: int = 16
     grid: int = 4
     latent_dim: int = 256
-    delta_margin: float = 0.85
-    delta_weight: float = 1.0
-    delta_window: int = 3
-    smooth_weight: float = 1.0
     encoder: str = "pooled"
 
-    @classmethod
-    def from_dict(cls, cfg: dict) -> "PooledConfig":
-        names = {f.name for f in fields(cls)}
-        out = cls(**{k: v for k, v in cfg.items() if k in names})
-        out.validate()
-        return out
-
     def validate(self) -> None:
-        for name in ("in_channels", "grid", "latent_dim", "delta_window"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.check_positive("in_channels", "grid", "latent_dim", "delta_window")
         if self.encoder != "pooled":
             raise ValueError(f"PooledConfig.encoder must be 'pooled', got {self.encoder!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class PooledEmbedder(nn.Module):
@@ -54,10 +38,7 @@ class PooledEmbedder(nn.Module):
 
     def __init__(self, cfg: PooledConfig | None = None, **overrides):
         super().__init__()
-        cfg = cfg if cfg is not None else PooledConfig()
-        if overrides:
-            cfg = PooledConfig(**{**cfg.to_dict(), **overrides})
-        cfg.validate()
+        cfg = PooledConfig.resolve(cfg, **overrides)
         self.config = cfg
         self.fc = nn.Linear(cfg.in_channels * cfg.grid * cfg.grid, cfg.latent_dim)
 

@@ -6,7 +6,8 @@ Recipe of the reference (SPEC.md §5): random chunks of ``--seq-len 8`` consecut
 wd 1e-4, constant), grad-norm clip 1.0, mixed precision (float16 autocast + GradScaler) on GPU, 90/10 split by
 file, best-by-validation checkpoint ``RUN_DIR/ae_epoch_best.pt`` in the reference's format (``epoch, model,
 optimizer, scaler, config, val_loss``), ``RUN_DIR/last.pt`` after every epoch for ``--resume``, and a JSON log
-``RUN_DIR/log.json`` (one record per epoch). Progress goes to stderr.
+``RUN_DIR/log.json`` (one record per epoch). Progress goes to stderr. With ``--resume`` the architecture comes
+from the checkpoint's config (the architecture flags are ignored); the recipe and loss flags apply as given.
 """
 from __future__ import annotations
 
@@ -135,9 +136,11 @@ def train(args: argparse.Namespace) -> dict:
     """Runs the training described by ``args``; returns ``{"best_val", "best_epoch", "log", "out"}``."""
     files = list_latent_files(args.data)
     videos = {f: load_latent_video(f, min_frames=args.seq_len) for f in files}
-    shapes = {tuple(v.shape[1:]) for v in videos.values()}
-    if len(shapes) != 1:
-        raise ValueError(f"all latent videos must share [C, H, W]; found {sorted(shapes)}")
+    first = files[0]
+    for f, v in videos.items():
+        if v.shape[1:] != videos[first].shape[1:]:
+            raise ValueError(f"{f}: frame shape {tuple(v.shape[1:])} differs from {tuple(videos[first].shape[1:])} "
+                             f"of {first}; all latent videos must share [C, H, W]")
     train_files, val_files = split_files(files, args.val_split, args.seed)
     train_videos = [videos[f] for f in train_files]
     val_videos = [videos[f] for f in val_files]

@@ -134,6 +134,10 @@ class RetrievalConfig:
     up to ``device_frames`` frames on the model's device, older ones in (pinned) host memory up to ``host_frames``
     (``None``: unbounded), embeddings of up to ``max_frames`` frames over all streams.
 
+    ``storage`` is ``"kv"`` (keep every frame's K/V, as the reference) or ``"latent"`` (keep only its latent and
+    recompute the retrieved frames' K/V with one t = 0 forward per block: orders of magnitude less memory, not the
+    reference's numbers).
+
     ``memory_position`` is the temporal RoPE position policy of the retrieved frames:
     an int (all at that position; 0 = the sink's phase, the reference's choice), ``"absolute"`` (their global
     frame index, for absolute-RoPE caches) or ``"ordered"`` (in temporal order, on the positions just before the
@@ -146,6 +150,7 @@ class RetrievalConfig:
     device_frames: int = 64
     host_frames: int | None = None
     max_frames: int = 4096
+    storage: str = "kv"
 
     def __post_init__(self) -> None:
         pos = self.memory_position
@@ -154,5 +159,7 @@ class RetrievalConfig:
                              f"{MEMORY_POSITION_POLICIES}, got {pos!r}")
         if self.k < 1:
             raise ValueError(f"RetrievalConfig.k must be >= 1, got {self.k}")
+        if self.storage not in ("kv", "latent"):
+            raise ValueError(f"RetrievalConfig.storage must be 'kv' or 'latent', got {self.storage!r}")
         if self.recent_exclude < 0:
             raise ValueError(f"RetrievalConfig.recent_exclude must be >= 0, got {self.recent_exclude}")

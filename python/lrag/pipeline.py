@@ -89,8 +89,10 @@ class Pipeline:
                                    num_heads=cfg.num_heads, head_dim=cfg.head_dim, rope_theta=cfg.rope_theta)
         return lrag_ext.RetrievalMemory(lrag_ext.MemoryConfig(
             top_k=r.k, recent_exclude=r.recent_exclude, sink_frames=cfg.sink, window_frames=cfg.window,
-            embed_dim=embed_dim, storage="kv", kv_layout=layout, device=self.model.device, dtype=self.model.dtype,
-            max_frames=r.max_frames, device_frames=r.device_frames, host_frames=r.host_frames))
+            embed_dim=embed_dim, storage=r.storage, kv_layout=layout,
+            latent_shape=(cfg.in_dim, cfg.latent_height, cfg.latent_width), device=self.model.device,
+            dtype=self.model.dtype, max_frames=r.max_frames, device_frames=r.device_frames,
+            host_frames=r.host_frames))
 
     def _check(self, text, num_frames, mode, noise, renoise, B):
         cfg, F = self.cfg, self.cfg.frames_per_block
@@ -192,7 +194,10 @@ class Pipeline:
                     if self.memory is None:
                         self.memory = self._new_memory(emb.shape[-1])
                         streams = [self.memory.add_stream() for _ in range(B)]
-                    self.memory.append(streams[i], emb, k=k[:, i], v=v[:, i])
+                    if self.retrieval.storage == "kv":
+                        self.memory.append(streams[i], emb, k=k[:, i], v=v[:, i])
+                    else:
+                        self.memory.append(streams[i], emb, latents=x0[i])
             _sync(device)
             timings["memory"] = time.perf_counter() - t0
             timings["total"] = time.perf_counter() - t_block
@@ -216,11 +221,16 @@ class Pipeline:
         m = plan.counts[0]                   # every stream holds the same number of frames
         if m == 0:
             return None
+        positions = self._memory_positions(cache, plan, m)
+        if self.retrieval.storage == "latent":
+            k, v = self.model.recompute_kv(self.memory.latents(plan)[:, :m], cache)
+            cache.set_memory(k, v, positions)
+            return plan
         mem_k, mem_v = cache.memory_buffers()
         slots = torch.arange(plan.ids.shape[1], device=mem_k.device).expand(len(streams), -1)
         # K goes in un-roped (delta 0): the model applies RoPE by position at attention time.
         self.memory.gather(plan, mem_k, mem_v, dst_frame=slots, positions="sink")
-        cache.set_memory_positions(self._memory_positions(cache, plan, m))
+        cache.set_memory_positions(positions)
         return plan
 
     def _record(self, b: int, s: int, plan, cache, streams: list[int], retrieval_s: float) -> dict:

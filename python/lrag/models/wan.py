@@ -283,7 +283,10 @@ class KVCache:
         self.last_block_v = torch.stack(new_v)
 
 
-class SelfAttention(nn.Module):
+class _AttentionProjections(nn.Module):
+    """The q, k, v, o projections and q/k RMSNorms of a Wan attention layer (checkpoint names ``q``, ``k``,
+    ``v``, ``o``, ``norm_q``, ``norm_k``), shared by self- and cross-attention."""
+
     def __init__(self, cfg: WanConfig):
         super().__init__()
         dim = cfg.dim
@@ -292,6 +295,8 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
 
+
+class SelfAttention(_AttentionProjections):
     def forward(self, x: torch.Tensor, frames: int, cache: KVCache, layer: int, plan: _Plan, rope: Rope3D):
         """``x`` ``[B, F*T, dim]`` -> (output ``[B, F*T, dim]``, this block's un-roped k, v ``[B, F, T, H, d]``)."""
         B = x.shape[0]
@@ -304,15 +309,7 @@ class SelfAttention(nn.Module):
         return self.o(_sdpa(q_r, keys.flatten(1, 2), vals.flatten(1, 2))), (k, v)
 
 
-class CrossAttention(nn.Module):
-    def __init__(self, cfg: WanConfig):
-        super().__init__()
-        dim = cfg.dim
-        self.heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.norm_q = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
-
+class CrossAttention(_AttentionProjections):
     def text_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B = context.shape[0]
         k = self.norm_k(self.k(context)).view(B, -1, self.heads, self.head_dim)
@@ -450,6 +447,26 @@ class CausalWanModel(nn.Module):
             cache.commit(new_k, new_v, plan)
         out = self.head(tokens, e.unflatten(0, (B, frames)).unsqueeze(2))
         return self.unpatchify(out)
+
+    def recompute_kv(self, latents: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clean, un-roped K/V of stored latent frames, recomputed by one t = 0 forward (LongLive's re-cache).
+
+        The ``m`` frames are run as one block on a fresh window-relative cache with ``cache``'s text context, so
+        they attend to each other only. Used by the ``"latent"`` memory mode, which keeps 200 KB latents per
+        frame instead of their K/V (287.5 MB for Wan 1.3B).
+
+        Args:
+            latents: ``[B, m, C, H, W]``, ``1 <= m <= window - sink``.
+            cache: the generation's cache (for its batch size and text context).
+
+        Returns:
+            K, V ``[layers, B, m, T, H, d]``.
+        """
+        scratch = self.new_cache(cache.batch, "window", memory_slots=0, dtype=cache.k.dtype)
+        scratch.text = cache.text
+        t0 = torch.zeros(latents.shape[:2], dtype=torch.float32, device=latents.device)
+        self(latents.to(device=self.device, dtype=self.dtype), t0, scratch, update_cache=True)
+        return scratch.block_kv()
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, F, T, pt*ph*pw*C]`` -> ``[B, F, C, H, W]``."""
