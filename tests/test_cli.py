@@ -420,7 +420,8 @@ def test_heavy_dependencies_are_imported_lazily():
     import subprocess
     import sys
     code = ("import sys, lrag_ext, lrag, lrag.cli, lrag.runner, lrag.generate, lrag.ckpt_info; "
-            "heavy = {'transformers', 'diffusers', 'imageio', 'matplotlib'} & set(m.split('.')[0] for m in sys.modules); "
+            "heavy = {'transformers', 'diffusers', 'imageio', 'matplotlib'} & "
+            "set(m.split('.')[0] for m in sys.modules); "
             "print(sorted(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -445,6 +446,16 @@ def test_kv_estimate_of_the_real_model():
     assert est["device_gib"] == pytest.approx(64 * est["frame_mib"] / 1024)
     assert est["host_gib"] == pytest.approx(56 * est["frame_mib"] / 1024) and est["dropped_frames"] == 0
     assert kv_estimate(wan_1_3b(), 120, torch.bfloat16, 64, 10)["dropped_frames"] == 46
+    latent = kv_estimate(wan_1_3b(), 120, torch.bfloat16, 64, None, storage="latent")
+    assert latent["frame_mib"] * 2 ** 20 == 16 * 60 * 104 * 2 and latent["host_gib"] == 0
+
+
+def test_demo_with_latent_storage(tmp_path):
+    assert cli.main(DEMO + ["--out", str(tmp_path), "--storage", "latent", "--mode", "rag"]) == 0
+    log = json.loads((tmp_path / "memory_log.json").read_text())
+    assert log["storage"] == "latent" and [r["block"] for r in log["records"]] == [6, 7]
+    assert log["kv_memory_estimate"]["frame_mib"] * 2 ** 20 == 16 * 8 * 8 * 4
+    assert count_frames(tmp_path / "rag.mp4") == DEMO_BLOCKS * 12 and not (tmp_path / "native.mp4").exists()
 
 
 def test_progress_line():

@@ -44,6 +44,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--recent-exclude", type=int, default=5, help="most recently evicted frames never retrieved (R)")
     p.add_argument("--memory-position", type=_memory_position, default=0,
                    help="temporal RoPE position of retrieved frames: an int, 'absolute' or 'ordered' (default 0)")
+    p.add_argument("--storage", choices=("kv", "latent"), default="kv",
+                   help="what the retrieval memory keeps per frame: its K/V (the reference; 287.5 MB per Wan frame "
+                        "in bf16) or only its latent (200 KB; retrieved K/V recomputed with one extra forward)")
     p.add_argument("--device-frames", type=int, default=64, help="retrieval memory: frames' K/V kept on the device")
     p.add_argument("--host-frames", type=int, default=None,
                    help="retrieval memory: frames' K/V in pinned host memory (default: unbounded)")

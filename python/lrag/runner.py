@@ -61,18 +61,27 @@ def _check_common(args) -> None:
 
 def _retrieval(args, num_frames: int) -> RetrievalConfig:
     return RetrievalConfig(k=args.top_k, recent_exclude=args.recent_exclude, memory_position=args.memory_position,
-                           device_frames=args.device_frames, host_frames=args.host_frames,
+                           device_frames=args.device_frames, host_frames=args.host_frames, storage=args.storage,
                            max_frames=max(4096, num_frames))
 
 
 def kv_estimate(cfg: WanConfig, num_frames: int, dtype: torch.dtype, device_frames: int,
-                host_frames: int | None) -> dict:
-    """Bytes of K/V the retrieval memory will hold for a ``num_frames`` run (every generated frame is kept, up
-    to the tiers' bounds): one frame is ``layers x 2 x tokens x dim`` values (287.5 MB for Wan 1.3B in bf16)."""
-    per_frame = cfg.num_layers * 2 * cfg.tokens_per_frame * cfg.dim * torch.finfo(dtype).bits // 8
-    on_device = min(device_frames, num_frames)
-    on_host = num_frames - on_device if host_frames is None else min(host_frames, num_frames - on_device)
-    return {"frame_mib": per_frame / 2 ** 20, "device_gib": on_device * per_frame / 2 ** 30,
+                host_frames: int | None, storage: str = "kv") -> dict:
+    """Bytes the retrieval memory will hold for a ``num_frames`` run (every generated frame is kept).
+
+    ``storage="kv"``: one frame's K/V is ``layers x 2 x tokens x dim`` values (287.5 MB for Wan 1.3B in bf16),
+    the first ``device_frames`` on the device, then up to ``host_frames`` in host memory, older ones dropped.
+    ``storage="latent"``: one latent ``C x H x W`` per frame (200 KB for Wan), all on the device.
+    """
+    size = torch.finfo(dtype).bits // 8
+    if storage == "latent":
+        per_frame = cfg.in_dim * cfg.latent_height * cfg.latent_width * size
+        on_device, on_host = num_frames, 0
+    else:
+        per_frame = cfg.num_layers * 2 * cfg.tokens_per_frame * cfg.dim * size
+        on_device = min(device_frames, num_frames)
+        on_host = num_frames - on_device if host_frames is None else min(host_frames, num_frames - on_device)
+    return {"storage": storage, "frame_mib": per_frame / 2 ** 20, "device_gib": on_device * per_frame / 2 ** 30,
             "host_gib": on_host * per_frame / 2 ** 30, "dropped_frames": num_frames - on_device - on_host}
 
 
@@ -213,9 +222,10 @@ def _build(args, modes: list[str], tokenizer) -> tuple[Setup, int]:
 def _announce_memory(args, setup: Setup, num_blocks: int, device: str) -> dict:
     cfg = setup.pipe.cfg
     est = kv_estimate(cfg, num_blocks * cfg.frames_per_block, setup.pipe.model.dtype, args.device_frames,
-                      args.host_frames)
+                      args.host_frames, args.storage)
     if not args.quiet:
-        print(f"lrag: retrieval memory: {est['frame_mib']:.1f} MiB of K/V per latent frame; up to "
+        what = "K/V" if args.storage == "kv" else "latent"
+        print(f"lrag: retrieval memory: {est['frame_mib']:.2f} MiB of {what} per latent frame; up to "
               f"{est['device_gib']:.2f} GiB on {device} + {est['host_gib']:.2f} GiB host memory "
               f"(bound them with --device-frames / --host-frames)", file=sys.stderr)
     return est
@@ -242,7 +252,8 @@ def run_generate(args, on_block: Optional[Callable] = None, tokenizer=None) -> d
             "seconds_requested": args.seconds, "num_blocks": num_blocks, "frames_per_block": cfg.frames_per_block,
             "latent_shape": [cfg.in_dim, cfg.latent_height, cfg.latent_width], "window": cfg.window,
             "sink": cfg.sink, "top_k": args.top_k, "recent_exclude": args.recent_exclude,
-            "memory_position": args.memory_position, "device": str(setup.pipe.model.device),
+            "memory_position": args.memory_position, "storage": args.storage,
+            "device": str(setup.pipe.model.device),
             "dtype": str(setup.pipe.model.dtype).replace("torch.", ""), "modes": modes,
             "title": "demo (untrained)" if args.demo else args.backbone}
     if "rag" in modes:

@@ -19,8 +19,9 @@ def _transformers():
 class TextEncoder:
     """``encode(prompts) -> [B, text_len, d_model]``: umT5 encoder states, zero beyond each prompt's tokens.
 
-    As in Wan, each prompt (whitespace collapsed) is tokenised to at most ``text_len`` tokens (the EOS included), encoded with its
-    attention mask, and the states past its length are zeroed (the DiT pads with zeros to ``text_len``).
+    As in Wan, each prompt (whitespace collapsed) is tokenised to at most ``text_len`` tokens (the EOS
+    included) and encoded with its attention mask; the states past its length are zeroed (the DiT pads with
+    zeros to ``text_len``).
 
     Args:
         wan_dir: the Diffusers-layout Wan folder (``text_encoder/``, ``tokenizer/``).
