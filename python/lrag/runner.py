@@ -112,6 +112,8 @@ def _check_blocks(args, cfg: WanConfig, modes: list[str]) -> int:
 def _demo_setup(args, num_frames: int) -> Setup:
     from lrag import demo  # noqa: PLC0415
     cfg = demo.demo_config(args.demo_latent)
+    print("lrag: built-in demo with UNTRAINED seeded weights: the frames show the machinery (block loop, retrieval, "
+          "streaming video, logs), not a meaningful video. Real videos: see docs/cli.md.", file=sys.stderr)
     embedder = demo.demo_embedder(cfg)
     pipe = Pipeline(demo.demo_model(cfg), retrieval=_retrieval(args, num_frames), embed=embedder.embed)
     scale = max(1, 128 // args.demo_latent)
