@@ -451,6 +451,14 @@ def test_kv_estimate_of_the_real_model():
     assert latent["frame_mib"] * 2 ** 20 == 16 * 60 * 104 * 2 and latent["host_gib"] == 0
 
 
+def test_bounded_tiers_warn_about_dropped_frames(tmp_path, capsys):
+    assert cli.main(DEMO[:-1] + ["--out", str(tmp_path), "--mode", "rag", "--device-frames", "2", "--host-frames", "4"]) == 0
+    err = capsys.readouterr().err
+    assert "the oldest 18 frames' K/V will be dropped and can no longer be retrieved" in err
+    # the candidates (frames >= 17 frames old) were all dropped: nothing is retrieved
+    assert json.loads((tmp_path / "memory_log.json").read_text())["records"] == []
+
+
 def test_demo_with_latent_storage(tmp_path):
     assert cli.main(DEMO + ["--out", str(tmp_path), "--storage", "latent", "--mode", "rag"]) == 0
     log = json.loads((tmp_path / "memory_log.json").read_text())

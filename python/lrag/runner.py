@@ -230,6 +230,9 @@ def _announce_memory(args, setup: Setup, num_blocks: int, device: str) -> dict:
         print(f"lrag: retrieval memory: {est['frame_mib']:.2f} MiB of {what} per latent frame; up to "
               f"{est['device_gib']:.2f} GiB on {device} + {est['host_gib']:.2f} GiB host memory "
               f"(bound them with --device-frames / --host-frames)", file=sys.stderr)
+    if est["dropped_frames"]:
+        print(f"lrag: warning: --device-frames + --host-frames hold fewer frames than the video has: the oldest "
+              f"{est['dropped_frames']} frames' K/V will be dropped and can no longer be retrieved", file=sys.stderr)
     return est
 
 
