@@ -452,7 +452,8 @@ def test_kv_estimate_of_the_real_model():
 
 
 def test_bounded_tiers_warn_about_dropped_frames(tmp_path, capsys):
-    assert cli.main(DEMO[:-1] + ["--out", str(tmp_path), "--mode", "rag", "--device-frames", "2", "--host-frames", "4"]) == 0
+    argv = DEMO[:-1] + ["--out", str(tmp_path), "--mode", "rag", "--device-frames", "2", "--host-frames", "4"]
+    assert cli.main(argv) == 0
     err = capsys.readouterr().err
     assert "the oldest 18 frames' K/V will be dropped and can no longer be retrieved" in err
     # the candidates (frames >= 17 frames old) were all dropped: nothing is retrieved
