@@ -109,6 +109,16 @@ def cli_prompt() -> str:
     return DEMO_PROMPT
 
 
+def test_plot_draws_the_logged_retrievals(demo_run, tmp_path):
+    from lrag.plots import plot_retrieval
+    log = json.loads((demo_run / "memory_log.json").read_text())
+    points = plot_retrieval(log["records"], tmp_path / "p.png", num_blocks=DEMO_BLOCKS, frames_per_block=3)
+    want = [(r["block"], f, sim) for r in log["records"]
+            for f, sim in zip(r["selected_global_frames"][0], r["selected_similarities"][0])]
+    assert points == want and len(points) == 1 + 4             # blocks 6 (1 candidate) and 7 (4 candidates)
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_demo_timings_are_consistent(demo_run):
     t = json.loads((demo_run / "timings.json").read_text())
     assert t["modes"].keys() == {"rag", "native"} and not t["interrupted"]

@@ -5,10 +5,10 @@ import os
 
 
 def plot_retrieval(records: list[dict], path: str | os.PathLike, num_blocks: int, frames_per_block: int,
-                   stream: int = 0, title: str = "retrieval") -> str:
+                   stream: int = 0, title: str = "retrieval") -> list[tuple[int, int, float]]:
     """Draws the memory log of one stream: a point per retrieved frame at (block, global frame), coloured by
     cosine similarity; the grey line is the block's query frame ``s - 1``. Blocks without retrieval have no
-    points. Returns the path written.
+    points. Returns the points drawn, ``(block, global frame, similarity)``.
 
     Args:
         records: the block records of :attr:`lrag.pipeline.BlockResult.memory_record` (one list per stream in
@@ -41,7 +41,6 @@ def plot_retrieval(records: list[dict], path: str | os.PathLike, num_blocks: int
     ax.set_title(f"{title}: {len(records)} of {num_blocks} blocks retrieved, {len(xs)} frames in all")
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    path = os.fspath(path)
-    fig.savefig(path)
+    fig.savefig(os.fspath(path))
     plt.close(fig)
-    return path
+    return list(zip(xs, ys, cs))
