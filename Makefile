@@ -6,13 +6,15 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.deps-stamp
+# The `gen` extra (pyproject.toml): installed here so that the CLI tests with a tiny umT5 / Wan VAE really run.
+GEN_DEPS := transformers diffusers sentencepiece imageio imageio-ffmpeg matplotlib
 
-.PHONY: venv build test bench clean
+.PHONY: venv build test bench demo clean
 
 $(STAMP): Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
-	$(PIP) install -q "$(TORCH_SPEC)" numpy pybind11 ninja pytest pytest-benchmark hypothesis safetensors
+	$(PIP) install -q "$(TORCH_SPEC)" numpy pybind11 ninja pytest pytest-benchmark hypothesis safetensors $(GEN_DEPS)
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -27,6 +29,10 @@ test: build
 
 bench: build
 	$(PY) -m pytest -q benchmarks --benchmark-only
+
+# The built-in demo: tiny untrained model, no downloads, about a minute on 2 CPU cores; artefacts in lrag_demo/.
+demo: build
+	$(VENV)/bin/lrag generate --demo --out lrag_demo
 
 clean:
 	rm -rf build *.egg-info lrag_ext/_C*.so lrag_ext/_build_meta.json

@@ -4,6 +4,8 @@
 - :mod:`lrag.models.wan`: :class:`CausalWanModel`, the causal Wan DiT with a ``[sink | memory | local]`` KV cache.
 - :mod:`lrag.checkpoint`: :func:`load_generator` for released Self-Forcing / Causal-Forcing / LongLive weights.
 - :mod:`lrag.scheduler`: the few-step flow-matching sampler.
+- :mod:`lrag.cli`: the ``lrag`` command (``generate`` incl. the built-in ``--demo``, ``inspect``, ``train-embedder``;
+  docs/cli.md).
 - :mod:`lrag.pipeline`: :class:`Pipeline`, the block loop (``native`` / ``rag``, with :class:`lrag_ext.RetrievalMemory`).
 """
 from lrag.checkpoint import build_generator, load_generator

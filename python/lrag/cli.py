@@ -1,0 +1,123 @@
+"""The ``lrag`` command: ``generate`` (real checkpoints or the built-in ``--demo``), ``inspect``, ``train-embedder``.
+
+Argument parsing and user errors live here; the work is in :mod:`lrag.runner` (building the pipeline),
+:mod:`lrag.generate` (the streaming run), :mod:`lrag.ckpt_info` and :mod:`lrag_ext.embedder.train`. Heavy
+optional dependencies (transformers, diffusers, imageio, matplotlib) are imported only by the commands that
+need them. User errors print ``lrag: error: ...`` and exit with status 2; Ctrl-C exits with 130 after writing
+the finished blocks' video and logs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+BACKBONES = ("self-forcing", "causal-forcing", "longlive")
+MODES = ("rag", "native", "both")
+
+
+class UsageError(Exception):
+    """A mistake in the command line or its inputs (reported without a traceback)."""
+
+
+def _memory_position(value: str):
+    return int(value) if value.isdigit() else value
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate a long video (real checkpoints, or --demo)",
+                       description="Generate a video block by block with LongLive-RAG retrieval (or natively).")
+    p.add_argument("--demo", action="store_true",
+                   help="run the built-in tiny demo (untrained weights, no downloads, CPU in about a minute)")
+    p.add_argument("--prompt", default=None, help="text prompt (the demo has a default)")
+    p.add_argument("--seconds", type=float, default=30.0, help="video length; rounded up to whole 0.75 s blocks")
+    p.add_argument("--backbone", choices=BACKBONES, default=None,
+                   help="which released generator --checkpoint holds (required without --demo)")
+    p.add_argument("--checkpoint", default=None, help="generator weights (.pt/.pth/.safetensors)")
+    p.add_argument("--embedder", default=None,
+                   help="retrieval embedder checkpoint (LatentAE or pooled; default: spatial-mean descriptor)")
+    p.add_argument("--wan-dir", default=None,
+                   help="local Wan2.1-T2V-1.3B folder in the Diffusers layout (text encoder, tokenizer, VAE)")
+    p.add_argument("--mode", choices=MODES, default=None,
+                   help="rag (retrieval), native (sink + window) or both (default: rag; the demo: both)")
+    p.add_argument("--top-k", type=int, default=6, help="frames retrieved per block (K)")
+    p.add_argument("--recent-exclude", type=int, default=5, help="most recently evicted frames never retrieved (R)")
+    p.add_argument("--memory-position", type=_memory_position, default=0,
+                   help="temporal RoPE position of retrieved frames: an int, 'absolute' or 'ordered' (default 0)")
+    p.add_argument("--storage", choices=("kv", "latent"), default="kv",
+                   help="what the retrieval memory keeps per frame: its K/V (the reference; 287.5 MB per Wan frame "
+                        "in bf16) or only its latent (200 KB; retrieved K/V recomputed with one extra forward)")
+    p.add_argument("--device-frames", type=int, default=64, help="retrieval memory: frames' K/V kept on the device")
+    p.add_argument("--host-frames", type=int, default=None,
+                   help="retrieval memory: frames' K/V in pinned host memory (default: unbounded)")
+    p.add_argument("--out", default=None, help="output folder (default: lrag_out, or lrag_demo for --demo)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                   help="model dtype (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--height", type=int, default=480, help="video height (multiple of 16)")
+    p.add_argument("--width", type=int, default=832, help="video width (multiple of 16)")
+    p.add_argument("--num-heads", type=int, default=None, help="attention heads (default: dim / 128)")
+    p.add_argument("--text-len", type=int, default=512, help="text tokens of the DiT (512 for Wan2.1)")
+    p.add_argument("--frames-per-block", type=int, default=None,
+                   help="latent frames per block (default 3 for every backbone; 1 for frame-wise Causal-Forcing)")
+    p.add_argument("--no-ema", action="store_true", help="use 'generator' instead of 'generator_ema'")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--demo-latent", type=int, default=32, help=argparse.SUPPRESS)   # demo latent side (tests)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lrag", description="LongLive-RAG: long video generation with a "
+                                     "retrieval memory (reference generator on lrag_ext).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    p = sub.add_parser("inspect", help="describe a checkpoint without loading it into a model")
+    p.add_argument("checkpoint")
+    p.add_argument("--json", action="store_true", help="print the description as JSON")
+    sub.add_parser("train-embedder", add_help=False,
+                   help="train a retrieval embedder (python -m lrag_ext.embedder.train; --help for its options)")
+    return parser
+
+
+def _cmd_inspect(args) -> int:
+    from lrag.ckpt_info import describe_checkpoint, format_description  # noqa: PLC0415
+
+    try:
+        info = describe_checkpoint(args.checkpoint)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+    except Exception as e:  # noqa: BLE001  (an unreadable file is the user's input, not our bug)
+        raise UsageError(f"cannot read checkpoint {args.checkpoint!r}: {e}") from None
+    print(json.dumps(info, indent=1, default=str) if args.json else format_description(info))
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from lrag.runner import run_generate  # noqa: PLC0415  (torch, lrag_ext)
+
+    try:
+        paths = run_generate(args)
+    except KeyboardInterrupt:
+        print(f"\nlrag: interrupted; the finished blocks' video and logs are in {args.out}", file=sys.stderr)
+        return 130
+    print("\nartefacts:")
+    for name, path in paths.items():
+        print(f"  {name:<12} {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train-embedder"]:
+        from lrag_ext.embedder.train import main as train_main  # noqa: PLC0415
+
+        return train_main(argv[1:]) or 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "inspect":
+            return _cmd_inspect(args)
+        return _cmd_generate(args)
+    except UsageError as e:
+        parser.exit(2, f"lrag: error: {e}\n")
+    return 0

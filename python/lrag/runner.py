@@ -1,0 +1,287 @@
+"""``lrag generate``: turns the parsed options into a pipeline, a renderer and a text embedding, then runs.
+
+Two sources, one run (:func:`run_generate`):
+
+- ``--demo``: :mod:`lrag.demo` (tiny seeded model, pooled embedder, prompt-seeded "text", latent preview);
+- real: ``--checkpoint`` (geometry read from its tensor shapes, see :mod:`lrag.ckpt_info`), the umT5 encoder
+  and Wan VAE of ``--wan-dir``, the ``--embedder`` checkpoint.
+
+Every input is checked before anything heavy is loaded, so a wrong path or number fails in a second with a
+message naming it (:class:`lrag.cli.UsageError`).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from lrag.cli import UsageError
+from lrag.config import RetrievalConfig, WanConfig, wan_1_3b
+from lrag.generate import ModeRun, Progress, blocks_for_seconds, run_mode, write_outputs
+from lrag.pipeline import Pipeline
+
+DEMO_PROMPT = "a red fox running through a snowy forest, cinematic"
+VAE_SPATIAL = 8              # Wan VAE: 8x spatial compression
+# What each backbone's released checkpoints were trained with (the geometry itself is read from the weights).
+BACKBONE_SCHEDULE = {"self-forcing": dict(frames_per_block=3, window=12, sink=1),
+                     "causal-forcing": dict(frames_per_block=3, window=12, sink=1),
+                     "longlive": dict(frames_per_block=3, window=12, sink=1)}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class Setup:
+    """Everything a run needs besides the options."""
+
+    pipe: Pipeline
+    text: torch.Tensor                       # [1, L, text_dim]
+    make_renderer: Callable[[str], Callable]  # mode -> a fresh renderer (the VAE decoder carries a cache)
+    meta: dict
+
+
+def _check_common(args) -> None:
+    if args.top_k < 1:
+        raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.device_frames < 0:
+        raise UsageError(f"--device-frames must be >= 0, got {args.device_frames}")
+    if args.recent_exclude < 0:
+        raise UsageError(f"--recent-exclude must be >= 0, got {args.recent_exclude}")
+    if args.host_frames is not None and args.host_frames < 0:
+        raise UsageError(f"--host-frames must be >= 0, got {args.host_frames}")
+    if args.device_frames == 0 and args.host_frames == 0:
+        raise UsageError("--device-frames 0 and --host-frames 0 leave the retrieval memory no room for K/V")
+    if isinstance(args.memory_position, str) and args.memory_position not in ("absolute", "ordered"):
+        raise UsageError(f"--memory-position must be an int >= 0, 'absolute' or 'ordered', got "
+                         f"{args.memory_position!r}")
+
+
+def _retrieval(args, num_frames: int) -> RetrievalConfig:
+    return RetrievalConfig(k=args.top_k, recent_exclude=args.recent_exclude, memory_position=args.memory_position,
+                           device_frames=args.device_frames, host_frames=args.host_frames, storage=args.storage,
+                           max_frames=max(4096, num_frames))
+
+
+def kv_estimate(cfg: WanConfig, num_frames: int, dtype: torch.dtype, device_frames: int,
+                host_frames: int | None, storage: str = "kv") -> dict:
+    """Bytes the retrieval memory will hold for a ``num_frames`` run (every generated frame is kept).
+
+    ``storage="kv"``: one frame's K/V is ``layers x 2 x tokens x dim`` values (287.5 MB for Wan 1.3B in bf16),
+    the first ``device_frames`` on the device, then up to ``host_frames`` in host memory, older ones dropped.
+    ``storage="latent"``: one latent ``C x H x W`` per frame (200 KB for Wan), all on the device.
+    """
+    size = torch.finfo(dtype).bits // 8
+    if storage == "latent":
+        per_frame = cfg.in_dim * cfg.latent_height * cfg.latent_width * size
+        on_device, on_host = num_frames, 0
+    else:
+        per_frame = cfg.num_layers * 2 * cfg.tokens_per_frame * cfg.dim * size
+        on_device = min(device_frames, num_frames)
+        on_host = num_frames - on_device if host_frames is None else min(host_frames, num_frames - on_device)
+    return {"storage": storage, "frame_mib": per_frame / 2 ** 20, "device_gib": on_device * per_frame / 2 ** 30,
+            "host_gib": on_host * per_frame / 2 ** 30, "dropped_frames": num_frames - on_device - on_host}
+
+
+def _device_dtype(args) -> tuple[torch.device, torch.dtype]:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device} but CUDA is not available (use --device cpu)")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return device, dtype
+
+
+def _check_blocks(args, cfg: WanConfig, modes: list[str]) -> int:
+    try:
+        num_blocks = blocks_for_seconds(args.seconds, cfg.frames_per_block)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    frames = num_blocks * cfg.frames_per_block
+    if "rag" in modes and args.top_k > cfg.window - cfg.sink - 1:
+        raise UsageError(f"--top-k must be <= window - sink - 1 = {cfg.window - cfg.sink - 1} (the retrieved frames "
+                         f"share the {cfg.window}-frame attention window), got {args.top_k}")
+    if "native" in modes and frames > cfg.rope_max_positions:
+        raise UsageError(f"--seconds {args.seconds:g} needs {frames} latent frames; native mode uses absolute RoPE "
+                         f"positions, at most {cfg.rope_max_positions} frames "
+                         f"({cfg.rope_max_positions // cfg.frames_per_block * 0.75:g} s)")
+    return num_blocks
+
+
+def _demo_setup(args, num_frames: int) -> Setup:
+    from lrag import demo  # noqa: PLC0415
+    cfg = demo.demo_config(args.demo_latent)
+    print("lrag: built-in demo with UNTRAINED seeded weights: the frames show the machinery (block loop, retrieval, "
+          "streaming video, logs), not a meaningful video. Real videos: see docs/cli.md.", file=sys.stderr)
+    embedder = demo.demo_embedder(cfg)
+    pipe = Pipeline(demo.demo_model(cfg), retrieval=_retrieval(args, num_frames), embed=embedder.embed)
+    scale = max(1, 128 // args.demo_latent)
+    return Setup(pipe, demo.demo_text(args.prompt or DEMO_PROMPT, cfg),
+                 lambda mode: demo.DemoRenderer(cfg, mode, num_frames, args.top_k, scale),
+                 {"source": "demo (untrained seeded weights, latent preview instead of the VAE)",
+                  "embedder": "PooledEmbedder (seeded, untrained)"})
+
+
+def _real_checks(args) -> None:
+    """Everything about a real run that can be checked without loading a weight."""
+    from lrag.wan_dir import WanDirError, check_wan_dir  # noqa: PLC0415
+
+    if args.backbone is None:
+        raise UsageError("--backbone is required without --demo (self-forcing, causal-forcing or longlive)")
+    if args.checkpoint is None:
+        raise UsageError("--checkpoint is required without --demo (the released generator weights)")
+    if not os.path.isfile(args.checkpoint):
+        raise UsageError(f"--checkpoint {args.checkpoint!r} does not exist")
+    if args.embedder is not None and not os.path.isfile(args.embedder):
+        raise UsageError(f"--embedder {args.embedder!r} does not exist")
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value < 16 or value % 16:
+            raise UsageError(f"--{name} must be a positive multiple of 16, got {value}")
+    try:
+        check_wan_dir(args.wan_dir)
+    except WanDirError as e:
+        raise UsageError(str(e)) from None
+
+
+def _real_config(args) -> WanConfig:
+    from lrag.ckpt_info import describe_checkpoint  # noqa: PLC0415
+
+    info = describe_checkpoint(args.checkpoint)
+    if info["kind"] != "generator":
+        raise UsageError(f"--checkpoint {args.checkpoint!r} is not a Wan generator checkpoint ({info['kind']})")
+    geo = dict(info["geometry"])
+    if args.num_heads is not None:
+        geo["num_heads"] = args.num_heads
+    if "num_heads" not in geo:
+        raise UsageError(f"cannot infer the number of heads from dim={geo['dim']}: pass --num-heads")
+    schedule = dict(BACKBONE_SCHEDULE[args.backbone])
+    if args.frames_per_block is not None:
+        schedule["frames_per_block"] = args.frames_per_block
+    try:
+        return wan_1_3b(**geo, **schedule, text_len=args.text_len, latent_height=args.height // VAE_SPATIAL,
+                        latent_width=args.width // VAE_SPATIAL)
+    except ValueError as e:
+        raise UsageError(f"the checkpoint's geometry does not fit the options: {e}") from None
+
+
+def _real_setup(args, cfg: WanConfig, num_frames: int, tokenizer=None) -> Setup:
+    from lrag.checkpoint import build_generator  # noqa: PLC0415
+    from lrag.text import TextEncoder  # noqa: PLC0415
+    from lrag.vae import StreamingVAEDecoder, load_vae  # noqa: PLC0415
+
+    if args.prompt is None or not args.prompt.strip():
+        raise UsageError("--prompt is required without --demo")
+    device, dtype = _device_dtype(args)
+    if args.embedder:
+        from lrag_ext.embedder import load_embedder  # noqa: PLC0415  (cheap: load it first)
+        try:
+            embed = load_embedder(args.embedder, map_location=device).embed
+        except (ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"--embedder {args.embedder!r}: {e}") from None
+        embedder = args.embedder
+    else:
+        embed, embedder = None, "spatial-mean descriptor (no --embedder)"
+        print("lrag: no --embedder given: retrieval uses the spatial-mean descriptor (SPEC §5 fallback)",
+              file=sys.stderr)
+    encoder = TextEncoder(args.wan_dir, text_len=cfg.text_len, device=device, dtype=dtype, tokenizer=tokenizer)
+    if encoder.dim != cfg.text_dim:
+        raise UsageError(f"the text encoder of --wan-dir gives {encoder.dim}-d states but the checkpoint expects "
+                         f"text_dim={cfg.text_dim}")
+    text = encoder.encode([args.prompt]).to(dtype)
+    del encoder                                   # free the umT5 weights before loading the DiT
+    vae = load_vae(args.wan_dir, device=device)
+    if vae.config.z_dim != cfg.in_dim:
+        raise UsageError(f"the VAE of --wan-dir has {vae.config.z_dim} latent channels, the checkpoint "
+                         f"{cfg.in_dim}")
+    model = build_generator(cfg, args.checkpoint, use_ema=False if args.no_ema else None, dtype=dtype, device=device)
+    pipe = Pipeline(model, retrieval=_retrieval(args, num_frames), embed=embed)
+    def make_renderer(mode: str):
+        decode = StreamingVAEDecoder(vae).decode
+        return lambda block: decode(block.latents[0])
+
+    return Setup(pipe, text, make_renderer,
+                 {"source": f"{args.backbone}: {args.checkpoint}", "embedder": embedder})
+
+
+def _build(args, modes: list[str], tokenizer) -> tuple[Setup, int]:
+    """Checks the options against the geometry, then builds the demo or the real setup."""
+    if args.demo:
+        from lrag.demo import demo_config  # noqa: PLC0415
+
+        if args.demo_latent < 2 or args.demo_latent % 2:
+            raise UsageError(f"--demo-latent must be an even number >= 2, got {args.demo_latent}")
+        cfg = demo_config(args.demo_latent)
+        num_blocks = _check_blocks(args, cfg, modes)
+        return _demo_setup(args, num_blocks * cfg.frames_per_block), num_blocks
+    _real_checks(args)
+    cfg = _real_config(args)
+    num_blocks = _check_blocks(args, cfg, modes)
+    return _real_setup(args, cfg, num_blocks * cfg.frames_per_block, tokenizer=tokenizer), num_blocks
+
+
+def _announce_memory(args, setup: Setup, num_blocks: int, device: str) -> dict:
+    cfg = setup.pipe.cfg
+    est = kv_estimate(cfg, num_blocks * cfg.frames_per_block, setup.pipe.model.dtype, args.device_frames,
+                      args.host_frames, args.storage)
+    if not args.quiet:
+        what = "K/V" if args.storage == "kv" else "latent"
+        print(f"lrag: retrieval memory: {est['frame_mib']:.2f} MiB of {what} per latent frame; up to "
+              f"{est['device_gib']:.2f} GiB on {device} + {est['host_gib']:.2f} GiB host memory "
+              f"(bound them with --device-frames / --host-frames)", file=sys.stderr)
+    if est["dropped_frames"]:
+        print(f"lrag: warning: --device-frames + --host-frames hold fewer frames than the video has: the oldest "
+              f"{est['dropped_frames']} frames' K/V will be dropped and can no longer be retrieved", file=sys.stderr)
+    return est
+
+
+def run_generate(args, on_block: Optional[Callable] = None, tokenizer=None) -> dict[str, str]:
+    """Runs ``lrag generate`` for parsed ``args``; returns the artefacts' paths.
+
+    Args:
+        on_block: extra per-block hook (after the block's frames are written), e.g. a test interrupting a run.
+        tokenizer: a tokenizer to use instead of ``--wan-dir/tokenizer`` (tests).
+
+    Raises:
+        UsageError: a bad option or input, before any heavy loading.
+        KeyboardInterrupt: after the finished blocks' video and logs have been written.
+    """
+    _check_common(args)
+    args.out = out = args.out or ("lrag_demo" if args.demo else "lrag_out")
+    modes = {"both": ["rag", "native"], None: ["rag", "native"] if args.demo else ["rag"]}.get(args.mode, [args.mode])
+    setup, num_blocks = _build(args, modes, tokenizer)
+    os.makedirs(out, exist_ok=True)
+    cfg = setup.pipe.cfg
+    meta = {**setup.meta, "prompt": args.prompt or (DEMO_PROMPT if args.demo else None), "seed": args.seed,
+            "seconds_requested": args.seconds, "num_blocks": num_blocks, "frames_per_block": cfg.frames_per_block,
+            "latent_shape": [cfg.in_dim, cfg.latent_height, cfg.latent_width], "window": cfg.window,
+            "sink": cfg.sink, "top_k": args.top_k, "recent_exclude": args.recent_exclude,
+            "memory_position": args.memory_position, "storage": args.storage,
+            "device": str(setup.pipe.model.device),
+            "dtype": str(setup.pipe.model.dtype).replace("torch.", ""), "modes": modes,
+            "title": "demo (untrained)" if args.demo else args.backbone}
+    if "rag" in modes:
+        meta["kv_memory_estimate"] = _announce_memory(args, setup, num_blocks, meta["device"])
+    runs, interrupted, start, threads = [], True, time.perf_counter(), torch.get_num_threads()
+    if args.demo:
+        # One thread: the tiny model's ops are too small to gain from more, and on a busy 2-core machine two
+        # threads lost 4x to OpenMP spinning (measured: 50 s vs 11 s for a 24 x 24 demo).
+        torch.set_num_threads(1)
+    try:
+        for mode in modes:
+            run = ModeRun(mode, num_blocks, os.path.join(out, f"{mode}.mp4"))
+            runs.append(run)
+            run_mode(setup.pipe, setup.text, num_blocks, mode, setup.make_renderer(mode), run.video, seed=args.seed,
+                     on_block=on_block, progress=Progress(mode, num_blocks, enabled=not args.quiet), run=run)
+        interrupted = False
+    finally:
+        torch.set_num_threads(threads)
+        meta["wall_s"] = time.perf_counter() - start
+        paths = write_outputs(out, runs, meta, cfg.frames_per_block, interrupted)
+    videos = {f"video_{r.mode}": r.video for r in runs}
+    if len(runs) > 1:
+        from lrag.video import side_by_side  # noqa: PLC0415
+        videos["side_by_side"] = os.path.join(out, "side_by_side.mp4")
+        side_by_side([r.video for r in runs], videos["side_by_side"])
+    return {**videos, **paths}

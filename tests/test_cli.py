@@ -1,0 +1,511 @@
+"""The ``lrag`` command end to end: the built-in demo, interruption, ``inspect``, every user error, and the
+real-checkpoint path with a tiny umT5 encoder, tokenizer and Wan VAE saved as a Diffusers-layout folder."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import fixture_path
+
+pytest.importorskip("imageio_ffmpeg")
+pytest.importorskip("matplotlib")
+
+from lrag import cli  # noqa: E402
+from lrag.ckpt_info import describe_checkpoint, infer_geometry  # noqa: E402
+from lrag.checkpoint import normalize_keys  # noqa: E402
+from lrag.generate import blocks_for_seconds  # noqa: E402
+from lrag.video import count_frames, latent_preview  # noqa: E402
+
+DEMO_BLOCKS = 8             # retrieval at blocks 6 and 7 (window 12, sink 1, R 5)
+DEMO = ["generate", "--demo", "--seconds", str(DEMO_BLOCKS * 0.75), "--demo-latent", "8", "--quiet"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # the tiny models' ops gain nothing from more threads, and on a busy machine OpenMP spinning makes 2 threads
+    # several times slower (measured: the tiny-VAE test 19 s vs 0.6 s)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _read_video(path) -> np.ndarray:
+    import imageio.v2 as imageio
+    reader = imageio.get_reader(path)
+    try:
+        return np.stack([frame for frame in reader.iter_data()])
+    finally:
+        reader.close()
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert cli.main(DEMO + ["--out", str(out)]) == 0
+    return out
+
+
+def test_demo_writes_every_artefact(demo_run):
+    for name in ("rag.mp4", "native.mp4", "side_by_side.mp4", "memory_log.json", "timings.json", "retrieval.png"):
+        assert (demo_run / name).stat().st_size > 0, name
+    # 8 blocks x 3 latent frames x 4 video frames, 16 x 8 x 8 latents previewed at x16 above a 16-px strip
+    rag = _read_video(demo_run / "rag.mp4")
+    assert rag.shape == (DEMO_BLOCKS * 12, 128 + 16, 128, 3)
+    assert count_frames(demo_run / "native.mp4") == DEMO_BLOCKS * 12
+    assert _read_video(demo_run / "side_by_side.mp4").shape == (DEMO_BLOCKS * 12, 128 + 16, 2 * 128 + 16, 3)
+    import matplotlib.image
+    assert matplotlib.image.imread(demo_run / "retrieval.png").shape[:2] == (450, 800)
+
+
+def test_demo_log_and_video_match_a_direct_pipeline_run(demo_run):
+    # the oracle: the same seeded demo pieces driven through the Pipeline API directly
+    from lrag import demo
+    from lrag.config import RetrievalConfig
+    from lrag.pipeline import Pipeline
+
+    cfg = demo.demo_config(8)
+    pipe = Pipeline(demo.demo_model(cfg), retrieval=RetrievalConfig(k=6, recent_exclude=5),
+                    embed=demo.demo_embedder(cfg).embed)
+    res = pipe.generate(demo.demo_text(cli_prompt(), cfg), 3 * DEMO_BLOCKS, generator=torch.Generator().manual_seed(0),
+                        mode="rag")
+    log = json.loads((demo_run / "memory_log.json").read_text())
+    assert not log["interrupted"] and log["blocks_done"] == DEMO_BLOCKS and log["mode"] == "rag"
+    assert [r["block"] for r in log["records"]] == [6, 7]
+    for got, want in zip(log["records"], res.memory_log):
+        assert got["selected_global_frames"] == want["selected_global_frames"]
+        assert got["selected_similarities"][0] == pytest.approx(want["selected_similarities"][0], abs=1e-6)
+        # candidates: global frames [sink, sink + (s - window) - R)
+        s = got["query_frame"]
+        assert all(1 <= f < 1 + (s - 12) - 5 for f in got["selected_global_frames"][0])
+    # the video shows these latents (H.264 is lossy: compare means)
+    video = _read_video(demo_run / "rag.mp4")[:, :128].astype(np.float32)
+    want_frames = np.concatenate([latent_preview(res.latents[0, 3 * b:3 * b + 3], scale=16)
+                                  for b in range(DEMO_BLOCKS)]).astype(np.float32)
+    assert np.abs(video - want_frames).mean() < 6.0
+    other = np.roll(want_frames, 12, axis=0)               # a block off: clearly worse
+    assert np.abs(video - other).mean() > np.abs(video - want_frames).mean() + 2
+
+
+def test_timeline_strip_colours():
+    from lrag.demo import COLOURS, STRIP_HEIGHT, timeline_strip
+    # block 7 of a 10-block video (30 latent frames, 3 px each): rag window = sink + the last 5 frames
+    strip = timeline_strip(90, 30, start=21, frames=3, sink=1, local=5, retrieved=[4, 2])
+    assert strip.shape == (STRIP_HEIGHT, 90, 3) and not strip[:2].any()
+    assert [f for f in range(30) if tuple(strip[8, 3 * f]) == COLOURS["window"]] == [0, 19, 20]
+    assert [f for f in range(30) if tuple(strip[8, 3 * f]) == COLOURS["retrieved"]] == [2, 4]
+    assert [f for f in range(30) if tuple(strip[8, 3 * f]) == COLOURS["block"]] == [21, 22, 23]
+    assert [f for f in range(30) if tuple(strip[8, 3 * f]) == COLOURS["empty"]] == list(range(24, 30))
+    assert tuple(strip[8, 3 * 10]) == COLOURS["past"]
+
+
+def cli_prompt() -> str:
+    from lrag.runner import DEMO_PROMPT
+    return DEMO_PROMPT
+
+
+def test_plot_draws_the_logged_retrievals(demo_run, tmp_path):
+    from lrag.plots import plot_retrieval
+    log = json.loads((demo_run / "memory_log.json").read_text())
+    points = plot_retrieval(log["records"], tmp_path / "p.png", num_blocks=DEMO_BLOCKS, frames_per_block=3)
+    want = [(r["block"], f, sim) for r in log["records"]
+            for f, sim in zip(r["selected_global_frames"][0], r["selected_similarities"][0])]
+    assert points == want and len(points) == 1 + 4             # blocks 6 (1 candidate) and 7 (4 candidates)
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_timings_are_consistent(demo_run):
+    t = json.loads((demo_run / "timings.json").read_text())
+    assert t["modes"].keys() == {"rag", "native"} and not t["interrupted"]
+    for mode, entry in t["modes"].items():
+        s = entry["summary"]
+        assert s["blocks_done"] == s["num_blocks"] == DEMO_BLOCKS and s["finished"]
+        assert s["video_frames"] == DEMO_BLOCKS * 12 and s["video_seconds"] == DEMO_BLOCKS * 0.75
+        assert [b["block"] for b in entry["per_block_s"]] == list(range(DEMO_BLOCKS))
+        assert s["blocks_with_retrieval"] == (2 if mode == "rag" else 0)
+        for b in entry["per_block_s"]:
+            assert b["total"] >= b["denoise"] + b["rerun"] > 0
+
+
+def test_seconds_round_up_to_whole_blocks():
+    assert blocks_for_seconds(30, 3) == 40
+    assert blocks_for_seconds(0.75, 3) == 1
+    assert blocks_for_seconds(0.76, 3) == 2
+    assert blocks_for_seconds(120, 3) == 160
+
+
+def _demo_args(tmp_path, *extra):
+    return cli.build_parser().parse_args(DEMO + ["--out", str(tmp_path), *extra])
+
+
+def test_interrupt_leaves_playable_video_and_consistent_logs(tmp_path):
+    from lrag.runner import run_generate
+
+    def stop_after_three(block):
+        if block.index == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_generate(_demo_args(tmp_path), on_block=stop_after_three)
+    assert count_frames(tmp_path / "rag.mp4") == 3 * 12          # the finished blocks, playable
+    assert not (tmp_path / "native.mp4").exists()
+    t = json.loads((tmp_path / "timings.json").read_text())
+    assert t["interrupted"] and t["modes"]["rag"]["summary"]["blocks_done"] == 3
+    assert not t["modes"]["rag"]["summary"]["finished"]
+    log = json.loads((tmp_path / "memory_log.json").read_text())
+    assert log["interrupted"] and log["blocks_done"] == 3 and log["records"] == []
+    assert (tmp_path / "retrieval.png").exists()
+
+
+def test_ctrl_c_exits_130_with_the_finished_blocks(tmp_path, monkeypatch, capsys):
+    from lrag import generate
+
+    real_update = generate.Progress.update
+
+    def update(self, done, timings):
+        real_update(self, done, timings)
+        if self.label == "rag" and done == 7:
+            raise KeyboardInterrupt          # as if Ctrl-C arrived during block 7
+
+    monkeypatch.setattr(generate.Progress, "update", update)
+    assert cli.main(DEMO + ["--out", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "UNTRAINED seeded weights" in err
+    log = json.loads((tmp_path / "memory_log.json").read_text())
+    assert log["blocks_done"] == 7 and [r["block"] for r in log["records"]] == [6]
+    assert count_frames(tmp_path / "rag.mp4") == 7 * 12
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# lrag inspect
+def test_inspect_generator_checkpoint(capsys):
+    path = fixture_path("sf_tiny_ckpt.pt")
+    assert cli.main(["inspect", path]) == 0
+    text = capsys.readouterr().out
+    for line in ("kind:        generator", "layers:      2", "dim:         64", "ffn_dim:     128",
+                 "text_dim:    32", "EMA:         yes", "dtype:       float32", "not inferable"):
+        assert line in text, line
+    ema = torch.load(path, weights_only=True)["generator_ema"]
+    assert f"parameters:  {sum(t.numel() for t in ema.values()):,}" in text
+
+
+def test_inspect_safetensors_reads_the_header_only(tmp_path):
+    from safetensors.torch import save_file
+    sd = normalize_keys(torch.load(fixture_path("rag_tiny_ckpt.pt"), weights_only=True)["generator_ema"])
+    sd = {k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}
+    path = tmp_path / "longlive_tiny.safetensors"
+    save_file(sd, str(path))
+    info = describe_checkpoint(path)
+    assert info["kind"] == "generator" and not info["ema"] and info["dtype"] == "bfloat16"
+    assert info["backbone_guess"].startswith("longlive")
+    assert info["num_params"] == sum(t.numel() for t in sd.values())
+    assert info["geometry"] == infer_geometry(sd)
+    assert info["geometry"]["num_layers"] == 2 and info["geometry"]["patch_size"] == (1, 2, 2)
+
+
+def test_inspect_wan_1_3b_geometry_on_meta():
+    from lrag.config import wan_1_3b
+    from lrag.models.wan import CausalWanModel
+    with torch.device("meta"):
+        sd = CausalWanModel(wan_1_3b()).state_dict()
+    geo = infer_geometry(sd)
+    assert (geo["num_layers"], geo["dim"], geo["num_heads"], geo["ffn_dim"], geo["text_dim"]) == (30, 1536, 12, 8960,
+                                                                                                  4096)
+
+
+def test_inspect_embedder_checkpoint(capsys):
+    assert cli.main(["inspect", fixture_path("ae_tiny_ckpt.pt"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "embedder (LatentAE)" and info["embedding_dim"] == 64
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# user errors
+def _error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--seconds", "0"], "--seconds must be a finite number > 0, got 0"),
+    (["--seconds", "-3"], "--seconds must be a finite number > 0"),
+    (["--seconds", "nan"], "--seconds must be a finite number > 0"),
+    (["--seconds", "abc"], "argument --seconds: invalid float value"),
+    (["--top-k", "0"], "--top-k must be >= 1"),
+    (["--top-k", "11"], "--top-k must be <= window - sink - 1 = 10"),
+    (["--recent-exclude", "-1"], "--recent-exclude must be >= 0"),
+    (["--device-frames", "-1"], "--device-frames must be >= 0"),
+    (["--device-frames", "0", "--host-frames", "0"], "leave the retrieval memory no room"),
+    (["--host-frames", "-2"], "--host-frames must be >= 0"),
+    (["--memory-position", "sideways"], "--memory-position must be an int >= 0, 'absolute' or 'ordered'"),
+    (["--mode", "native", "--seconds", "300"], "native mode uses absolute RoPE positions, at most 1024 frames"),
+    (["--mode", "turbo"], "argument --mode: invalid choice"),
+    (["--demo-latent", "7"], "--demo-latent must be an even number"),
+])
+def test_demo_option_errors(tmp_path, capsys, extra, message):
+    assert message in _error(DEMO + ["--out", str(tmp_path)] + extra, capsys)
+    assert not any(tmp_path.iterdir())            # nothing written
+
+
+def _real(tmp_path, *extra):
+    return ["generate", "--prompt", "a cat", "--out", str(tmp_path / "out"), *extra]
+
+
+def test_real_run_errors(tmp_path, capsys):
+    ckpt = fixture_path("sf_tiny_ckpt.pt")
+    assert "--backbone is required" in _error(_real(tmp_path, "--checkpoint", ckpt), capsys)
+    assert "argument --backbone: invalid choice: 'wan'" in _error(_real(tmp_path, "--backbone", "wan"), capsys)
+    assert "--checkpoint is required" in _error(_real(tmp_path, "--backbone", "longlive"), capsys)
+    missing = str(tmp_path / "nope.pt")
+    assert f"--checkpoint '{missing}' does not exist" in _error(
+        _real(tmp_path, "--backbone", "longlive", "--checkpoint", missing), capsys)
+    base = _real(tmp_path, "--backbone", "self-forcing", "--checkpoint", ckpt)
+    assert "--embedder" in _error(base + ["--embedder", missing], capsys)
+    assert "--height must be a positive multiple of 16" in _error(base + ["--height", "100"], capsys)
+    err = _error(base, capsys)
+    assert "--wan-dir is required" in err and "Wan-AI/Wan2.1-T2V-1.3B-Diffusers" in err
+    assert "is not a directory" in _error(base + ["--wan-dir", missing], capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def _fake_wan_dir(root, skip=None, shards=False):
+    """Empty files in the Diffusers layout (enough for the file checks), leaving out ``skip``."""
+    files = ["text_encoder/config.json", "tokenizer/tokenizer_config.json", "tokenizer/tokenizer.json",
+             "vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
+    if shards:
+        files += ["text_encoder/model-00001-of-00002.safetensors"]
+    else:
+        files += ["text_encoder/model.safetensors"]
+    for f in files:
+        if f != skip:
+            os.makedirs(os.path.dirname(root / f), exist_ok=True)
+            (root / f).write_text("{}")
+    if shards:
+        index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+        (root / "text_encoder/model.safetensors.index.json").write_text(json.dumps(index))
+    return root
+
+
+@pytest.mark.parametrize("skip, message", [
+    ("vae/diffusion_pytorch_model.safetensors",
+     "missing vae/diffusion_pytorch_model.safetensors or vae/diffusion_pytorch_model.bin"),
+    ("vae/config.json", "missing vae/config.json"),
+    ("text_encoder/config.json", "missing text_encoder/config.json"),
+    ("text_encoder/model.safetensors", "missing text_encoder/model.safetensors or"),
+    ("tokenizer/tokenizer.json", "missing tokenizer/tokenizer.json or tokenizer/spiece.model"),
+])
+def test_incomplete_wan_dir_names_the_missing_file(tmp_path, capsys, skip, message):
+    wan = _fake_wan_dir(tmp_path / "wan", skip=skip)
+    err = _error(_real(tmp_path, "--backbone", "self-forcing", "--checkpoint", fixture_path("sf_tiny_ckpt.pt"),
+                       "--wan-dir", str(wan)), capsys)
+    assert message in err and "huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B-Diffusers" in err
+
+
+def test_missing_text_encoder_shard_is_named(tmp_path, capsys):
+    wan = _fake_wan_dir(tmp_path / "wan", shards=True)
+    err = _error(_real(tmp_path, "--backbone", "longlive", "--checkpoint", fixture_path("sf_tiny_ckpt.pt"),
+                       "--wan-dir", str(wan)), capsys)
+    assert "missing text_encoder/model-00002-of-00002.safetensors (listed in model.safetensors.index.json)" in err
+
+
+def test_checkpoint_that_is_not_a_generator(tmp_path, capsys):
+    wan = _fake_wan_dir(tmp_path / "wan")
+    err = _error(_real(tmp_path, "--backbone", "longlive", "--checkpoint", fixture_path("ae_tiny_ckpt.pt"),
+                       "--wan-dir", str(wan)), capsys)
+    assert "is not a Wan generator checkpoint (embedder (LatentAE))" in err
+
+
+def test_heads_must_be_given_when_not_inferable(tmp_path, capsys):
+    wan = _fake_wan_dir(tmp_path / "wan")
+    err = _error(_real(tmp_path, "--backbone", "longlive", "--checkpoint", fixture_path("sf_tiny_ckpt.pt"),
+                       "--wan-dir", str(wan)), capsys)
+    assert "cannot infer the number of heads from dim=64: pass --num-heads" in err
+
+
+def test_bad_frames_per_block(tmp_path, capsys):
+    wan = _fake_wan_dir(tmp_path / "wan")
+    err = _error(_real(tmp_path, "--backbone", "causal-forcing", "--checkpoint", fixture_path("sf_tiny_ckpt.pt"),
+                       "--wan-dir", str(wan), "--num-heads", "2", "--frames-per-block", "0"), capsys)
+    assert "the checkpoint's geometry does not fit the options: WanConfig.frames_per_block must be a positive" in err
+
+
+def test_inspect_errors(tmp_path, capsys):
+    assert "does not exist" in _error(["inspect", str(tmp_path / "x.pt")], capsys)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x01")
+    assert "cannot read checkpoint" in _error(["inspect", str(bad)], capsys)
+
+
+def test_train_embedder_is_wrapped(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train-embedder", "--help"])
+    assert e.value.code == 0
+    assert "--data" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the real-checkpoint path: tiny umT5 + tokenizer + Wan VAE in a Diffusers-layout folder, no download
+def _tiny_wan_dir(root):
+    transformers = pytest.importorskip("transformers")
+    diffusers = pytest.importorskip("diffusers")
+    tokenizers = pytest.importorskip("tokenizers")
+    torch.manual_seed(0)
+    words = "a cat dog runs in the snow forest red fox sky over sea".split()
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.post_processor = tokenizers.processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                                unk_token="<unk>")
+    fast.save_pretrained(root / "tokenizer")
+    cfg = transformers.UMT5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                  relative_attention_num_buckets=8, relative_attention_max_distance=16)
+    transformers.UMT5EncoderModel(cfg).save_pretrained(root / "text_encoder")
+    vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True])
+    vae.save_pretrained(root / "vae")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_wan(tmp_path_factory):
+    return _tiny_wan_dir(tmp_path_factory.mktemp("wan"))
+
+
+def test_streaming_vae_decode_equals_whole_video_decode(tiny_wan):
+    from lrag.vae import StreamingVAEDecoder, load_vae, to_uint8
+    vae = load_vae(tiny_wan)
+    latents = torch.randn(9, 16, 8, 8, generator=torch.Generator().manual_seed(3))   # [F, C, h, w]
+    dec = StreamingVAEDecoder(vae)
+    blocks = [dec.decode(latents[i:i + 3]) for i in range(0, 9, 3)]
+    assert [len(b) for b in blocks] == [9, 12, 12]                                     # 1 + 4 (F - 1)
+    z = latents.permute(1, 0, 2, 3)[None] * dec.std + dec.mean
+    whole = to_uint8(vae.decode(z).sample[0])
+    assert np.abs(np.concatenate(blocks).astype(int) - whole.astype(int)).max() <= 1
+
+
+def test_text_encoder_zeroes_padding(tiny_wan):
+    from lrag.text import TextEncoder
+    enc = TextEncoder(tiny_wan, text_len=16)
+    out = enc.encode(["a red fox", "the cat runs in the snow"])
+    assert out.shape == (2, 16, 32)
+    assert out[0, 4:].abs().max() == 0 and out[0, :4].abs().min() > 0           # 3 words + </s>
+    assert out[1, 7:].abs().max() == 0 and out[1, 6].abs().sum() > 0
+
+
+def test_real_checkpoint_end_to_end(tiny_wan, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["generate", "--backbone", "self-forcing", "--checkpoint", fixture_path("sf_tiny_ckpt.pt"),
+            "--wan-dir", str(tiny_wan), "--prompt", "a red fox in the snow", "--seconds", "6", "--height", "64",
+            "--width", "64", "--num-heads", "2", "--text-len", "16", "--device", "cpu", "--mode", "both",
+            "--out", str(out), "--quiet"]
+    assert cli.main(argv) == 0
+    assert "spatial-mean descriptor" in capsys.readouterr().err
+    for mode in ("rag", "native"):
+        video = _read_video(out / f"{mode}.mp4")
+        assert video.shape == (1 + 4 * (3 * DEMO_BLOCKS - 1), 64, 64, 3)
+    log = json.loads((out / "memory_log.json").read_text())
+    assert [r["block"] for r in log["records"]] == [6, 7] and log["embedder"].startswith("spatial-mean")
+    assert json.loads((out / "timings.json").read_text())["modes"]["rag"]["summary"]["blocks_done"] == DEMO_BLOCKS
+    shutil.rmtree(out)
+    # with the release-format LatentAE of the fixtures (16 x 8 x 8 latents) as the retrieval embedder
+    argv[argv.index("both")] = "rag"
+    assert cli.main(argv + ["--embedder", fixture_path("rag_tiny_ae_ckpt.pt")]) == 0
+    log = json.loads((out / "memory_log.json").read_text())
+    assert log["embedder"].endswith("rag_tiny_ae_ckpt.pt") and len(log["records"]) == 2
+    assert not (out / "native.mp4").exists() and count_frames(out / "rag.mp4") == 93
+    # a checkpoint that is not an embedder
+    err = _error(argv + ["--embedder", fixture_path("sf_tiny_ckpt.pt")], capsys)
+    assert f"--embedder '{fixture_path('sf_tiny_ckpt.pt')}'" in err
+
+
+def test_heavy_dependencies_are_imported_lazily():
+    # lrag_ext never imports them; lrag (and its CLI module) only in the commands that need them
+    import subprocess
+    import sys
+    code = ("import sys, lrag_ext, lrag, lrag.cli, lrag.runner, lrag.generate, lrag.ckpt_info; "
+            "heavy = {'transformers', 'diffusers', 'imageio', 'matplotlib'} & "
+            "set(m.split('.')[0] for m in sys.modules); "
+            "print(sorted(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_python_dash_m_lrag(capsys):
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, "-m", "lrag", "inspect", fixture_path("sf_tiny_ckpt.pt")],
+                         capture_output=True, text=True)
+    assert res.returncode == 0 and "kind:        generator" in res.stdout
+    res = subprocess.run([sys.executable, "-m", "lrag", "generate", "--demo", "--seconds", "0"],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "lrag: error: --seconds must be a finite number > 0" in res.stderr
+
+
+def test_kv_estimate_of_the_real_model():
+    from lrag.config import wan_1_3b
+    from lrag.runner import kv_estimate
+    est = kv_estimate(wan_1_3b(), 120, torch.bfloat16, device_frames=64, host_frames=None)
+    assert est["frame_mib"] * 2 ** 20 == 30 * 2 * 1560 * 1536 * 2            # 287.5 MB per frame (SPEC §2)
+    assert est["device_gib"] == pytest.approx(64 * est["frame_mib"] / 1024)
+    assert est["host_gib"] == pytest.approx(56 * est["frame_mib"] / 1024) and est["dropped_frames"] == 0
+    assert kv_estimate(wan_1_3b(), 120, torch.bfloat16, 64, 10)["dropped_frames"] == 46
+    latent = kv_estimate(wan_1_3b(), 120, torch.bfloat16, 64, None, storage="latent")
+    assert latent["frame_mib"] * 2 ** 20 == 16 * 60 * 104 * 2 and latent["host_gib"] == 0
+
+
+def test_bounded_tiers_warn_about_dropped_frames(tmp_path, capsys):
+    argv = DEMO[:-1] + ["--out", str(tmp_path), "--mode", "rag", "--device-frames", "2", "--host-frames", "4"]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "the oldest 18 frames' K/V will be dropped and can no longer be retrieved" in err
+    # the candidates (frames >= 17 frames old) were all dropped: nothing is retrieved
+    assert json.loads((tmp_path / "memory_log.json").read_text())["records"] == []
+
+
+def test_demo_with_latent_storage(tmp_path):
+    assert cli.main(DEMO + ["--out", str(tmp_path), "--storage", "latent", "--mode", "rag"]) == 0
+    log = json.loads((tmp_path / "memory_log.json").read_text())
+    assert log["storage"] == "latent" and [r["block"] for r in log["records"]] == [6, 7]
+    assert log["kv_memory_estimate"]["frame_mib"] * 2 ** 20 == 16 * 8 * 8 * 4
+    assert count_frames(tmp_path / "rag.mp4") == DEMO_BLOCKS * 12 and not (tmp_path / "native.mp4").exists()
+
+
+def test_progress_line():
+    import io
+    from lrag.generate import Progress
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    timings = {"retrieval": 0.01, "memory": 0.01, "total": 0.2}
+    tty, log = Tty(), io.StringIO()
+    for stream in (tty, log):
+        p = Progress("rag", 20, stream=stream)
+        for done in range(1, 21):
+            p.update(done, timings)
+    assert tty.getvalue().count("\r") == 20 and "block 20/20" in tty.getvalue()
+    assert "retrieval 10.0% of block time" in tty.getvalue()
+    lines = log.getvalue().splitlines()           # not a terminal: every 2nd block of 20, no carriage returns
+    assert len(lines) == 10 and lines[-1].startswith("[rag] |########################| block 20/20")
+
+
+def test_real_frame_wise_run(tiny_wan, tmp_path):
+    # frame-wise schedule (Causal-Forcing's frame-wise variant): a block is 1 latent frame = 0.25 s
+    out = tmp_path / "out"
+    argv = ["generate", "--backbone", "causal-forcing", "--checkpoint", fixture_path("sf_tiny_ckpt.pt"),
+            "--wan-dir", str(tiny_wan), "--prompt", "a dog", "--seconds", "1", "--height", "64", "--width", "64",
+            "--num-heads", "2", "--text-len", "16", "--device", "cpu", "--mode", "native", "--frames-per-block", "1",
+            "--out", str(out), "--quiet"]
+    assert cli.main(argv) == 0
+    t = json.loads((out / "timings.json").read_text())
+    assert t["num_blocks"] == 4 and t["frames_per_block"] == 1
+    assert count_frames(out / "native.mp4") == 1 + 4 * 3
