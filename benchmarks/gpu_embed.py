@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from embed_models import perturbed_ae  # noqa: E402
-from gpu_cosine_topk import time_eager, time_graph  # noqa: E402  (shared GPU timing helpers)
+from _gpu_timing import time_eager, time_graph  # noqa: E402  (shared GPU timing helpers)
 
 from lrag_ext import ops  # noqa: E402
 from lrag_ext.embedder import PooledEmbedder, mean_descriptor  # noqa: E402

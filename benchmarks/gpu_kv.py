@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from _gpu_timing import median_ms  # noqa: E402
 import lrag_ext
 from lrag_ext import reference
 
@@ -33,25 +34,7 @@ TARGET = 0.80
 
 def time_cuda(fn, iters: int = 20, warmup: int = 3) -> float:
     """Median seconds per call, CUDA-event timed (wall clock on a CPU smoke run)."""
-    for _ in range(warmup):
-        fn()
-    if not torch.cuda.is_available():  # --device cpu: only checks that the script runs
-        times = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return sorted(times)[len(times) // 2]
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
+    return median_ms(fn, iters=iters, warmup=warmup) / 1e3
 
 
 def device_copy_bandwidth(nbytes: int, device: str) -> float:

@@ -22,16 +22,12 @@ from typing import Callable, Optional, Sequence
 import torch
 
 import lrag_ext
+from lrag_ext.reference import mean_descriptor  # the fallback embedder: spatial mean [N, C, H, W] -> [N, C]
 from lrag.config import RetrievalConfig
 from lrag.models.wan import CausalWanModel
 from lrag.scheduler import FlowMatchScheduler
 
 Embedder = Callable[[torch.Tensor], torch.Tensor]
-
-
-def mean_descriptor(latents: torch.Tensor) -> torch.Tensor:
-    """Fallback embedder: spatial mean ``[N, C, H, W] -> [N, C]``."""
-    return latents.float().mean(dim=(-2, -1))
 
 
 @dataclass
