@@ -13,7 +13,8 @@ from lrag_ext.ops import (cosine_topk, embed_head, gather_kv, kv_pool_empty, kv_
 
 SlotAllocator = _C.SlotAllocator
 
-from lrag_ext.memory import KVLayout, MemoryConfig, RetrievalMemory, RetrievalPlan  # noqa: E402
+from lrag_ext.memory import RetrievalMemory, RetrievalPlan  # noqa: E402
+from lrag_ext.memory_config import KVLayout, MemoryConfig  # noqa: E402
 from lrag_ext.policy import RetrievalPolicy  # noqa: E402
 
 __version__ = "0.1.0"
