@@ -33,6 +33,13 @@ def build(history, device_frames, host_frames, frame_kv):
     return mem, s
 
 
+def measure(built, cache_k, cache_v) -> tuple[float, int]:
+    """Median ms of one block's retrieve + gather on a built (memory, stream), and the frames it selects."""
+    mem, s = built
+    ms = median_ms(lambda: mem.gather(mem.retrieve([s]), cache_k, cache_v), iters=10)
+    return ms, mem.retrieve([s]).counts[0]
+
+
 def main():
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
     frame_kv = torch.randn(L, 1, T, H, D, device="cuda", dtype=torch.bfloat16)
@@ -41,13 +48,10 @@ def main():
     gb = 2 * K * frame_kv.numel() * 2 / 1e9
     # The newest K/V frames fit the tiers; retrieval reaches the frames >= R + window old that are still stored.
     for history, dev, host, where in ((480, 40, 0, "device"), (480, 4, 36, "host"), (5000, 40, 0, "device")):
-        mem, s = build(history, dev, host, frame_kv)
-        ms = median_ms(lambda: mem.gather(mem.retrieve([s]), cache_k, cache_v), iters=10)
-        plan = mem.retrieve([s])
+        ms, count = measure(build(history, dev, host, frame_kv), cache_k, cache_v)
+        torch.cuda.empty_cache()  # the memory built for this case is gone with measure()'s frame
         print(f"history {history:5d}  frames from {where:6s} tier: retrieve+gather {ms:8.2f} ms "
-              f"({plan.counts[0]} frames, {gb:.2f} GB moved, {gb / ms * 1e3:.0f} GB/s)")
-        del mem
-        torch.cuda.empty_cache()
+              f"({count} frames, {gb:.2f} GB moved, {gb / ms * 1e3:.0f} GB/s)")
     # Baseline: the release's per-forward, per-layer host->device copies of the retrieved frames' K/V.
     host_k = [[frame_kv[l, 0].cpu() for l in range(L)] for _ in range(K)]
 

@@ -48,7 +48,7 @@ inline KvGeometry check_pool(const at::Tensor& pool) {
   check_dim(pool, 6, "pool", "[num_slots, layers, 2, tokens, heads, head_dim]");
   const auto s = pool.scalar_type();
   TORCH_CHECK(s == at::kFloat || s == at::kHalf || s == at::kBFloat16 || s == at::kFloat8_e4m3fn,
-              "pool must be float32, float16, bfloat16 or float8_e4m3fn, got ", c10::toString(s));
+              "pool must be float32, float16, bfloat16 or float8_e4m3fn, got ", dtype_name(s));
   TORCH_CHECK(pool.size(2) == 2, "pool.shape[2] must be 2 (K and V), got ", pool.size(2));
   check_last_dim_dense(pool, "pool");
   KvGeometry g{pool.size(0), pool.size(1), pool.size(3), pool.size(4), pool.size(5)};
@@ -81,7 +81,7 @@ inline bool check_pool_scale(const at::Tensor& pool, const KvGeometry& g,
   const bool fp8 = pool.scalar_type() == at::kFloat8_e4m3fn;
   if (!fp8) {
     TORCH_CHECK(!pool_scale.has_value(), "pool_scale is only used with a float8_e4m3fn pool; pool is ",
-                c10::toString(pool.scalar_type()));
+                dtype_name(pool.scalar_type()));
     return false;
   }
   TORCH_CHECK(pool_scale.has_value(), "a float8_e4m3fn pool needs pool_scale [num_slots, layers, 2] float32");
@@ -105,7 +105,7 @@ inline KvGeometry check_write_kv_args(const at::Tensor& pool, const at::Tensor& 
   TORCH_CHECK(src_v.sizes() == src_k.sizes(), "src_v must have the shape of src_k (", src_k.sizes(), "), got ",
               src_v.sizes());
   TORCH_CHECK(src_v.scalar_type() == src_k.scalar_type(), "src_v must have the dtype of src_k (",
-              c10::toString(src_k.scalar_type()), "), got ", c10::toString(src_v.scalar_type()));
+              dtype_name(src_k.scalar_type()), "), got ", dtype_name(src_v.scalar_type()));
   check_index(slots, "slots", "[n]", 1);
   check_size(slots, 0, src_k.size(1), "slots", "src_k.shape[1] (n)");
   check_same_device(src_v, src_k, "src_v", "src_k");
@@ -126,7 +126,7 @@ inline KvGeometry check_gather_kv_args(const at::Tensor& pool, const at::Tensor&
   TORCH_CHECK(dst_v.sizes() == dst_k.sizes(), "dst_v must have the shape of dst_k (", dst_k.sizes(), "), got ",
               dst_v.sizes());
   TORCH_CHECK(dst_v.scalar_type() == dst_k.scalar_type(), "dst_v must have the dtype of dst_k (",
-              c10::toString(dst_k.scalar_type()), "), got ", c10::toString(dst_v.scalar_type()));
+              dtype_name(dst_k.scalar_type()), "), got ", dtype_name(dst_v.scalar_type()));
   check_last_dim_dense(dst_v, "dst_v");
   check_index(slots, "slots", "[B, m]", 2);
   check_size(slots, 0, dst_k.size(1), "slots", "dst_k.shape[1] (B)");
@@ -180,7 +180,7 @@ void dispatch_float(at::ScalarType t, F&& f) {
       return;
     }
   }
-  TORCH_CHECK(false, "unsupported dtype ", c10::toString(t));  // the arg checks rule this out
+  TORCH_CHECK(false, "unsupported dtype ", dtype_name(t));  // the arg checks rule this out
 }
 
 // Calls f(S{}, D{}) for a source and a destination dtype; kSrcFp8 / kDstFp8 admit float8_e4m3fn on that side.

@@ -23,6 +23,7 @@ several threads; results of device work are ordered by the CUDA stream of the ca
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -35,7 +36,9 @@ from dataclasses import dataclass, field
 import torch
 
 import lrag_ext
-from lrag_ext.memory_config import STORAGE_MODES, KVLayout, MemoryConfig  # noqa: F401  (re-exported)
+from lrag_ext.memory_config import KVLayout, MemoryConfig
+
+__all__ = ["KVLayout", "MemoryConfig", "RetrievalMemory", "RetrievalPlan"]  # the config classes re-exported
 
 POSITION_MODES = ("sink", "ordered")
 _SEGMENT_SHIFT = 32  # a frame's K/V location is encoded as segment << 32 | slot (or -1: not stored)
@@ -280,10 +283,7 @@ class RetrievalMemory:
                 self._check_tensor(queries, "queries", (len(streams), self.config.embed_dim))
                 queries = queries.to(self.config.embed_dtype)
             ranges = [self._eligible(st) for st in states]
-            max_pages = max([len(st.pages) for st in states] + [1])
-            table = torch.zeros((len(streams), max_pages), dtype=torch.int32)
-            for b, st in enumerate(states):
-                table[b, :len(st.pages)] = torch.tensor(st.pages, dtype=torch.int32)
+            table = self._page_table(states, torch.int32)
             lo = torch.tensor([r[0] for r in ranges], dtype=torch.int64)
             hi = torch.tensor([r[1] for r in ranges], dtype=torch.int64)
             scores, ids = lrag_ext.cosine_topk(queries, self._pages, self._to_device(table), self._to_device(lo),
@@ -349,14 +349,13 @@ class RetrievalMemory:
                 dst_frame = (self.policy.sink_frames + torch.arange(K, device=self.device)).expand(B, K)
             self._check_tensor(dst_frame, "dst_frame", (B, K), dtype=torch.int64)
             delta = self._positions(plan, positions)
-            ctx = torch.cuda.stream(stream) if stream is not None else _nullcontext()
-            with ctx:
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 # Locations are looked up now, not at retrieve time: appends in between may have moved frames.
                 codes = self._codes_of(states, plan.ids)
                 for seg_index, seg in enumerate(self._segments):
+                    # Unstored frames (code -1) have segment -1, so they never match and stay -1 (skipped).
                     slots = torch.where((codes >> _SEGMENT_SHIFT) == seg_index, codes & 0xFFFFFFFF,
                                         torch.full_like(codes, -1))
-                    slots = torch.where(codes < 0, torch.full_like(codes, -1), slots)
                     lrag_ext.gather_kv(seg.pool, slots, dst_k, dst_v, dst_frame.contiguous(), delta,
                                        rope_temporal_pairs=layout.rope_temporal_pairs, rope_theta=layout.rope_theta,
                                        pool_scale=seg.scale)
@@ -365,9 +364,8 @@ class RetrievalMemory:
                     event = torch.cuda.Event()
                     event.record(stream)
             elapsed_ms = (time.perf_counter() - start) * 1e3
-            for b, s in enumerate(plan.streams):
-                st = self._streams.get(s)
-                if st is not None and st.log and st.log[-1].get("_plan") is plan:
+            for st in states:
+                if st.log and st.log[-1].get("_plan") is plan:
                     st.log[-1]["timings_ms"]["gather"] = elapsed_ms
             return event
 
@@ -377,28 +375,24 @@ class RetrievalMemory:
         with self._lock:
             if self.config.storage != "latent":
                 raise ValueError(f"latents needs storage='latent', this memory stores {self.config.storage!r}")
-            states = [self._stream(s) for s in plan.streams]
-            max_pages = max([len(st.pages) for st in states] + [1])
-            table = torch.zeros((len(states), max_pages), dtype=torch.int64)
-            for b, st in enumerate(states):
-                table[b, :len(st.pages)] = torch.tensor(st.pages, dtype=torch.int64)
-            table = self._to_device(table)
+            table = self._to_device(self._page_table([self._stream(s) for s in plan.streams], torch.int64))
             ids = plan.ids.clamp(min=0)
             page = table.gather(1, ids // self.config.page_size)
             out = self._latents[page, ids % self.config.page_size]
             return torch.where((plan.ids >= 0)[..., None, None, None], out, torch.zeros_like(out))
 
     # ------------------------------------------------------------------------------------------------- log
-    def log(self, stream: int) -> list[dict]:
+    def log(self, stream: int, start: int = 0) -> list[dict]:
         """Per-block retrieval records of ``stream`` with the reference's fields: ``query_frame`` (the block start
         s, as the reference logs it), ``query_descriptor_frame`` (s - 1, the frame actually used as the query),
         ``num_evicted``, ``num_eligible``, ``k_sel``, ``selected_pool_indices`` (frame - sink),
-        ``selected_global_frames``, ``selected_similarities``, plus ``block`` and ``timings_ms``. Reading the log
-        copies the selections to the host (one synchronisation per unread plan)."""
+        ``selected_global_frames``, ``selected_similarities``, plus ``block`` and ``timings_ms``. ``start`` selects
+        ``records[start:]`` (``-1``: the newest only). Reading a record copies its selection to the host (one
+        synchronisation per unread plan)."""
         with self._lock:
             st = self._stream(stream)
             out = []
-            for rec in st.log:
+            for rec in st.log[start:]:
                 self._materialise(rec)
                 out.append({k: v for k, v in rec.items() if not k.startswith("_")})
             return out
@@ -506,11 +500,11 @@ class RetrievalMemory:
                     mem._latents[torch.tensor(st.pages)] = tensors["latent_pages"][torch.tensor(rec["pages"])].to(mem.device)
             st.kv_code = _CodeTable([-1] * len(rec["kv_code"]))
             stored = [(f, c) for f, c in enumerate(rec["kv_code"]) if c >= 0]
+            scales = tensors.get(f"kv_scale/{sid}")
             for row, (f, c) in enumerate(stored):
                 seg_index = c >> _SEGMENT_SHIFT
                 seg = mem._segments[seg_index]
                 slot = seg.allocator.allocate(1, sid)[0]
-                scales = tensors.get(f"kv_scale/{sid}")
                 seg.set_frame(slot, tensors[f"kv/{sid}"][row], scales[row] if scales is not None else None)
                 st.kv_code[f] = (seg_index << _SEGMENT_SHIFT) | slot
             mem._streams[sid] = st
@@ -528,6 +522,14 @@ class RetrievalMemory:
         lo, hi = self.policy.eligible_range(st.num_frames)
         lo = max(lo, st.first_retrievable)
         return lo, max(lo, hi)
+
+    @staticmethod
+    def _page_table(states: list[_Stream], dtype: torch.dtype) -> torch.Tensor:
+        """``[B, max_pages]`` host tensor of the streams' physical embedding pages (0-padded)."""
+        table = torch.zeros((len(states), max([len(st.pages) for st in states] + [1])), dtype=dtype)
+        for b, st in enumerate(states):
+            table[b, :len(st.pages)] = torch.tensor(st.pages, dtype=dtype)
+        return table
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cpu":
@@ -563,7 +565,8 @@ class RetrievalMemory:
             rank = key.argsort(dim=1).argsort(dim=1)
             counts = torch.tensor(plan.counts, dtype=torch.int64, device=self.device)[:, None]
             return self.policy.sink_frames + K - counts + rank
-        raise ValueError(f"positions must be 'sink', 'ordered' or a [B, top_k] int64 tensor, got {positions!r}")
+        raise ValueError(f"positions must be {', '.join(map(repr, POSITION_MODES))} or a [B, top_k] int64 tensor, "
+                         f"got {positions!r}")
 
     def _check_tensor(self, t, name: str, shape: tuple, dtype: torch.dtype | None = None) -> None:
         if not isinstance(t, torch.Tensor):
@@ -612,9 +615,6 @@ class RetrievalMemory:
 
     def _host_capacity(self) -> int:
         return sum(seg.allocator.num_slots for seg in self._segments[1:])
-
-    def _host_free(self) -> int:
-        return sum(seg.allocator.num_free for seg in self._segments[1:])
 
     def _kv_limit(self) -> int | None:
         """Frames the K/V tiers can hold in all (None: unbounded)."""
@@ -712,10 +712,3 @@ class RetrievalMemory:
         for tier in self._fifo:
             self._fifo[tier] = collections.deque(x for x in self._fifo[tier] if x[0] != stream)
 
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

@@ -12,15 +12,7 @@ import torch
 from torch import nn
 
 from lrag_ext.embedder.model import AEConfig, LatentAE
-
-CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "scaler", "config", "val_loss")
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict:
-    """``torch.load(path, map_location="cpu", weights_only=True)`` with a clear error for a missing file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {os.fspath(path)!r} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=True)
+from lrag_ext.state_dicts import read_checkpoint, state_dict_mismatch
 
 
 def split_checkpoint(obj: dict) -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -41,16 +33,13 @@ def split_checkpoint(obj: dict) -> tuple[dict[str, torch.Tensor], dict | None]:
 def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Loads ``state`` into ``module`` only if its keys and shapes match exactly; otherwise raises a
     ``KeyError``/``ValueError`` listing the unknown, missing or mis-shaped keys (the module is left untouched)."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unknown = sorted(set(state) - set(own))
+    missing, unknown, bad = state_dict_mismatch(module.state_dict(), state)
     if missing or unknown:
         raise KeyError(f"state dict does not match {type(module).__name__}: missing keys {missing}, "
                        f"unknown keys {unknown}")
-    bad = [f"{k}: expected {tuple(own[k].shape)}, got {tuple(v.shape)}" for k, v in state.items()
-           if tuple(v.shape) != tuple(own[k].shape)]
     if bad:
-        raise ValueError(f"state dict shapes do not match {type(module).__name__}: " + "; ".join(bad))
+        raise ValueError(f"state dict shapes do not match {type(module).__name__}: " +
+                         "; ".join(f"{k}: expected {want}, got {got}" for k, want, got in bad))
     module.load_state_dict(state, strict=True)
 
 

@@ -16,17 +16,9 @@ import os
 import torch
 
 from lrag.models.wan import CausalWanModel
+from lrag_ext.state_dicts import read_checkpoint, state_dict_mismatch
 
 _NESTED_KEYS = ("model", "state_dict", "module")
-
-
-def _load_file(path: str) -> dict:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def select_state_dict(ckpt: dict, use_ema: bool | None = None) -> dict[str, torch.Tensor]:
@@ -87,13 +79,10 @@ def load_generator(model: CausalWanModel, path_or_ckpt, use_ema: bool | None = N
     Raises:
         ValueError: missing / unexpected keys or shape mismatches, all listed. The model is unchanged.
     """
-    ckpt = _load_file(path_or_ckpt) if isinstance(path_or_ckpt, (str, os.PathLike)) else path_or_ckpt
+    ckpt = read_checkpoint(path_or_ckpt) if isinstance(path_or_ckpt, (str, os.PathLike)) else path_or_ckpt
     sd = normalize_keys(select_state_dict(ckpt, use_ema))
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    bad_shape = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                       for k in set(own) & set(sd) if sd[k].shape != own[k].shape)
+    missing, unexpected, bad = state_dict_mismatch(model.state_dict(), sd)
+    bad_shape = [f"{k}: checkpoint {got} vs model {want}" for k, want, got in bad]
     if missing or unexpected or bad_shape:
         raise ValueError("checkpoint does not match the model config:\n"
                          f"  missing keys ({len(missing)}): {missing}\n"

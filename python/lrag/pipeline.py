@@ -185,11 +185,11 @@ class Pipeline:
             t0 = time.perf_counter()
             if rag:
                 k, v = cache.block_kv()
-                for i in range(B):
-                    emb = self.embed(x0[i])
-                    if self.memory is None:
-                        self.memory = self._new_memory(emb.shape[-1])
-                        streams = [self.memory.add_stream() for _ in range(B)]
+                embs = self.embed(x0.flatten(0, 1)).unflatten(0, (B, F))     # one embedder call for all streams
+                if self.memory is None:
+                    self.memory = self._new_memory(embs.shape[-1])
+                    streams = [self.memory.add_stream() for _ in range(B)]
+                for i, emb in enumerate(embs):
                     if self.retrieval.storage == "kv":
                         self.memory.append(streams[i], emb, k=k[:, i], v=v[:, i])
                     else:
@@ -197,7 +197,7 @@ class Pipeline:
             _sync(device)
             timings["memory"] = time.perf_counter() - t0
             timings["total"] = time.perf_counter() - t_block
-            record = self._record(b, s, plan, cache, streams, timings["retrieval"]) if plan is not None else None
+            record = self._record(b, s, cache, streams, timings["retrieval"]) if plan is not None else None
 
             block = BlockResult(b, s, x0, timings, record)
             if callback is not None:
@@ -229,9 +229,9 @@ class Pipeline:
         cache.set_memory_positions(positions)
         return plan
 
-    def _record(self, b: int, s: int, plan, cache, streams: list[int], retrieval_s: float) -> dict:
+    def _record(self, b: int, s: int, cache, streams: list[int], retrieval_s: float) -> dict:
         """The block's log record (the reference's fields, one list per stream); reads the selection on the host."""
-        logs = [self.memory.log(st)[-1] for st in streams]
+        logs = [self.memory.log(st, start=-1)[0] for st in streams]
         return {
             "block": b,
             "query_frame": s,                    # the reference logs the block start, not the query frame s-1

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from lrag.cli import UsageError
-from lrag.config import RetrievalConfig, WanConfig, wan_1_3b
+from lrag.config import MEMORY_POSITION_POLICIES, RetrievalConfig, WanConfig, wan_1_3b
 from lrag.generate import ModeRun, Progress, blocks_for_seconds, run_mode, write_outputs
 from lrag.pipeline import Pipeline
 
@@ -54,9 +54,9 @@ def _check_common(args) -> None:
         raise UsageError(f"--host-frames must be >= 0, got {args.host_frames}")
     if args.device_frames == 0 and args.host_frames == 0:
         raise UsageError("--device-frames 0 and --host-frames 0 leave the retrieval memory no room for K/V")
-    if isinstance(args.memory_position, str) and args.memory_position not in ("absolute", "ordered"):
-        raise UsageError(f"--memory-position must be an int >= 0, 'absolute' or 'ordered', got "
-                         f"{args.memory_position!r}")
+    if isinstance(args.memory_position, str) and args.memory_position not in MEMORY_POSITION_POLICIES:
+        raise UsageError(f"--memory-position must be an int >= 0, {' or '.join(map(repr, MEMORY_POSITION_POLICIES))}"
+                         f", got {args.memory_position!r}")
 
 
 def _retrieval(args, num_frames: int) -> RetrievalConfig:
