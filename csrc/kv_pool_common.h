@@ -3,7 +3,7 @@
 //
 // Pool layout: [num_slots, layers, 2 (K, V), tokens, heads, head_dim]; any strides, but head_dim dense.
 // A float8_e4m3fn pool carries pool_scale [num_slots, layers, 2] float32: stored value = float(q) * scale, with
-// scale = amax(|frame's K (or V) in that layer|) / 448 (1 for an all-zero frame), written by write_kv.
+// scale = amax(|finite values of the frame's K (or V) in that layer|) / 448 (1 when that is 0), written by write_kv.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -161,7 +161,14 @@ LRAG_HD D store_value(float v, float scale) {
   return static_cast<D>(v);
 }
 
-// The scale write_kv stores for a frame whose K (or V) in one layer has max |x| = amax.
+// One step of the amax that sets a frame's fp8 scale: max(m, |x|) over FINITE x only, so that a NaN or inf in
+// a frame cannot poison its scale (they are stored as the fp8 NaN; every finite value keeps its precision).
+LRAG_HD float fp8_amax_fold(float m, float x) {
+  const float a = x < 0.0f ? -x : x;
+  return a <= 3.402823466e+38f && a > m ? a : m;  // false for NaN and inf
+}
+
+// The scale write_kv stores for a frame whose K (or V) in one layer has max finite |x| = amax.
 LRAG_HD float fp8_scale_for(float amax) { return amax > 0.0f ? amax / kFp8E4m3Max : 1.0f; }
 
 // Calls f(T{}) with T the C++ type of a float dtype (float, c10::Half, c10::BFloat16, and with kFp8 also

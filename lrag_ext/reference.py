@@ -176,11 +176,13 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 def fp8_quantise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-frame float8_e4m3fn quantisation of ``x [n, layers, tokens, heads, head_dim]``.
 
-    Returns ``(q, scale)``: ``scale [n, layers]`` float32 ``= amax(|x|) / 448`` over each frame's layer (1 when the
-    frame is all zeros) and ``q = (x / scale).to(float8_e4m3fn)``, so that ``q.float() * scale ~= x``.
+    Returns ``(q, scale)``: ``scale [n, layers]`` float32 ``= amax(|x|) / 448`` over the FINITE values of each
+    frame's layer (1 when that amax is 0) and ``q = (x / scale).to(float8_e4m3fn)``, so that
+    ``q.float() * scale ~= x``. A NaN or inf cannot poison its frame's scale: it is left out of the amax and
+    stored as the fp8 NaN, and every finite value of the frame keeps its precision.
     """
     x = x.float()
-    amax = x.abs().amax(dim=(-3, -2, -1))
+    amax = torch.where(torch.isfinite(x), x.abs(), 0.0).amax(dim=(-3, -2, -1))
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
     return (x / scale[..., None, None, None]).to(torch.float8_e4m3fn), scale
 

@@ -7,24 +7,72 @@ import pytest
 import torch
 
 import lrag_ext
+from lrag_ext import emulated_cuda
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.environ.get("LRAG_FIXTURES", os.path.join(os.path.dirname(REPO), "shared", "fixtures", "official"))
+# The official golden data, trimmed to what the tests read (tests/fixtures/README.md); LRAG_FIXTURES overrides it.
+FIXTURES = os.environ.get("LRAG_FIXTURES") or os.path.join(REPO, "tests", "fixtures")
 
 HAS_CUDA = torch.cuda.is_available()
 CUDA_KERNELS = HAS_CUDA and lrag_ext.build_info()["cuda"]
+EMULATED_CUDA = emulated_cuda.available()
 
-# Every op test is parametrised over these; CUDA runs only where a GPU and CUDA kernels exist.
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA_KERNELS, reason="no CUDA device/kernels"))]
+
+class EmulatedDevice(str):
+    """The "emu" device of the tests: tensors live on the CPU ("cpu" is what torch sees), and every lrag_ext op
+    runs the CUDA host code and kernels on the CPU emulator (lrag_ext.emulated_cuda)."""
+
+    emulated = True
+
+
+EMU = EmulatedDevice("cpu")
+
+# Every op test is parametrised over these: the CPU kernels; the CUDA kernels where a GPU and a CUDA build exist;
+# the same CUDA code on the CPU emulator wherever lrag_ext._C_emu was built (every default build).
+DEVICES = ["cpu",
+           pytest.param("cuda", marks=pytest.mark.skipif(not CUDA_KERNELS, reason="no CUDA device/kernels")),
+           pytest.param("emu", marks=pytest.mark.skipif(not EMULATED_CUDA, reason="built with LRAG_EXT_EMU=0"))]
+
+
+def cuda_code(device) -> bool:
+    """Whether ops on `device` run the CUDA host code (real GPU or emulator), whose semantics differ from the CPU
+    kernels' where documented (e.g. no value checks that would need a host synchronisation)."""
+    return device == "cuda" or getattr(device, "emulated", False)
+
+
+# The emulator's schedule seed: vary it (LRAG_EMU_SEED=n) to explore other interleavings and block orders.
+EMU_SEED = int(os.environ.get("LRAG_EMU_SEED", "0"))
+
+
+def _enter_device(request):
+    """Yields the device of request.param; for "emu", with the ops routed to the emulator meanwhile."""
+    if request.param == "emu":
+        if request.node.get_closest_marker("no_emu") is not None:
+            pytest.skip(request.node.get_closest_marker("no_emu").kwargs.get("reason", "not run on the emulator"))
+        with emulated_cuda.enabled(seed=EMU_SEED):
+            yield EMU
+    else:
+        yield request.param
 
 
 @pytest.fixture(params=DEVICES)
-def device(request) -> str:
-    return request.param
+def device(request):
+    """The device a test's tensors go to; for "emu", the test body runs with the ops routed to the emulator."""
+    yield from _enter_device(request)
+
+
+@pytest.fixture(params=DEVICES[1:])
+def cuda_code_device(request):
+    """Like `device`, for tests of behaviour specific to the CUDA host code: a real GPU and the emulator."""
+    yield from _enter_device(request)
 
 
 def fixture_path(name: str) -> str:
     path = os.path.join(FIXTURES, name)
     if not os.path.exists(path):
-        pytest.fail(f"official fixture {path} is missing (set LRAG_FIXTURES to the fixtures/official folder)")
+        hint = ("LRAG_FIXTURES is set: unset it to use tests/fixtures, which ships with the repository"
+                if os.environ.get("LRAG_FIXTURES") else
+                "tests/fixtures ships with the repository; regenerate it with `python tests/fixtures/trim.py "
+                "SRC_DIR` from the upstream fixtures/official folder (tests/fixtures/README.md)")
+        pytest.fail(f"official fixture {path} is missing ({hint})")
     return path

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import lrag_ext
-from conftest import CUDA_KERNELS
+from conftest import CUDA_KERNELS, cuda_code
 from lrag_ext import reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -279,7 +279,7 @@ VALUE_CHECKS = {"gather": 4, "write": 2}
 
 
 def skip_value_check_on_cuda(device, cases, i, op):
-    if device == "cuda" and i >= len(cases) - VALUE_CHECKS[op]:
+    if cuda_code(device) and i >= len(cases) - VALUE_CHECKS[op]:
         pytest.skip("value checks are CPU-only (they would synchronise a GPU)")
 
 
@@ -399,6 +399,7 @@ def test_fp8_scale_errors():
         lrag_ext.kv_pool_empty(1, 1, 1, 1, 2, torch.float8_e5m2)
 
 
+@pytest.mark.no_emu(reason="opcheck / torch.compile check the registration and fake kernels, not the CUDA code")
 def test_fp8_opcheck(device):
     # test_schema compares tensors with ops torch lacks for float8 ("mul" on CPU); the schema itself is
     # checked by test_opcheck on float pools.
@@ -414,6 +415,7 @@ def test_fp8_opcheck(device):
                           (pool, src_k[:, :2], src_v[:, :2], slots[0]), {"pool_scale": scale}, test_utils=utils)
 
 
+@pytest.mark.no_emu(reason="opcheck / torch.compile check the registration and fake kernels, not the CUDA code")
 def test_fp8_torch_compile_fullgraph(device):
     gen = torch.Generator().manual_seed(24)
     pool, scale, src_k, src_v = fp8_pool_with_frames(device, (2, 3, 2, 8), 4, gen)
@@ -438,22 +440,22 @@ def test_fp8_torch_compile_fullgraph(device):
 needs_cuda_kernels = pytest.mark.skipif(not CUDA_KERNELS, reason="no CUDA device/kernels")
 
 
-@needs_cuda_kernels
-def test_cuda_skips_out_of_range_entries_instead_of_synchronising():
-    pool, slots, k, v, frame, delta = gather_setup("cuda")
-    slots = torch.tensor([[1, 4], [-3, 2]], device="cuda")       # 4 and -3 are outside the pool
-    frame = torch.tensor([[0, 2], [1, 9]], device="cuda")        # 9 is outside the cache
-    delta = torch.tensor([[2, -1], [0, 5]], device="cuda")
+def test_cuda_skips_out_of_range_entries_instead_of_synchronising(cuda_code_device):
+    dev = cuda_code_device
+    pool, slots, k, v, frame, delta = gather_setup(dev)
+    slots = torch.tensor([[1, 4], [-3, 2]], device=dev)       # 4 and -3 are outside the pool
+    frame = torch.tensor([[0, 2], [1, 9]], device=dev)        # 9 is outside the cache
+    delta = torch.tensor([[2, -1], [0, 5]], device=dev)
     k, v = k.repeat(1, 2, 1, 1, 1, 1), v.repeat(1, 2, 1, 1, 1, 1)
-    keep = torch.tensor([[1, -1], [-1, -1]], device="cuda")      # only entry (0, 0) is valid
+    keep = torch.tensor([[1, -1], [-1, -1]], device=dev)      # only entry (0, 0) is valid
     ref_k, ref_v = k.clone(), v.clone()
     reference.gather_kv(pool, keep, ref_k, ref_v, frame, delta, 2, 10000.0)
     lrag_ext.gather_kv(pool, slots, k, v, frame, delta, 2)
     torch.testing.assert_close(k, ref_k, **TOL[torch.float32])
     assert torch.equal(v, ref_v)
     before = pool.clone()
-    src = torch.randn(2, 2, 3, 2, 8, device="cuda")
-    lrag_ext.write_kv(pool, src, src, torch.tensor([7, -5], device="cuda"))
+    src = torch.randn(2, 2, 3, 2, 8, device=dev)
+    lrag_ext.write_kv(pool, src, src, torch.tensor([7, -5], device=dev))
     assert torch.equal(pool, before)
 
 
@@ -496,6 +498,7 @@ def test_kv_pool_empty():
 
 # ----------------------------------------------------------------------------------------- opcheck and compile
 
+@pytest.mark.no_emu(reason="opcheck / torch.compile check the registration and fake kernels, not the CUDA code")
 def test_opcheck(device):
     pool, slots, k, v, frame, delta = gather_setup(device)
     torch.library.opcheck(torch.ops.lrag_ext.gather_kv.default, (pool, slots, k, v, frame, delta, 2, 10000.0))
@@ -503,6 +506,7 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.lrag_ext.write_kv.default, (pool, src.half(), src.half() + 1, torch.tensor([3, -1], device=device)))
 
 
+@pytest.mark.no_emu(reason="opcheck / torch.compile check the registration and fake kernels, not the CUDA code")
 def test_torch_compile_fullgraph(device):
     pool, slots, k, v, frame, delta = gather_setup(device)
     src_k, src_v = torch.randn(2, 2, 3, 2, 8, device=device), torch.randn(2, 2, 3, 2, 8, device=device)

@@ -118,7 +118,7 @@ void store_fp8_scales(const std::vector<FrameJob<S, D>>& jobs, const KvGeometry&
       for (int64_t t = 0; t < g.tokens; ++t) {
         for (int64_t h = 0; h < g.heads; ++h) {
           const S* row = job.src[kv] + l * ss[kv].layer + t * ss[kv].token + h * ss[kv].head;
-          for (int64_t c = 0; c < g.head_dim; ++c) amax = std::max(amax, std::abs(static_cast<float>(row[c])));
+          for (int64_t c = 0; c < g.head_dim; ++c) amax = fp8_amax_fold(amax, static_cast<float>(row[c]));
         }
       }
       job.scale[l * sc.layer + kv * sc.kv] = fp8_scale_for(amax);

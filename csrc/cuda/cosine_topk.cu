@@ -10,15 +10,11 @@
 //    batch of partial keys are bitonic-sorted in shared memory, repeatedly, then decoded to (score, id).
 // When k exceeds what one block can keep in shared memory (kMaxMergeK), stage 1 keeps whole chunks and the
 // merge is torch.topk on the packed keys (exact on int64), then a decode kernel.
-#include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAException.h>
-#include <torch/library.h>
-
 #include <algorithm>
+#include <limits>
 
 #include "cosine_topk_common.h"
+#include "cuda/runtime.cuh"
 #include "kernels/topk_key.h"
 
 namespace lrag {
@@ -31,6 +27,9 @@ constexpr int64_t kMaxChunk = 1024;
 constexpr int64_t kMaxMergeBuffer = 4096;  // keys in the merge block's shared memory (32 KiB)
 constexpr int64_t kMaxMergeK = kMaxMergeBuffer / 2;
 constexpr int64_t kMaxDim = 8192;          // the query lives in shared memory as float32
+// The score kernel's dynamic shared memory (keys + query) stays within the default 48 KiB.
+static_assert(kMaxChunk * sizeof(uint64_t) + kMaxDim * sizeof(float) <= 48 * 1024, "score_chunks smem");
+static_assert(kMaxMergeBuffer * sizeof(uint64_t) <= 48 * 1024, "merge_partials smem");
 
 int64_t next_pow2(int64_t x) {
   int64_t p = 1;
@@ -68,12 +67,16 @@ __device__ __forceinline__ void partial_dot(const float* q, const T* e, int64_t 
                                             float& sumsq) {
   if constexpr (kVec) {
     constexpr int kPer = 16 / sizeof(T);  // elements per 16-byte load
+    // An aligned aggregate of T, not a uint4 read back through a T*: that would break C++'s aliasing rules
+    // (nvcc tolerates it; the host compiler of the emulated build reads garbage).
+    struct alignas(16) Pack {
+      T v[kPer];
+    };
     for (int64_t d = static_cast<int64_t>(lane) * kPer; d < D; d += static_cast<int64_t>(tpe) * kPer) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(e + d);
-      const T* v = reinterpret_cast<const T*>(&raw);
+      const Pack pack = *reinterpret_cast<const Pack*>(e + d);
 #pragma unroll
       for (int i = 0; i < kPer; ++i) {
-        const float x = to_float(v[i]);
+        const float x = to_float(pack.v[i]);
         dot += q[d + i] * x;
         sumsq += x * x;
       }
@@ -93,8 +96,7 @@ __global__ void score_chunks_kernel(const T* __restrict__ queries, const T* __re
                                     const int32_t* __restrict__ table, int64_t max_pages,
                                     const int64_t* __restrict__ lo, const int64_t* __restrict__ hi, int64_t capacity,
                                     int64_t D, int chunk, int tpe, int keep, uint64_t* __restrict__ partial) {
-  extern __shared__ unsigned char smem_raw[];
-  uint64_t* keys = reinterpret_cast<uint64_t*>(smem_raw);          // [chunk]
+  uint64_t* keys = dynamic_smem<uint64_t>();                       // [chunk]
   float* q = reinterpret_cast<float*>(keys + chunk);               // [D]
   __shared__ float warp_sums[kScoreThreads / 32];
 
@@ -102,13 +104,16 @@ __global__ void score_chunks_kernel(const T* __restrict__ queries, const T* __re
   const int64_t num_chunks = gridDim.x;
   uint64_t* out = partial + (b * num_chunks + blockIdx.x) * keep;
 
+  // Clamp before adding the block's offset: lo may be anything up to INT64_MAX (values are never checked on
+  // the host), and first + offset must not overflow. After the test, 0 <= first < last <= capacity < 2^31.
   const int64_t first = max(lo[b], int64_t{0});
   const int64_t last = min(hi[b], capacity);
-  const int64_t start = first + static_cast<int64_t>(blockIdx.x) * chunk;
-  if (start >= last) {  // uniform across the block
+  const int64_t offset = static_cast<int64_t>(blockIdx.x) * chunk;
+  if (first >= last || offset >= last - first) {  // uniform across the block
     for (int j = threadIdx.x; j < keep; j += blockDim.x) out[j] = kEmptyKey;
     return;
   }
+  const int64_t start = first + offset;
   const int n = static_cast<int>(min(static_cast<int64_t>(chunk), last - start));
 
   // Query to shared memory (float32) and its norm.
@@ -153,7 +158,7 @@ __global__ void score_chunks_kernel(const T* __restrict__ queries, const T* __re
 
 __global__ void merge_partials_kernel(const uint64_t* __restrict__ partial, int64_t per_stream, int k_eff, int k,
                                       int buffer, float* __restrict__ scores, int64_t* __restrict__ ids) {
-  extern __shared__ uint64_t buf[];  // [buffer]: the running top-k in [0, k_eff), a batch of candidates after it
+  uint64_t* buf = dynamic_smem<uint64_t>();  // [buffer]: the running top-k in [0, k_eff), then a batch of candidates
   const int64_t b = blockIdx.x;
   const uint64_t* src = partial + b * per_stream;
   const int batch = buffer - k_eff;
@@ -185,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor> cosine_topk_cuda(const at::Tensor& queries, c
                                                     const at::Tensor& hi, int64_t k) {
   const CosineTopkGeometry g = check_cosine_topk_args(queries, pages, page_table, lo, hi, k);
   TORCH_CHECK(g.dim <= kMaxDim, "queries.shape[1] (D) must be <= ", kMaxDim, " on CUDA, got ", g.dim);
-  const c10::cuda::CUDAGuard guard(queries.device());
+  const gpu::DeviceGuard guard(queries.device());
   at::Tensor scores = at::empty({g.streams, k}, queries.options().dtype(at::kFloat));
   at::Tensor ids = at::empty({g.streams, k}, queries.options().dtype(at::kLong));
   if (g.streams == 0) return {scores, ids};
@@ -198,8 +203,8 @@ std::tuple<at::Tensor, at::Tensor> cosine_topk_cuda(const at::Tensor& queries, c
   const at::Tensor pages_c = pages.stride(2) == 1 ? pages : pages.contiguous();
   const at::Tensor q = queries.contiguous(), table = page_table.contiguous(), lo_c = lo.contiguous(),
                    hi_c = hi.contiguous();
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const cudaStream_t stream = gpu::current_stream();
+  const int sms = gpu::sm_count();
 
   // Chunk: a power of two in [128, 1024], small enough that the grid has >= ~2 blocks per SM.
   const int64_t target_blocks = 2 * static_cast<int64_t>(sms);
@@ -224,16 +229,12 @@ std::tuple<at::Tensor, at::Tensor> cosine_topk_cuda(const at::Tensor& queries, c
     const size_t smem = chunk * sizeof(uint64_t) + g.dim * sizeof(float);
     const dim3 grid(static_cast<unsigned>(num_chunks), static_cast<unsigned>(g.streams));
     auto launch = [&](auto kernel) {
-      if (smem > 48 * 1024) {
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(smem)));
-      }
-      kernel<<<grid, kScoreThreads, smem, stream>>>(
+      LRAG_LAUNCH(kernel, grid, kScoreThreads, smem, stream)(
           q.data_ptr<scalar_t>(), pages_c.data_ptr<scalar_t>(), pages_c.stride(0), pages_c.stride(1), g.num_pages,
           g.page_size, table.data_ptr<int32_t>(), g.max_pages, lo_c.data_ptr<int64_t>(), hi_c.data_ptr<int64_t>(),
           g.capacity, g.dim, static_cast<int>(chunk), tpe, static_cast<int>(keep),
           reinterpret_cast<uint64_t*>(partial.data_ptr<int64_t>()));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      gpu::check_launch();
     };
     if (vec) {
       launch(score_chunks_kernel<scalar_t, true>);
@@ -246,26 +247,27 @@ std::tuple<at::Tensor, at::Tensor> cosine_topk_cuda(const at::Tensor& queries, c
   if (small_k) {
     const int64_t buffer = std::min<int64_t>(kMaxMergeBuffer, next_pow2(std::max<int64_t>(k_eff + per_stream, 2)));
     const int64_t buffer_ok = std::max<int64_t>(buffer, next_pow2(2 * k_eff));  // room for >= k_eff candidates
-    merge_partials_kernel<<<static_cast<unsigned>(g.streams), kMergeThreads, buffer_ok * sizeof(uint64_t), stream>>>(
+    LRAG_LAUNCH(merge_partials_kernel, static_cast<unsigned>(g.streams), kMergeThreads,
+                buffer_ok * sizeof(uint64_t), stream)(
         reinterpret_cast<const uint64_t*>(partial.data_ptr<int64_t>()), per_stream, static_cast<int>(k_eff),
         static_cast<int>(k), static_cast<int>(buffer_ok), scores.data_ptr<float>(), ids.data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    gpu::check_launch();
   } else {
     // Flip the top bit so that signed int64 order equals the unsigned key order, then an exact topk.
     const at::Tensor flipped = partial.view({g.streams, per_stream}).bitwise_xor(std::numeric_limits<int64_t>::min());
     const at::Tensor best = std::get<0>(flipped.topk(k_eff, /*dim=*/1, /*largest=*/true, /*sorted=*/true)).contiguous();
     const int64_t total = g.streams * k;
     const int threads = 256;
-    decode_keys_kernel<<<static_cast<unsigned>(ceil_div<int64_t>(total, threads)), threads, 0, stream>>>(
+    LRAG_LAUNCH(decode_keys_kernel, static_cast<unsigned>(ceil_div<int64_t>(total, threads)), threads, 0, stream)(
         best.data_ptr<int64_t>(), g.streams, static_cast<int>(k_eff), k, scores.data_ptr<float>(),
         ids.data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    gpu::check_launch();
   }
   return {scores, ids};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lrag_ext, CUDA, m) { m.impl("cosine_topk", &cosine_topk_cuda); }
+LRAG_CUDA_IMPL(m) { m.impl("cosine_topk", &cosine_topk_cuda); }
 
 }  // namespace lrag

@@ -2,8 +2,7 @@
 // (Linear -> L2-normalise of one frame's pooled features, by one thread block).
 #pragma once
 
-#include <cuda_runtime.h>
-
+#include "cuda/runtime.cuh"
 #include "kernels/embed.h"
 
 namespace lrag {

@@ -4,13 +4,8 @@
 // passes over the group's values, which stay in L2 (the mean, the centred variance, then the per-channel mean
 // of silu(rstd * weight * (x - mean) + bias)) into shared memory; then linear_l2norm_block. NCHW and
 // channels-last features are read in place through (sn, sc, sp) strides.
-#include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
-
 #include "cuda/embed_common.cuh"
+#include "cuda/runtime.cuh"
 #include "embed_common.h"
 
 namespace lrag {
@@ -21,7 +16,7 @@ __global__ void embed_head_kernel(const T* __restrict__ x, int64_t sn, int64_t s
                                   int64_t P, int64_t groups, const T* __restrict__ gn_w,
                                   const T* __restrict__ gn_b, const T* __restrict__ fc_w,
                                   const T* __restrict__ fc_b, int64_t D, float eps, float* __restrict__ out) {
-  extern __shared__ float smem[];
+  float* smem = dynamic_smem<float>();
   float* pooled = smem;          // [C]
   float* zs = smem + C;          // [D]
   float* scratch = zs + D;       // [32]
@@ -65,7 +60,7 @@ __global__ void embed_head_kernel(const T* __restrict__ x, int64_t sn, int64_t s
 at::Tensor embed_head_cuda(const at::Tensor& feat, const at::Tensor& gn_weight, const at::Tensor& gn_bias,
                            const at::Tensor& fc_weight, const at::Tensor& fc_bias, int64_t groups, double eps) {
   const EmbedHeadGeometry g = check_embed_head_args(feat, gn_weight, gn_bias, fc_weight, fc_bias, groups, eps);
-  const c10::cuda::CUDAGuard guard(feat.device());
+  const gpu::DeviceGuard guard(feat.device());
   const PixelView v = pixel_view(feat);
   const at::Tensor gw = gn_weight.contiguous(), gb = gn_bias.contiguous();
   const at::Tensor fw = fc_weight.contiguous(), fb = fc_bias.contiguous();
@@ -75,19 +70,20 @@ at::Tensor embed_head_cuda(const at::Tensor& feat, const at::Tensor& gn_weight, 
   TORCH_CHECK(smem <= 48 * 1024, "embed_head on CUDA needs C + D <= ", 48 * 1024 / 4 - 32, ", got C = ", g.c,
               ", D = ", g.d);
   TORCH_CHECK(g.n <= 2147483647, "embed_head on CUDA takes at most 2^31 - 1 frames per call, got ", g.n);
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = gpu::current_stream();
   LRAG_DISPATCH_FLOAT_TYPES(feat.scalar_type(), "embed_head_cuda", [&] {
-    embed_head_kernel<scalar_t><<<static_cast<unsigned>(g.n), kEmbedThreads, smem, stream>>>(
+    auto* kernel = embed_head_kernel<scalar_t>;
+    LRAG_LAUNCH(kernel, static_cast<unsigned>(g.n), kEmbedThreads, smem, stream)(
         v.t.data_ptr<scalar_t>(), v.sn, v.sc, v.sp, g.c, g.pixels, g.groups, gw.data_ptr<scalar_t>(),
         gb.data_ptr<scalar_t>(), fw.data_ptr<scalar_t>(), fb.data_ptr<scalar_t>(), g.d, static_cast<float>(eps),
         out.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    gpu::check_launch();
   });
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lrag_ext, CUDA, m) { m.impl("embed_head", &embed_head_cuda); }
+LRAG_CUDA_IMPL(m) { m.impl("embed_head", &embed_head_cuda); }
 
 }  // namespace lrag

@@ -10,26 +10,18 @@
 //
 // Each thread moves kIters vectors of N elements (16 bytes of the wider dtype when every pointer and stride
 // allows it, else 2 elements with scalar accesses), loading all of them before storing any. K's temporal RoPE
-// pairs are rotated in float64 with a per-item cos/sin table in shared memory (kernels/kv_rope.h), exactly as
-// on the CPU. Values are never validated on the host (that would synchronise): items with a slot outside
+// pairs are rotated in float64 (kernels/kv_rope.h), as on the CPU, by a per-entry cos/sin table that a small
+// kernel (rope_table_kernel) computes first, so the copy loop carries no transcendental (sincos alone cost the
+// copy kernel ~30 registers and a stack frame). Values are never validated on the host (that would synchronise): items with a slot outside
 // [0, num_slots) or a column outside [0, num_cols) are skipped.
 //
 // The pool may live in pinned host memory: the kernel then reads (or writes) it over PCIe through its mapped
 // device pointer, in stream order, and the host allocator is told that the current stream uses the block.
-#include <ATen/ATen.h>
-#include <ATen/core/CachingHostAllocator.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
-
-#include <cuda_fp8.h>
-#include <cuda_runtime.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
+#include "cuda/runtime.cuh"
 #include "kernels/kv_rope.h"
 #include "kv_pool_common.h"
 
@@ -39,7 +31,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kIters = 4;
 constexpr int64_t kMaxGridY = 65535;
-constexpr int64_t kMaxRopePairs = 2048;  // cos/sin table of 2 doubles per pair in shared memory (32 KB)
+constexpr int64_t kMaxRopePairs = 2048;  // the documented CUDA limit on rope_temporal_pairs
 
 // Element strides of one side of the copy: per slot, stream b, column, layer, token, head.
 struct SideStrides {
@@ -58,10 +50,10 @@ struct KvCopyParams {
   const int64_t* slots;  // [entries]
   const int64_t* col;    // [entries] (gather: dst_frame) or nullptr (write: col = e % m)
   const int64_t* delta;  // [entries] or nullptr (no rotation)
+  const double* rope_cs;  // [entries, rope_pairs, 2]: cos and sin of delta[e] * omega_q (rope_table_kernel)
   int64_t entries, m, num_slots, num_cols, layers;
   uint32_t heads, vecs_per_row, vecs_per_frame;
   int32_t rope_pairs;
-  double rope_theta;
   // float8_e4m3fn pools: pool_scale [num_slots, layers, 2] (read by gather, written by write), and for write the
   // per-item amax of the sources (kv_amax_kernel).
   float* scale;
@@ -75,12 +67,11 @@ struct alignas(N >= 4 ? sizeof(T) * N : sizeof(T)) Vec {
   T v[N];
 };
 
-// load_value (kv_pool_common.h) with fp8 decoded by the fp8 -> half conversion of cuda_fp8.h (one instruction
-// on sm_89+). Exact: every e4m3 value, subnormals and NaN included, is a half.
+// load_value (kv_pool_common.h) with fp8 decoded by the device's conversion (runtime.cuh).
 template <typename S>
 __device__ __forceinline__ float dev_load(S x, float scale) {
   if constexpr (is_fp8_v<S>) {
-    return __half2float(__half(__nv_cvt_fp8_to_halfraw(x.x, __NV_E4M3))) * scale;
+    return fp8_e4m3_to_float(x.x) * scale;
   } else {
     return load_value(x, scale);
   }
@@ -123,9 +114,20 @@ __device__ __forceinline__ VecPos vec_pos(const KvCopyParams& p, uint32_t v) {
   return {t, row - t * p.heads, (v - row * p.vecs_per_row) * N};
 }
 
+// cs[e, q] = (cos, sin)(delta[e] * omega_q) for every entry e and temporal pair q, in float64.
+__global__ void rope_table_kernel(const int64_t* __restrict__ delta, int64_t entries, int32_t pairs, double theta,
+                                  double* __restrict__ cs) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= entries * pairs) return;
+  const int64_t e = i / pairs, q = i - e * pairs;
+  double s, c;
+  sincos(static_cast<double>(delta[e]) * rope_inv_freq(q, pairs, theta), &s, &c);
+  cs[2 * i] = c;
+  cs[2 * i + 1] = s;
+}
+
 template <typename S, typename D, int N>
 __global__ void __launch_bounds__(kThreads) kv_copy_kernel(const KvCopyParams p) {
-  extern __shared__ double cs[];  // [rope_pairs][cos, sin] of the current item
   const int64_t items = p.entries * p.layers * 2;
   const uint32_t v_first = blockIdx.x * (kThreads * kIters) + threadIdx.x;
   for (int64_t item = blockIdx.y; item < items; item += gridDim.y) {
@@ -133,18 +135,8 @@ __global__ void __launch_bounds__(kThreads) kv_copy_kernel(const KvCopyParams p)
     Item itm;
     if (!decode_item(p, item, itm)) continue;
     const int kv = itm.kv;
-    const int64_t d = (kv == 0 && p.delta != nullptr) ? p.delta[itm.e] : 0;
-    const bool rotate = d != 0 && p.rope_pairs > 0;
-    if (rotate) {
-      __syncthreads();  // the previous item's readers of cs are done
-      for (int q = threadIdx.x; q < p.rope_pairs; q += kThreads) {
-        double s, c;
-        sincos(static_cast<double>(d) * rope_inv_freq(q, p.rope_pairs, p.rope_theta), &s, &c);
-        cs[2 * q] = c;
-        cs[2 * q + 1] = s;
-      }
-      __syncthreads();
-    }
+    const bool rotate = kv == 0 && p.rope_cs != nullptr && p.delta[itm.e] != 0;
+    const double* cs = rotate ? p.rope_cs + itm.e * 2 * p.rope_pairs : nullptr;
     float scale = 1.0f;  // fp8 (de)quantisation scale of this item
     if constexpr (is_fp8_v<S> || is_fp8_v<D>) {
       float* item_scale = p.scale + itm.slot * p.scale_slot + itm.l * p.scale_layer + kv * p.scale_kv;
@@ -218,7 +210,7 @@ __global__ void __launch_bounds__(kThreads) kv_amax_kernel(const KvCopyParams p,
         const VecPos q = vec_pos<N>(p, v);
         const Vec<S, N> x = *reinterpret_cast<const Vec<S, N>*>(src + q.t * ss.token + q.h * ss.head + q.c0);
 #pragma unroll
-        for (int i = 0; i < N; ++i) m = fmaxf(m, fabsf(static_cast<float>(x.v[i])));
+        for (int i = 0; i < N; ++i) m = fp8_amax_fold(m, static_cast<float>(x.v[i]));
       }
     }
 #pragma unroll
@@ -230,20 +222,18 @@ __global__ void __launch_bounds__(kThreads) kv_amax_kernel(const KvCopyParams p,
 // Device-accessible address of a pool: itself on `device`, or the mapped device pointer of pinned host memory.
 void* device_address(const at::Tensor& pool, const at::Device& device, const char* other,
                      const char* name = "pool") {
-  if (pool.is_cuda()) {
+  if (gpu::is_device_tensor(pool)) {
     TORCH_CHECK(pool.device() == device, name, " must be on ", device, " (the device of ", other,
                 ") or in pinned host memory, got ", pool.device());
     return pool.data_ptr();
   }
-  TORCH_CHECK(pool.is_cpu(), name, " must be a CUDA tensor or pinned host memory, got ", pool.device());
+  TORCH_CHECK(pool.is_cpu(), name, " must be a ", gpu::kTensorKind, " tensor or pinned host memory, got ",
+              pool.device());
   if (pool.numel() == 0) return nullptr;
-  cudaPointerAttributes attr{};
-  const cudaError_t err = cudaPointerGetAttributes(&attr, pool.data_ptr());
-  if (err != cudaSuccess) (void)cudaGetLastError();  // clear the sticky-free error of an unknown pointer
-  TORCH_CHECK(err == cudaSuccess && attr.type == cudaMemoryTypeHost && attr.devicePointer != nullptr, name,
-              " is in host memory that is not pinned: allocate it with pin_memory=True "
+  void* mapped = gpu::mapped_host_pointer(pool);
+  TORCH_CHECK(mapped != nullptr, name, " is in host memory that is not pinned: allocate it with pin_memory=True "
               "(lrag_ext.kv_pool_empty(..., pin_memory=True)) or move it to ", device);
-  return attr.devicePointer;
+  return mapped;
 }
 
 // Fills the fp8 scale fields of p (no-op for other pools).
@@ -254,14 +244,6 @@ void set_scale(KvCopyParams& p, const std::optional<at::Tensor>& pool_scale, con
   p.scale_slot = pool_scale->stride(0);
   p.scale_layer = pool_scale->stride(1);
   p.scale_kv = pool_scale->stride(2);
-}
-
-// Keeps a pinned host tensor's block from being reused by the caching host allocator before `stream` is done.
-// (A block that did not come from that allocator, e.g. user-registered memory, is the caller's to keep alive.)
-void record_host_use(const at::Tensor& pool, const at::cuda::CUDAStream& stream) {
-  if (!pool.is_cpu() || pool.numel() == 0) return;
-  const auto& dp = pool.storage().data_ptr();
-  at::getHostAllocator(at::kCUDA)->record_event(dp.get(), dp.get_context(), stream.unwrap());
 }
 
 bool aligned(const void* ptr, int64_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
@@ -288,7 +270,6 @@ void run_kv_copy(KvCopyParams p, const KvGeometry& g, at::ScalarType src_type, a
   const int64_t frame_elems = g.tokens * g.heads * g.head_dim;
   if (items == 0 || frame_elems == 0) return;
   p.heads = static_cast<uint32_t>(g.heads);
-  const size_t smem = static_cast<size_t>(p.rope_pairs) * 2 * sizeof(double);
   dispatch_float_pair<kSrcFp8, kDstFp8>(src_type, dst_type, [&](auto s_tag, auto d_tag) {
     using S = decltype(s_tag);
     using D = decltype(d_tag);
@@ -302,12 +283,14 @@ void run_kv_copy(KvCopyParams p, const KvGeometry& g, at::ScalarType src_type, a
       at::Tensor amax;
       if constexpr (is_fp8_v<D>) {  // two passes: per-item amax, then the scaled copy
         amax = at::zeros({items}, at::TensorOptions().dtype(at::kFloat).device(device));
-        kv_amax_kernel<S, N><<<grid, kThreads, 0, stream>>>(p, amax.data_ptr<float>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        auto* amax_kernel = kv_amax_kernel<S, N>;
+        LRAG_LAUNCH(amax_kernel, grid, kThreads, 0, stream)(p, amax.data_ptr<float>());
+        gpu::check_launch();
         p.amax = amax.data_ptr<float>();
       }
-      kv_copy_kernel<S, D, N><<<grid, kThreads, smem, stream>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      auto* copy_kernel = kv_copy_kernel<S, D, N>;
+      LRAG_LAUNCH(copy_kernel, grid, kThreads, 0, stream)(p);
+      gpu::check_launch();
     };
     if (vector_ok<S, D>(p, g.head_dim, kWide)) {
       go(std::integral_constant<int, kWide>{});
@@ -321,10 +304,10 @@ void write_kv_cuda(at::Tensor pool, const at::Tensor& src_k, const at::Tensor& s
                    const std::optional<at::Tensor>& pool_scale) {
   const KvGeometry g = check_write_kv_args(pool, src_k, src_v, slots);
   check_pool_scale(pool, g, pool_scale);
-  TORCH_CHECK(src_k.is_cuda(), "src_k must be a CUDA tensor, got ", src_k.device());
-  const c10::cuda::CUDAGuard guard(src_k.device());
+  TORCH_CHECK(gpu::is_device_tensor(src_k), "src_k must be a ", gpu::kTensorKind, " tensor, got ", src_k.device());
+  const gpu::DeviceGuard guard(src_k.device());
   void* pool_ptr = device_address(pool, src_k.device(), "src_k");
-  const at::cuda::CUDAStream stream = at::cuda::getCurrentCUDAStream();
+  const gpu::Stream stream = gpu::current_stream();
   const int64_t n = slots.size(0);
   if (n == 0 || g.num_slots == 0) return;
 
@@ -348,11 +331,11 @@ void write_kv_cuda(at::Tensor pool, const at::Tensor& src_k, const at::Tensor& s
   p.num_cols = n;
   p.layers = g.layers;
   p.rope_pairs = 0;
-  p.rope_theta = 1.0;
+  p.rope_cs = nullptr;
   set_scale(p, pool_scale, src_k.device(), "src_k");
   run_kv_copy<false, true>(p, g, sk.scalar_type(), pool.scalar_type(), src_k.device(), stream.stream());
-  record_host_use(pool, stream);
-  if (pool_scale.has_value()) record_host_use(*pool_scale, stream);
+  gpu::record_host_use(pool, stream);
+  if (pool_scale.has_value()) gpu::record_host_use(*pool_scale, stream);
 }
 
 void gather_kv_cuda(const at::Tensor& pool, const at::Tensor& slots, at::Tensor dst_k, at::Tensor dst_v,
@@ -361,12 +344,12 @@ void gather_kv_cuda(const at::Tensor& pool, const at::Tensor& slots, at::Tensor 
   const KvGeometry g =
       check_gather_kv_args(pool, slots, dst_k, dst_v, dst_frame, delta, rope_temporal_pairs, rope_theta);
   check_pool_scale(pool, g, pool_scale);
-  TORCH_CHECK(dst_k.is_cuda(), "dst_k must be a CUDA tensor, got ", dst_k.device());
+  TORCH_CHECK(gpu::is_device_tensor(dst_k), "dst_k must be a ", gpu::kTensorKind, " tensor, got ", dst_k.device());
   TORCH_CHECK(rope_temporal_pairs <= kMaxRopePairs, "rope_temporal_pairs must be <= ", kMaxRopePairs,
               " on CUDA, got ", rope_temporal_pairs);
-  const c10::cuda::CUDAGuard guard(dst_k.device());
+  const gpu::DeviceGuard guard(dst_k.device());
   const void* pool_ptr = device_address(pool, dst_k.device(), "dst_k");
-  const at::cuda::CUDAStream stream = at::cuda::getCurrentCUDAStream();
+  const gpu::Stream stream = gpu::current_stream();
   if (slots.numel() == 0 || g.num_slots == 0 || dst_k.size(2) == 0) return;
 
   const at::Tensor sl = slots.contiguous(), fr = dst_frame.contiguous(), dl = delta.contiguous();
@@ -389,16 +372,26 @@ void gather_kv_cuda(const at::Tensor& pool, const at::Tensor& slots, at::Tensor 
   p.num_cols = dst_k.size(2);
   p.layers = g.layers;
   p.rope_pairs = static_cast<int32_t>(rope_temporal_pairs);
-  p.rope_theta = rope_theta;
+  p.rope_cs = nullptr;
+  at::Tensor rope_cs;  // lives until the copy is enqueued; the caching allocator orders its reuse by stream
+  if (p.rope_pairs > 0) {
+    rope_cs = at::empty({p.entries, p.rope_pairs, 2}, dst_k.options().dtype(at::kDouble));
+    const int64_t n = p.entries * p.rope_pairs;
+    constexpr int kTableThreads = 128;
+    LRAG_LAUNCH(rope_table_kernel, static_cast<unsigned>(ceil_div<int64_t>(n, kTableThreads)), kTableThreads, 0,
+                stream.stream())(p.delta, p.entries, p.rope_pairs, rope_theta, rope_cs.data_ptr<double>());
+    gpu::check_launch();
+    p.rope_cs = rope_cs.data_ptr<double>();
+  }
   set_scale(p, pool_scale, dst_k.device(), "dst_k");
   run_kv_copy<true, false>(p, g, pool.scalar_type(), dst_k.scalar_type(), dst_k.device(), stream.stream());
-  record_host_use(pool, stream);
-  if (pool_scale.has_value()) record_host_use(*pool_scale, stream);
+  gpu::record_host_use(pool, stream);
+  if (pool_scale.has_value()) gpu::record_host_use(*pool_scale, stream);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lrag_ext, CUDA, m) {
+LRAG_CUDA_IMPL(m) {
   m.impl("write_kv", &write_kv_cuda);
   m.impl("gather_kv", &gather_kv_cuda);
 }

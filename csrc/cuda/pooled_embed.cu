@@ -4,13 +4,8 @@
 // the adaptive_avg_pool2d bins of csrc/kernels/embed.h into shared memory (every value is read once when grid
 // divides H and W; overlapping bins re-read their shared row/column), then linear_l2norm_block, as the CPU
 // kernel does. Any input strides are read in place.
-#include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
-
 #include "cuda/embed_common.cuh"
+#include "cuda/runtime.cuh"
 #include "embed_common.h"
 
 namespace lrag {
@@ -20,7 +15,7 @@ template <typename T>
 __global__ void pooled_embed_kernel(const T* __restrict__ x, int64_t s0, int64_t s1, int64_t s2, int64_t s3,
                                     int64_t C, int64_t H, int64_t W, int64_t G, const T* __restrict__ weight,
                                     const T* __restrict__ bias, int64_t D, float* __restrict__ out) {
-  extern __shared__ float smem[];
+  float* smem = dynamic_smem<float>();
   const int64_t K = C * G * G;
   float* feats = smem;        // [K]
   float* zs = smem + K;       // [D]
@@ -43,7 +38,7 @@ __global__ void pooled_embed_kernel(const T* __restrict__ x, int64_t s0, int64_t
 
 at::Tensor pooled_embed_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t grid) {
   const PooledEmbedGeometry g = check_pooled_embed_args(x, weight, bias, grid);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const gpu::DeviceGuard guard(x.device());
   const at::Tensor wc = weight.contiguous(), bc = bias.contiguous();
   at::Tensor out = at::empty({g.n, g.d}, x.options().dtype(at::kFloat));
   if (g.n == 0) return out;
@@ -51,18 +46,19 @@ at::Tensor pooled_embed_cuda(const at::Tensor& x, const at::Tensor& weight, cons
   TORCH_CHECK(smem <= 48 * 1024, "pooled_embed on CUDA needs C * grid * grid + D <= ", 48 * 1024 / 4 - 32,
               ", got ", g.k, " + ", g.d);
   TORCH_CHECK(g.n <= 2147483647, "pooled_embed on CUDA takes at most 2^31 - 1 frames per call, got ", g.n);
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = gpu::current_stream();
   LRAG_DISPATCH_FLOAT_TYPES(x.scalar_type(), "pooled_embed_cuda", [&] {
-    pooled_embed_kernel<scalar_t><<<static_cast<unsigned>(g.n), kEmbedThreads, smem, stream>>>(
+    auto* kernel = pooled_embed_kernel<scalar_t>;
+    LRAG_LAUNCH(kernel, static_cast<unsigned>(g.n), kEmbedThreads, smem, stream)(
         x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.stride(2), x.stride(3), g.c, g.h, g.w, g.grid,
         wc.data_ptr<scalar_t>(), bc.data_ptr<scalar_t>(), g.d, out.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    gpu::check_launch();
   });
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lrag_ext, CUDA, m) { m.impl("pooled_embed", &pooled_embed_cuda); }
+LRAG_CUDA_IMPL(m) { m.impl("pooled_embed", &pooled_embed_cuda); }
 
 }  // namespace lrag
