@@ -162,7 +162,8 @@ LRAG_HD D store_value(float v, float scale) {
 }
 
 // One step of the amax that sets a frame's fp8 scale: max(m, |x|) over FINITE x only, so that a NaN or inf in
-// a frame cannot poison its scale (they are stored as the fp8 NaN; every finite value keeps its precision).
+// a frame cannot poison its scale (every finite value keeps its precision; NaN is stored as the fp8 NaN and
+// +-inf saturates to +-448, as torch's cast does).
 LRAG_HD float fp8_amax_fold(float m, float x) {
   const float a = x < 0.0f ? -x : x;
   return a <= 3.402823466e+38f && a > m ? a : m;  // false for NaN and inf

@@ -19,7 +19,7 @@ inline void define_op_schemas(torch::Library& m) {
   m.def("pooled_embed(Tensor x, Tensor weight, Tensor bias, int grid) -> Tensor");
   // Paged KV pool [num_slots, layers, 2, tokens, heads, head_dim]: pool[slots[i], l, 0|1] = src_k|src_v[l, i],
   // cast to the pool dtype; slots[i] == -1 skips frame i. A float8_e4m3fn pool stores x / s with
-  // s = pool_scale[slot, l, 0|1] = amax(|x|) / 448 over that frame's K (or V) in layer l.
+  // s = pool_scale[slot, l, 0|1] = amax(|x|) / 448 over the finite values of that frame's K (or V) in layer l.
   m.def("write_kv(Tensor(a!) pool, Tensor src_k, Tensor src_v, Tensor slots, Tensor(b!)? pool_scale=None) -> ()");
   // For every slots[b, j] != -1 and every layer l: dst_v[l, b, dst_frame[b, j]] = pool[slots[b, j], l, 1] and
   // dst_k[l, b, dst_frame[b, j]] = pool[slots[b, j], l, 0] with its first rope_temporal_pairs RoPE pairs

@@ -42,7 +42,9 @@ def cosine_topk(queries: torch.Tensor, pages: torch.Tensor, page_table: torch.Te
         RuntimeError: wrong ranks, dtypes, sizes or devices; ``k < 1``; on CPU also ``lo < 0``, ``lo > hi``,
             ``hi`` beyond ``max_pages * page_size``, or a page id of an eligible entry outside ``[0, P)``.
             On CUDA these value checks would need a host synchronisation, so instead the range is clamped to
-            ``[max(lo, 0), min(hi, max_pages * page_size))`` and entries on out-of-pool pages are skipped.
+            ``[max(lo, 0), min(hi, max_pages * page_size))`` (any int64 ``lo``/``hi``, ``INT64_MAX`` included)
+            and entries on out-of-pool pages are skipped. CUDA-only limits: ``D <= 8192`` (the query lives in
+            shared memory) and ``B <= 65535`` (the grid's y dimension).
     """
     return torch.ops.lrag_ext.cosine_topk.default(queries, pages, page_table, lo, hi, k)
 
@@ -164,7 +166,9 @@ def write_kv(pool: torch.Tensor, src_k: torch.Tensor, src_v: torch.Tensor, slots
     to the pool dtype. K is stored as given (the LongLive-RAG pool keeps K without RoPE).
 
     float8_e4m3fn pools: each frame's K (and V) of each layer is stored as ``x / s`` with
-    ``s = amax(|x|) / 448`` (1 for an all-zero frame), and ``s`` goes to ``pool_scale[slots[i], l, 0 | 1]``.
+    ``s = amax(|x|) / 448`` over the frame's finite values (1 when that is 0), and ``s`` goes to
+    ``pool_scale[slots[i], l, 0 | 1]``. A NaN or inf cannot poison the scale: NaN is stored as NaN and +-inf
+    saturates to +-448 (``float8_e4m3fn`` has no infinity), as torch's cast does.
 
     Args:
         pool: ``[num_slots, layers, 2, tokens, heads, head_dim]`` float32/float16/bfloat16/float8_e4m3fn, dense
@@ -224,7 +228,7 @@ def gather_kv(pool: torch.Tensor, slots: torch.Tensor, dst_k: torch.Tensor, dst_
             a ``dst_frame`` outside ``[0, cache_frames)`` or a cache frame targeted twice within a stream, all
             detected before anything is written. On CUDA those value checks would need a host synchronisation:
             entries with an out-of-range slot or frame are skipped instead, and duplicate destinations give
-            undefined contents.
+            undefined contents. CUDA-only limit: ``rope_temporal_pairs <= 2048``.
     """
     if rope_temporal_pairs is None:
         rope_temporal_pairs = reference.wan_temporal_pairs(dst_k.shape[-1])

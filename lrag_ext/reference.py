@@ -178,8 +178,9 @@ def fp8_quantise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     Returns ``(q, scale)``: ``scale [n, layers]`` float32 ``= amax(|x|) / 448`` over the FINITE values of each
     frame's layer (1 when that amax is 0) and ``q = (x / scale).to(float8_e4m3fn)``, so that
-    ``q.float() * scale ~= x``. A NaN or inf cannot poison its frame's scale: it is left out of the amax and
-    stored as the fp8 NaN, and every finite value of the frame keeps its precision.
+    ``q.float() * scale ~= x``. A NaN or inf cannot poison its frame's scale: it is left out of the amax, so
+    every finite value of the frame keeps its precision; NaN is stored as the fp8 NaN and +-inf saturates to
+    +-448 (float8_e4m3fn has no infinity; this is torch's cast and the kernels').
     """
     x = x.float()
     amax = torch.where(torch.isfinite(x), x.abs(), 0.0).amax(dim=(-3, -2, -1))

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 import lrag_ext
 from lrag_ext import reference
 
+from conftest import cuda_code
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Score tolerance per dtype: inputs are rounded to the dtype, accumulation is float32 on both sides, so the only
 # difference is summation order.
@@ -181,6 +183,28 @@ def test_k_larger_than_history_and_empty_ranges(device):
     scores, ids = check_against_reference(q, pages, table, lo, hi, 7)
     assert (ids[0, 3:] == -1).all() and (ids[1:] == -1).all()
     assert torch.isneginf(scores[1:].cpu()).all()
+
+
+INT64_MAX = 2 ** 63 - 1
+
+
+@pytest.mark.parametrize("lo,hi", [(INT64_MAX - 3, INT64_MAX), (INT64_MAX, INT64_MAX), (INT64_MAX - 3, 20)])
+def test_lo_near_int64_max(device, lo, hi):
+    """lo/hi near INT64_MAX in one stream: the CPU kernel refuses them by name; the CUDA code (which cannot read
+    values without a host synchronisation) clamps them to an empty range. Either way the other streams of the
+    call are unaffected and nothing is read out of bounds (the CUDA code once overflowed lo + chunk offset)."""
+    pages, table = make_paged(2, 16, [20, 20], 4, torch.float32, device)
+    q = torch.randn(2, 16, generator=torch.Generator().manual_seed(5)).to(device)
+    lo_t, hi_t = torch.tensor([2, lo], device=device), torch.tensor([19, hi], device=device)
+    if not cuda_code(device):
+        with pytest.raises(RuntimeError, match=r"lo\[1\]|hi\[1\]"):
+            lrag_ext.cosine_topk(q, pages, table, lo_t, hi_t, 4)
+        return
+    scores, ids = lrag_ext.cosine_topk(q, pages, table, lo_t, hi_t, 4)
+    assert ids[1].tolist() == [-1] * 4 and torch.isinf(scores[1]).all() and (scores[1] < 0).all()
+    want_s, want_i = reference.cosine_topk(q[:1], pages, table[:1], lo_t[:1], hi_t[:1], 4)
+    assert torch.equal(ids[:1], want_i)
+    torch.testing.assert_close(scores[:1], want_s, atol=1e-6, rtol=0)
 
 
 def test_non_contiguous_inputs(device):

@@ -1,6 +1,8 @@
 """write_kv / gather_kv (paged KV pool) against lrag_ext.reference, plus Wan's own RoPE as an oracle."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -363,6 +365,39 @@ def test_fp8_write_matches_reference(device, src_dtype, geom):
     back = pool[5, :, 0].float() * scale[5, :, 0][:, None, None, None]
     err = (back - src_k[:, 0].float()).abs()
     assert (err <= src_k[:, 0].float().abs() * 2 ** -4 + scale[5, :, 0][:, None, None, None] * 2 ** -9).all()
+
+
+@pytest.mark.parametrize("src_dtype", DTYPES)
+def test_fp8_nan_and_inf_do_not_poison_the_frame_scale(device, src_dtype):
+    """A frame with NaN / inf values: its scale is the amax of its finite values (as for the same frame without
+    them), its finite values are quantised exactly as without them, NaN stays NaN and +-inf saturates to
+    +-448 * scale. Same bytes on every backend and in the reference."""
+    gen = torch.Generator().manual_seed(27)
+    geom = (2, 3, 2, 8)
+    pool, scale, _, _ = fp8_pool_with_frames(device, geom, 4, gen, src_dtype)
+    L, T, H, hd = geom
+    src_k, src_v = rand((L, 2, T, H, hd), src_dtype, device, gen), rand((L, 2, T, H, hd), src_dtype, device, gen)
+    clean_k = src_k.clone()
+    bad = [(0, 0, 1, 0, 3), (1, 0, 2, 1, 7), (0, 1, 0, 0, 0)]
+    for idx, value in zip(bad, [float("nan"), float("inf"), -float("inf")]):
+        src_k[idx] = value
+    slots = torch.tensor([3, 1], device=device)
+    want, want_scale = pool.clone(), scale.clone()
+    reference.write_kv(want, src_k, src_v, slots, want_scale)
+    lrag_ext.write_kv(pool, src_k, src_v, slots, pool_scale=scale)
+    assert torch.equal(pool.view(torch.uint8), want.view(torch.uint8))
+    assert torch.equal(scale, want_scale)
+    # the scale and the finite values are those of the frame without its NaN / inf
+    clean, clean_scale = pool.clone(), scale.clone()
+    lrag_ext.write_kv(clean, clean_k, src_v, slots, pool_scale=clean_scale)
+    assert torch.equal(scale, clean_scale)
+    stored = pool[:, :, 0].float()  # [slot, layer, T, H, hd]
+    poisoned = torch.zeros_like(stored, dtype=torch.bool)
+    for l, e, t, h, d in bad:
+        poisoned[slots[e], l, t, h, d] = True
+    got = [stored[slots[e], l, t, h, d].item() for l, e, t, h, d in bad]
+    assert math.isnan(got[0]) and got[1:] == [448.0, -448.0]
+    assert torch.equal(stored[~poisoned], clean[:, :, 0].float()[~poisoned])
 
 
 @pytest.mark.parametrize("dst_dtype", DTYPES)

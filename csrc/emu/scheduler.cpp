@@ -113,7 +113,8 @@ struct BlockRun {
   std::vector<Fiber> fibers;
   ucontext_t sched_ctx;
   Fiber* running = nullptr;
-  char barrier_token = 0;  // the address ThreadSanitizer synchronises barriers on
+  char barrier_token = 0;     // the address ThreadSanitizer synchronises barriers on
+  char block_done_token = 0;  // ... and the end of a block on
 #if defined(LRAG_EMU_ASAN)
   void* sched_fake_stack = nullptr;
   const void* sched_stack_bottom = nullptr;
@@ -155,10 +156,14 @@ std::string thread_name(const Fiber& f) {
 
 void switch_to_scheduler(BlockRun& b, Fiber& f, bool exiting) {
 #if defined(LRAG_EMU_TSAN)
-  // Returning to the scheduler does not synchronise: fibers order their memory only through barriers, so a
-  // missing barrier is a race ThreadSanitizer reports. The last switch of a fiber does synchronise: a block
-  // ends with all its threads done (the next block and the host see everything).
-  __tsan_switch_to_fiber(b.sched_tsan_fiber, exiting ? 0 : __tsan_switch_to_fiber_no_sync);
+  // Returning to the scheduler never synchronises: fibers order their memory only through barriers, so a
+  // missing barrier is a race ThreadSanitizer reports. (Not even on exit: the scheduler resumes the other
+  // fibers with a synchronising switch, which would pass the exited thread's writes on to them.) A block's end
+  // is ordered through block_done_token instead: released by every exiting fiber, acquired by the scheduler once
+  // all have exited, so the next block and the host see everything.
+  void* const scheduler = b.sched_tsan_fiber;  // read before the release: nothing of b may be touched after it
+  if (exiting) __tsan_release(&b.block_done_token);
+  __tsan_switch_to_fiber(scheduler, __tsan_switch_to_fiber_no_sync);
 #endif
 #if defined(LRAG_EMU_ASAN)
   __sanitizer_start_switch_fiber(exiting ? nullptr : &f.fake_stack, b.sched_stack_bottom, b.sched_stack_size);
@@ -384,6 +389,7 @@ void run_block(BlockRun& b, const LaunchConfig& cfg, std::mt19937_64& rng) {
     }
   }
 #if defined(LRAG_EMU_TSAN)
+  __tsan_acquire(&b.block_done_token);
   for (Fiber& f : b.fibers) __tsan_destroy_fiber(f.tsan_fiber);
 #endif
 }
