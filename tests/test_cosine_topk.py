@@ -249,7 +249,7 @@ def test_property_matches_reference(B, D, page_size, k, data):
     check_against_reference(q, pages, table, torch.tensor(los), torch.tensor(his), k)
 
 
-@pytest.mark.no_emu(reason="opcheck / torch.compile check the registration and fake kernels, not the CUDA code")
+@pytest.mark.registration_only(reason="opcheck / torch.compile check the registration and fake kernels, not the CUDA code")
 def test_opcheck(device):
     pages, table = make_paged(2, 16, [20, 33], 4, torch.float32, device)
     q = torch.randn(2, 16, device=device)
@@ -257,7 +257,7 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.lrag_ext.cosine_topk.default, args)
 
 
-@pytest.mark.no_emu(reason="opcheck / torch.compile check the registration and fake kernels, not the CUDA code")
+@pytest.mark.registration_only(reason="opcheck / torch.compile check the registration and fake kernels, not the CUDA code")
 def test_torch_compile_fullgraph(device):
     pages, table = make_paged(2, 16, [20, 33], 4, torch.float32, device)
     q = torch.randn(2, 16, device=device)

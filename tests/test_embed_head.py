@@ -75,13 +75,13 @@ def test_empty_batch(device):
     assert lrag_ext.embed_head(x, *p, 2, 1e-5).shape == (0, 6)
 
 
-@pytest.mark.no_emu(reason="opcheck / torch.compile check the registration and fake kernels, not the CUDA code")
+@pytest.mark.registration_only(reason="opcheck / torch.compile check the registration and fake kernels, not the CUDA code")
 def test_opcheck(device):
     args = make(2, 8, 5, 6, 7, device=device)
     torch.library.opcheck(torch.ops.lrag_ext.embed_head.default, (*args, 4, 1e-5))
 
 
-@pytest.mark.no_emu(reason="opcheck / torch.compile check the registration and fake kernels, not the CUDA code")
+@pytest.mark.registration_only(reason="opcheck / torch.compile check the registration and fake kernels, not the CUDA code")
 def test_compile(device):
     args = make(2, 8, 5, 6, 7, device=device)
     fn = torch.compile(lambda *a: lrag_ext.embed_head(*a, 4, 1e-5) * 2, fullgraph=True)

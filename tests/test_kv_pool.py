@@ -434,7 +434,7 @@ def test_fp8_scale_errors():
         lrag_ext.kv_pool_empty(1, 1, 1, 1, 2, torch.float8_e5m2)
 
 
-@pytest.mark.no_emu(reason="opcheck / torch.compile check the registration and fake kernels, not the CUDA code")
+@pytest.mark.registration_only(reason="opcheck / torch.compile check the registration and fake kernels, not the CUDA code")
 def test_fp8_opcheck(device):
     # test_schema compares tensors with ops torch lacks for float8 ("mul" on CPU); the schema itself is
     # checked by test_opcheck on float pools.
@@ -450,7 +450,7 @@ def test_fp8_opcheck(device):
                           (pool, src_k[:, :2], src_v[:, :2], slots[0]), {"pool_scale": scale}, test_utils=utils)
 
 
-@pytest.mark.no_emu(reason="opcheck / torch.compile check the registration and fake kernels, not the CUDA code")
+@pytest.mark.registration_only(reason="opcheck / torch.compile check the registration and fake kernels, not the CUDA code")
 def test_fp8_torch_compile_fullgraph(device):
     gen = torch.Generator().manual_seed(24)
     pool, scale, src_k, src_v = fp8_pool_with_frames(device, (2, 3, 2, 8), 4, gen)
@@ -533,7 +533,7 @@ def test_kv_pool_empty():
 
 # ----------------------------------------------------------------------------------------- opcheck and compile
 
-@pytest.mark.no_emu(reason="opcheck / torch.compile check the registration and fake kernels, not the CUDA code")
+@pytest.mark.registration_only(reason="opcheck / torch.compile check the registration and fake kernels, not the CUDA code")
 def test_opcheck(device):
     pool, slots, k, v, frame, delta = gather_setup(device)
     torch.library.opcheck(torch.ops.lrag_ext.gather_kv.default, (pool, slots, k, v, frame, delta, 2, 10000.0))
@@ -541,7 +541,7 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.lrag_ext.write_kv.default, (pool, src.half(), src.half() + 1, torch.tensor([3, -1], device=device)))
 
 
-@pytest.mark.no_emu(reason="opcheck / torch.compile check the registration and fake kernels, not the CUDA code")
+@pytest.mark.registration_only(reason="opcheck / torch.compile check the registration and fake kernels, not the CUDA code")
 def test_torch_compile_fullgraph(device):
     pool, slots, k, v, frame, delta = gather_setup(device)
     src_k, src_v = torch.randn(2, 2, 3, 2, 8, device=device), torch.randn(2, 2, 3, 2, 8, device=device)

@@ -200,11 +200,11 @@ void fiber_main() {
   try {
     (*b.body)();
   } catch (const std::exception& e) {
-    const HiddenFromTsan hide;
+    [[maybe_unused]] const HiddenFromTsan hide;
     if (f.fault.empty()) f.fault = e.what();
   }
   {
-    const HiddenFromTsan hide;
+    [[maybe_unused]] const HiddenFromTsan hide;
     f.state = State::kExited;
   }
   switch_to_scheduler(b, f, /*exiting=*/true);
@@ -435,7 +435,7 @@ int device_sm_count() {
 }
 
 const ThreadView& current() {
-  const HiddenFromTsan hide;
+  [[maybe_unused]] const HiddenFromTsan hide;
   return running_fiber("a built-in variable (threadIdx...)").view;
 }
 
@@ -449,7 +449,7 @@ void syncthreads(const char* file, int line) {
     }
   }
   {
-    const HiddenFromTsan hide;
+    [[maybe_unused]] const HiddenFromTsan hide;
     f.state = State::kBarrier;
     f.site = {file, line};
   }
@@ -465,7 +465,7 @@ void syncthreads(const char* file, int line) {
 uint64_t shuffle_xor(unsigned mask, uint64_t bits, int lane_mask, int width, const char* file, int line) {
   BlockRun& b = *tl_block;
   Fiber& f = running_fiber("__shfl_xor_sync");
-  const HiddenFromTsan hide;  // a shuffle moves registers, not memory: nothing here is the kernel's memory
+  [[maybe_unused]] const HiddenFromTsan hide;  // a shuffle moves registers, not memory: nothing here is the kernel's memory
   const unsigned lane = f.linear % kWarpSize;
   if (width != static_cast<int>(kWarpSize)) {
     f.fault = "__shfl_xor_sync at " + Site{file, line}.str() + ": only width 32 is emulated";
@@ -493,7 +493,7 @@ void set_max_dynamic_smem(const void* kernel, int bytes) {
 
 void run_grid(const LaunchConfig& cfg, const std::function<void()>& body) {
   if (tl_block != nullptr) fail(cfg, "a kernel launch from inside a kernel");
-  const HiddenFromTsan hide;  // the scheduler's side: the fibers (kernel threads) are not hidden
+  [[maybe_unused]] const HiddenFromTsan hide;  // the scheduler's side: the fibers (kernel threads) are not hidden
   check_launch(cfg);
   uint64_t seed;
   {
