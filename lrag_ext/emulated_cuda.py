@@ -2,7 +2,7 @@
 
 ``_C_emu`` is every ``csrc/cuda/*.cu`` file (host code and kernels, unchanged) compiled by the host compiler
 against ``csrc/emu/cuda_emu.h``: each CUDA thread is a fiber, ``__syncthreads`` and warp shuffles wait for every
-thread they need, blocks run in a seeded random order, shared memory starts as garbage, and launch limits are
+thread they need, blocks run in a seeded random order, dynamic shared memory starts as garbage, and launch limits are
 those of the driver. Its ops are ``torch.ops.lrag_ext_emu.*`` on CPU tensors. Inside :func:`enabled`, every call
 of a ``torch.ops.lrag_ext.*`` op (so every :mod:`lrag_ext.ops` function and everything built on them, such as
 :class:`lrag_ext.RetrievalMemory`) runs the emulated CUDA code instead of the CPU kernel::
@@ -20,14 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import threading
 from collections.abc import Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-
-_lock = threading.Lock()
-
 
 def module():
     """The compiled emulator module ``lrag_ext._C_emu``.
@@ -58,7 +54,8 @@ class _RouteToEmulator(TorchDispatchMode):
 
 @contextlib.contextmanager
 def enabled(seed: int = 0, drop_barrier: str = "") -> Iterator[None]:
-    """Runs ``lrag_ext`` ops through the emulated CUDA code inside the ``with`` block (this thread only).
+    """Runs ``lrag_ext`` ops through the emulated CUDA code inside the ``with`` block (this thread only: the
+    routing, the seed and the fault injection all belong to the calling thread).
 
     Args:
         seed: seeds each launch's block order, thread interleaving and shared-memory garbage (launches also mix
@@ -70,15 +67,13 @@ def enabled(seed: int = 0, drop_barrier: str = "") -> Iterator[None]:
         ImportError: the emulator was not built.
     """
     emu = module()
-    with _lock:
-        previous = (emu.seed(), emu.drop_barrier())
-        emu.configure(int(seed), str(drop_barrier))
+    previous = (emu.seed(), emu.drop_barrier())
+    emu.configure(int(seed), str(drop_barrier))
     try:
         with _RouteToEmulator():
             yield
     finally:
-        with _lock:
-            emu.configure(*previous)
+        emu.configure(*previous)
 
 
 def stats() -> dict:

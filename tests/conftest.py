@@ -16,6 +16,10 @@ FIXTURES = os.environ.get("LRAG_FIXTURES") or os.path.join(REPO, "tests", "fixtu
 HAS_CUDA = torch.cuda.is_available()
 CUDA_KERNELS = HAS_CUDA and lrag_ext.build_info()["cuda"]
 EMULATED_CUDA = emulated_cuda.available()
+# CI builds the emulator (.ci/run sets LRAG_REQUIRE_EMU=1): there a missing or broken _C_emu must fail the run,
+# not skip every emu case.
+if not EMULATED_CUDA and os.environ.get("LRAG_REQUIRE_EMU") == "1":
+    emulated_cuda.module()  # raises the ImportError that says why
 
 
 class EmulatedDevice(str):

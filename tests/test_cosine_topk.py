@@ -193,9 +193,10 @@ def test_lo_near_int64_max(device, lo, hi):
     """lo/hi near INT64_MAX in one stream: the CPU kernel refuses them by name; the CUDA code (which cannot read
     values without a host synchronisation) clamps them to an empty range. Either way the other streams of the
     call are unaffected and nothing is read out of bounds (the CUDA code once overflowed lo + chunk offset)."""
-    pages, table = make_paged(2, 16, [20, 20], 4, torch.float32, device)
+    # 300 ids: the CUDA score kernel has several chunks of 128, so block offsets > 0 are added to lo
+    pages, table = make_paged(2, 16, [300, 300], 4, torch.float32, device)
     q = torch.randn(2, 16, generator=torch.Generator().manual_seed(5)).to(device)
-    lo_t, hi_t = torch.tensor([2, lo], device=device), torch.tensor([19, hi], device=device)
+    lo_t, hi_t = torch.tensor([2, lo], device=device), torch.tensor([290, hi], device=device)
     if not cuda_code(device):
         with pytest.raises(RuntimeError, match=r"lo\[1\]|hi\[1\]"):
             lrag_ext.cosine_topk(q, pages, table, lo_t, hi_t, 4)

@@ -85,6 +85,8 @@ CASES = {
     "block_sum": "",
     "warp_sum": "",
     "smem_over_default_limit_raised": "",
+    "half_warp_sums": "",
+    "fault_then_ok": "",
     "block_sum_without_barrier": r"^wrong result",
     "warp_sum_missing_lane": rf"warp shuffle at .*{SITE} with a missing lane: thread \(\d+,0,0\) waits, "
                              r"thread \(3,0,0\) exited",

@@ -5,7 +5,8 @@
 // threads of a block are fibers (ucontext) on the calling host thread. A fiber runs until it reaches a
 // synchronisation point (__syncthreads, a warp shuffle) or exits; the scheduler then resumes the others, in a
 // shuffled order, and releases a barrier or a shuffle only when every thread it needs is there. So:
-//   - results never depend on host timing: a launch is a deterministic function of its inputs and the seed;
+//   - results never depend on host timing: a launch is a deterministic function of its inputs, the calling
+//     thread's seed and how many launches that thread made before;
 //   - a missing __syncthreads shows as reads of another thread's not-yet-written (garbage-filled) shared memory,
 //     and under ThreadSanitizer as a data race (fibers switch without synchronising; barriers do synchronise);
 //   - a barrier reached by only some threads, threads waiting at different barriers, a shuffle with missing or

@@ -33,8 +33,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lrag_ext's CUDA kernels on the CPU emulator (ops under torch.ops.lrag_ext_emu)";
   pybind11::register_exception<lrag_emu::Error>(m, "EmulatorError", PyExc_RuntimeError);
   m.def("configure", &configure, pybind11::arg("seed") = 0, pybind11::arg("drop_barrier") = "",
-        "Seed of block order, thread interleaving and shared-memory garbage; drop_barrier='file:line' skips that "
-        "__syncthreads (fault injection for testing the emulator).");
+        "For launches from the calling thread: the seed of block order, thread interleaving and shared-memory "
+        "garbage; drop_barrier='file:line' skips that __syncthreads (fault injection for testing the emulator).");
   m.def("seed", [] { return lrag_emu::options().seed; });
   m.def("drop_barrier", [] { return lrag_emu::options().drop_barrier; });
   m.def("stats", &stats, "Counters since load: launches, blocks, threads, barriers, shuffles.");

@@ -113,8 +113,11 @@ struct BlockRun {
   std::vector<Fiber> fibers;
   ucontext_t sched_ctx;
   Fiber* running = nullptr;
-  char barrier_token = 0;     // the address ThreadSanitizer synchronises barriers on
-  char block_done_token = 0;  // ... and the end of a block on
+  // The addresses ThreadSanitizer synchronises barriers on: one per barrier generation, alternating, so that a
+  // thread that leaves barrier g late does not acquire what fast threads already released at barrier g + 1.
+  char barrier_token[2] = {0, 0};
+  unsigned barrier_generation = 0;
+  char block_done_token = 0;  // ... and the end of a block
 #if defined(LRAG_EMU_ASAN)
   void* sched_fake_stack = nullptr;
   const void* sched_stack_bottom = nullptr;
@@ -122,17 +125,24 @@ struct BlockRun {
 #endif
 #if defined(LRAG_EMU_TSAN)
   void* sched_tsan_fiber = nullptr;
+  ~BlockRun() {  // also after a failed launch: TSan has a limit on live threads (fibers)
+    for (Fiber& f : fibers) {
+      if (f.tsan_fiber != nullptr) __tsan_destroy_fiber(f.tsan_fiber);
+    }
+  }
 #endif
 };
 
 thread_local BlockRun* tl_block = nullptr;
 thread_local std::vector<std::unique_ptr<Stack>> tl_stacks;  // reused across blocks and launches
 
-std::mutex g_mutex;  // guards the options and counters below
-Options g_options;
+// Options and the launch counter are per host thread (launches run on the calling thread), so threads that
+// emulate at the same time neither see each other's fault injection nor perturb each other's schedules.
+thread_local Options tl_options;
+thread_local uint64_t tl_launch_counter = 0;
+std::mutex g_mutex;  // guards the counters and limits below
 Stats g_stats;
 std::map<const void*, size_t> g_smem_limits;  // per kernel, raised by cudaFuncSetAttribute
-uint64_t g_launch_counter = 0;
 
 [[noreturn]] void fail(const LaunchConfig& cfg, const std::string& what) {
   std::ostringstream os;
@@ -262,18 +272,13 @@ class ReadyQueue {
   size_t size_ = 0;
 };
 
-// Completes the shuffle of the warp starting at thread w0 if all its lanes have arrived; their fibers are
-// made ready. Returns whether it did.
-bool release_warp(BlockRun& b, const LaunchConfig& cfg, unsigned w0, ReadyQueue& ready) {
+// Completes the shuffle that `first` (a lane that just arrived at one) takes part in, if every lane of its mask
+// has arrived; their fibers are made ready. Lanes of disjoint masks shuffle independently. Returns whether it did.
+bool release_warp(BlockRun& b, const LaunchConfig& cfg, const Fiber* first, ReadyQueue& ready) {
   const unsigned n = static_cast<unsigned>(b.fibers.size());
+  const unsigned w0 = first->linear / kWarpSize * kWarpSize;
   const unsigned lanes = std::min(kWarpSize, n - w0);
   const unsigned existing = lanes == kWarpSize ? 0xFFFFFFFFu : ((1u << lanes) - 1u);
-  // The first waiting lane defines the shuffle; every lane of its mask must be waiting at the same one.
-  const Fiber* first = nullptr;
-  for (unsigned l = 0; l < lanes && first == nullptr; ++l) {
-    if (b.fibers[w0 + l].state == State::kShuffle) first = &b.fibers[w0 + l];
-  }
-  if (first == nullptr) return false;
   const unsigned mask = first->mask;
   if ((mask & ~existing) != 0) {
     fail(cfg, "__shfl_xor_sync at " + first->site.str() + " names lanes that do not exist in warp " +
@@ -327,6 +332,7 @@ void release_barrier(BlockRun& b, const LaunchConfig& cfg, unsigned exited, Read
       }
     }
   }
+  ++b.barrier_generation;
   for (unsigned i = 0; i < b.fibers.size(); ++i) {
     b.fibers[i].state = State::kReady;
     ready.push(i);
@@ -361,9 +367,6 @@ void run_block(BlockRun& b, const LaunchConfig& cfg, std::mt19937_64& rng) {
     f.ctx.uc_stack.ss_size = kStackBytes;
     f.ctx.uc_link = nullptr;
     makecontext(&f.ctx, fiber_main, 0);
-#if defined(LRAG_EMU_TSAN)
-    f.tsan_fiber = __tsan_create_fiber(0);
-#endif
   }
   // One ready thread at a time runs until its next synchronisation point (a lockstep round-robin over all
   // threads would hide most races between warps).
@@ -384,14 +387,28 @@ void run_block(BlockRun& b, const LaunchConfig& cfg, std::mt19937_64& rng) {
     switch (f.state) {
       case State::kExited: ++exited; break;
       case State::kBarrier: ++at_barrier; break;
-      case State::kShuffle: release_warp(b, cfg, f.linear / kWarpSize * kWarpSize, ready); break;
+      case State::kShuffle: release_warp(b, cfg, &f, ready); break;
       case State::kReady: break;  // not reachable: a fiber only returns here when it waits or exits
     }
   }
 #if defined(LRAG_EMU_TSAN)
   __tsan_acquire(&b.block_done_token);
-  for (Fiber& f : b.fibers) __tsan_destroy_fiber(f.tsan_fiber);
 #endif
+}
+
+// A random number in [1, n) coprime with n (1 when n <= 2).
+uint64_t random_coprime(uint64_t n, std::mt19937_64& rng) {
+  if (n <= 2) return 1;
+  for (;;) {
+    const uint64_t a = 1 + rng() % (n - 1);
+    uint64_t x = a, y = n;
+    while (y != 0) {
+      const uint64_t t = x % y;
+      x = y;
+      y = t;
+    }
+    if (x == 1) return a;
+  }
 }
 
 void check_launch(const LaunchConfig& cfg) {
@@ -440,31 +457,31 @@ const ThreadView& current() {
 }
 
 void syncthreads(const char* file, int line) {
-  BlockRun& b = *tl_block;
   Fiber& f = running_fiber("__syncthreads");
-  {
-    std::lock_guard<std::mutex> lock(g_mutex);
-    if (!g_options.drop_barrier.empty() && ends_with(Site{file, line}.str(), g_options.drop_barrier)) {
-      return;  // fault injection: this barrier is "removed"
-    }
+  BlockRun& b = *tl_block;
+  if (!tl_options.drop_barrier.empty() && ends_with(Site{file, line}.str(), tl_options.drop_barrier)) {
+    return;  // fault injection: this barrier is "removed"
   }
+  char* token;
   {
     [[maybe_unused]] const HiddenFromTsan hide;
     f.state = State::kBarrier;
     f.site = {file, line};
+    token = &b.barrier_token[b.barrier_generation & 1u];
   }
+  (void)token;
 #if defined(LRAG_EMU_TSAN)
-  __tsan_release(&b.barrier_token);  // a barrier orders every thread's memory before it with everything after
+  __tsan_release(token);  // a barrier orders every thread's memory before it with everything after
 #endif
   switch_to_scheduler(b, f, false);
 #if defined(LRAG_EMU_TSAN)
-  __tsan_acquire(&b.barrier_token);
+  __tsan_acquire(token);
 #endif
 }
 
 uint64_t shuffle_xor(unsigned mask, uint64_t bits, int lane_mask, int width, const char* file, int line) {
-  BlockRun& b = *tl_block;
   Fiber& f = running_fiber("__shfl_xor_sync");
+  BlockRun& b = *tl_block;
   [[maybe_unused]] const HiddenFromTsan hide;  // a shuffle moves registers, not memory: nothing here is the kernel's memory
   const unsigned lane = f.linear % kWarpSize;
   if (width != static_cast<int>(kWarpSize)) {
@@ -495,13 +512,11 @@ void run_grid(const LaunchConfig& cfg, const std::function<void()>& body) {
   if (tl_block != nullptr) fail(cfg, "a kernel launch from inside a kernel");
   [[maybe_unused]] const HiddenFromTsan hide;  // the scheduler's side: the fibers (kernel threads) are not hidden
   check_launch(cfg);
-  uint64_t seed;
   {
     std::lock_guard<std::mutex> lock(g_mutex);
-    seed = g_options.seed * 0x9E3779B97F4A7C15ull + (++g_launch_counter);
     ++g_stats.launches;
   }
-  std::mt19937_64 rng(seed);
+  std::mt19937_64 rng(tl_options.seed * 0x9E3779B97F4A7C15ull + (++tl_launch_counter));
   const dim3 g = cfg.grid, bl = cfg.block;
   const unsigned threads = bl.x * bl.y * bl.z;
   const uint64_t blocks = static_cast<uint64_t>(g.x) * g.y * g.z;
@@ -511,6 +526,16 @@ void run_grid(const LaunchConfig& cfg, const std::function<void()>& body) {
   b.body = &body;
   b.fibers.resize(threads);
   while (tl_stacks.size() < threads) tl_stacks.push_back(std::make_unique<Stack>());
+  // The fibers borrow this thread's stacks; whatever happens below, they are returned and tl_block is cleared.
+  struct Loan {
+    BlockRun& b;
+    ~Loan() {
+      tl_block = nullptr;
+      for (size_t i = 0; i < b.fibers.size(); ++i) {
+        if (b.fibers[i].stack) tl_stacks[i].reset(b.fibers[i].stack.release());
+      }
+    }
+  } loan{b};
   for (unsigned i = 0; i < threads; ++i) {
     b.fibers[i].stack.reset(tl_stacks[i].release());
     b.fibers[i].linear = i;
@@ -523,42 +548,29 @@ void run_grid(const LaunchConfig& cfg, const std::function<void()>& body) {
   for (Fiber& f : b.fibers) f.view.dynamic_smem = smem.get();
 #if defined(LRAG_EMU_TSAN)
   b.sched_tsan_fiber = __tsan_get_current_fiber();
+  for (Fiber& f : b.fibers) f.tsan_fiber = __tsan_create_fiber(0);
 #endif
 
-  // Blocks in a random order: blocks of a grid may run in any order on a GPU.
-  std::vector<uint64_t> order(blocks);
-  for (uint64_t i = 0; i < blocks; ++i) order[i] = i;
-  std::shuffle(order.begin(), order.end(), rng);
+  // Blocks in a random order (blocks of a grid may run in any order on a GPU): i -> (a * i + c) mod blocks with
+  // gcd(a, blocks) = 1 is a bijection that needs no memory, whatever the grid's size.
+  const uint64_t stride = random_coprime(blocks, rng), offset = rng() % blocks;
   tl_block = &b;
-  try {
-    for (uint64_t id : order) {
-      const dim3 bi(static_cast<unsigned>(id % g.x), static_cast<unsigned>(id / g.x % g.y),
-                    static_cast<unsigned>(id / (static_cast<uint64_t>(g.x) * g.y)));
-      for (Fiber& f : b.fibers) f.view.block_idx = bi;
-      for (size_t i = 0; i < cfg.dynamic_smem; ++i) smem[i] = static_cast<unsigned char>(rng());
-      run_block(b, cfg, rng);
-    }
-  } catch (...) {
-    tl_block = nullptr;
-    for (unsigned i = 0; i < threads; ++i) tl_stacks[i].reset(b.fibers[i].stack.release());
-    throw;
+  for (uint64_t i = 0; i < blocks; ++i) {
+    const uint64_t id = static_cast<uint64_t>((static_cast<unsigned __int128>(stride) * i + offset) % blocks);
+    const dim3 bi(static_cast<unsigned>(id % g.x), static_cast<unsigned>(id / g.x % g.y),
+                  static_cast<unsigned>(id / (static_cast<uint64_t>(g.x) * g.y)));
+    for (Fiber& f : b.fibers) f.view.block_idx = bi;
+    for (size_t j = 0; j < cfg.dynamic_smem; ++j) smem[j] = static_cast<unsigned char>(rng());
+    run_block(b, cfg, rng);
   }
-  tl_block = nullptr;
-  for (unsigned i = 0; i < threads; ++i) tl_stacks[i].reset(b.fibers[i].stack.release());
   std::lock_guard<std::mutex> lock(g_mutex);
   g_stats.blocks += blocks;
   g_stats.threads += blocks * threads;
 }
 
-void set_options(const Options& o) {
-  std::lock_guard<std::mutex> lock(g_mutex);
-  g_options = o;
-}
+void set_options(const Options& o) { tl_options = o; }
 
-Options options() {
-  std::lock_guard<std::mutex> lock(g_mutex);
-  return g_options;
-}
+Options options() { return tl_options; }
 
 Stats stats() {
   std::lock_guard<std::mutex> lock(g_mutex);

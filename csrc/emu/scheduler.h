@@ -12,6 +12,7 @@ struct Error : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// Per host thread: set_options/options act on the calling thread's launches.
 struct Options {
   uint64_t seed = 0;         // block order, thread interleaving and shared-memory garbage derive from it
   std::string drop_barrier;  // fault injection: skip the __syncthreads whose "file:line" ends with this

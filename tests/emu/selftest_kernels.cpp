@@ -44,6 +44,15 @@ __global__ void warp_sum(const float* in, float* out) {
   out[threadIdx.x] = v;
 }
 
+// Two half-warps shuffle independently (disjoint masks): legal, and each sums its own 16 lanes.
+__global__ void half_warp_sums(const float* in, float* out) {
+  const unsigned lane = threadIdx.x & 31;
+  const unsigned mask = lane < 16 ? 0x0000FFFFu : 0xFFFF0000u;
+  float v = in[threadIdx.x];
+  for (int off = 8; off > 0; off >>= 1) v += __shfl_xor_sync(mask, v, off);
+  out[threadIdx.x] = v;
+}
+
 __global__ void barrier_in_branch(float* out) {
   if (threadIdx.x < 16) __syncthreads();
   out[threadIdx.x] = 1.0f;
@@ -110,6 +119,16 @@ std::string run(const std::string& name) {
         for (int l = 0; l < 32; ++l) want += in[t / 32 * 32 + l];
         if (!close(out[t], want)) return "wrong result at thread " + std::to_string(t);
       }
+    } else if (name == "half_warp_sums") {
+      LRAG_LAUNCH(half_warp_sums, 1, 64, 0, stream)(in.data(), out.data());
+      for (int t = 0; t < 64; ++t) {
+        float want = 0.0f;
+        for (int l = 0; l < 16; ++l) want += in[t / 16 * 16 + l];
+        if (!close(out[t], want)) return "wrong result at thread " + std::to_string(t);
+      }
+    } else if (name == "fault_then_ok") {  // a launch that fails mid-block, then a good one on the same thread
+      if (run("barrier_in_branch").empty()) return "the faulty launch did not fail";
+      return run("block_sum");
     } else if (name == "barrier_in_branch") {
       LRAG_LAUNCH(barrier_in_branch, 1, 64, 0, stream)(out.data());
     } else if (name == "early_exit_then_barrier") {
