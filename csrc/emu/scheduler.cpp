@@ -118,6 +118,7 @@ struct BlockRun {
   char barrier_token[2] = {0, 0};
   unsigned barrier_generation = 0;
   char block_done_token = 0;  // ... and the end of a block
+  uint64_t barriers = 0, shuffles = 0;  // released in this launch; added to the global Stats once, at its end
 #if defined(LRAG_EMU_ASAN)
   void* sched_fake_stack = nullptr;
   const void* sched_stack_bottom = nullptr;
@@ -307,8 +308,7 @@ bool release_warp(BlockRun& b, const LaunchConfig& cfg, const Fiber* first, Read
     b.fibers[w0 + l].state = State::kReady;
     ready.push(w0 + l);
   }
-  std::lock_guard<std::mutex> lock(g_mutex);
-  ++g_stats.shuffles;
+  ++b.shuffles;
   return true;
 }
 
@@ -337,8 +337,7 @@ void release_barrier(BlockRun& b, const LaunchConfig& cfg, unsigned exited, Read
     b.fibers[i].state = State::kReady;
     ready.push(i);
   }
-  std::lock_guard<std::mutex> lock(g_mutex);
-  ++g_stats.barriers;
+  ++b.barriers;
 }
 
 // Describes a block that can make no progress.
@@ -566,6 +565,8 @@ void run_grid(const LaunchConfig& cfg, const std::function<void()>& body) {
   std::lock_guard<std::mutex> lock(g_mutex);
   g_stats.blocks += blocks;
   g_stats.threads += blocks * threads;
+  g_stats.barriers += b.barriers;
+  g_stats.shuffles += b.shuffles;
 }
 
 void set_options(const Options& o) { tl_options = o; }
