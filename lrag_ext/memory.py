@@ -25,8 +25,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import hashlib
+import itertools
 import json
+import operator
 import os
 import shutil
 import threading
@@ -36,22 +37,15 @@ from dataclasses import dataclass, field
 import torch
 
 import lrag_ext
+from lrag_ext import memory_format as fmt
 from lrag_ext.memory_config import KVLayout, MemoryConfig
 
 __all__ = ["KVLayout", "MemoryConfig", "RetrievalMemory", "RetrievalPlan"]  # the config classes re-exported
 
 POSITION_MODES = ("sink", "ordered")
-_SEGMENT_SHIFT = 32  # a frame's K/V location is encoded as segment << 32 | slot (or -1: not stored)
-_FORMAT = "lrag_ext.RetrievalMemory"
-_VERSION = 1
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+_SEGMENT_SHIFT = fmt.SEGMENT_SHIFT  # a frame's K/V location is encoded as segment << 32 | slot (or -1: not stored)
+_KV_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what write_kv takes as new K/V
+_memory_tokens = itertools.count()  # identifies the memory a plan came from
 
 
 @dataclass
@@ -67,6 +61,10 @@ class RetrievalPlan:
         counts: frames selected per stream, ``min(top_k, #eligible)``.
         ids: ``[B, top_k]`` int64 global frame ids, by descending similarity, ``-1`` padded.
         scores: ``[B, top_k]`` float32 cosine similarities, ``-inf`` padded.
+
+    A plan is valid for the memory that made it, until one of its streams is reset or removed, or frames of its
+    eligible range lose their K/V (host tier full) through a later ``append``; :meth:`RetrievalMemory.gather` and
+    :meth:`RetrievalMemory.latents` refuse it after that (retrieve again).
     """
 
     streams: list[int]
@@ -74,6 +72,11 @@ class RetrievalPlan:
     counts: list[int]
     ids: torch.Tensor
     scores: torch.Tensor
+    # Identity, checked by gather/latents: the memory, each stream's state object (replaced by reset) and the lowest
+    # eligible frame at retrieval time (a later drop at or above it may have hit a selected frame).
+    _memory_token: int = field(default=-1, repr=False, compare=False)
+    _states: list = field(default_factory=list, repr=False, compare=False)
+    _eligible_lo: list[int] = field(default_factory=list, repr=False, compare=False)
 
 
 @dataclass
@@ -159,6 +162,7 @@ class RetrievalMemory:
         self.policy = config.policy
         self.device = torch.device(config.device)
         self._lock = threading.RLock()
+        self._token = next(_memory_tokens)
         n_pages = -(-config.max_frames // config.page_size)
         self._pages = torch.zeros((n_pages, config.page_size, config.embed_dim), dtype=config.embed_dtype,
                                   device=self.device)
@@ -232,6 +236,8 @@ class RetrievalMemory:
                     f"pages but {self._page_alloc.num_free} are free (raise MemoryConfig.max_frames="
                     f"{self.config.max_frames})")
             kv_frames = [f for f in range(st.num_frames, st.num_frames + n) if f >= self.policy.sink_frames]
+            if self.config.storage == "kv" and kv_frames:
+                self._reserve_host(len(kv_frames))  # the only allocation that can fail: before any change
             # Validation done: from here on the call succeeds.
             if new_pages:
                 st.pages += list(self._page_alloc.allocate(new_pages, stream))
@@ -268,7 +274,9 @@ class RetrievalMemory:
         """
         start = time.perf_counter()
         with self._lock:
-            streams = [streams] if isinstance(streams, int) else list(streams)
+            if isinstance(streams, (int, bool)) or not hasattr(streams, "__iter__"):
+                streams = [streams]
+            streams = list(streams)
             if not streams:
                 raise ValueError("streams must name at least one stream")
             if len(set(streams)) != len(streams):
@@ -289,7 +297,8 @@ class RetrievalMemory:
             scores, ids = lrag_ext.cosine_topk(queries, self._pages, self._to_device(table), self._to_device(lo),
                                                self._to_device(hi), self.policy.top_k)
             plan = RetrievalPlan(streams=streams, start_frames=[st.num_frames for st in states],
-                                 counts=[min(self.policy.top_k, h - l) for l, h in ranges], ids=ids, scores=scores)
+                                 counts=[min(self.policy.top_k, h - l) for l, h in ranges], ids=ids, scores=scores,
+                                 _memory_token=self._token, _states=states, _eligible_lo=[r[0] for r in ranges])
             elapsed_ms = (time.perf_counter() - start) * 1e3
             for b, (s, st) in enumerate(zip(streams, states)):
                 st.log.append(dict(_plan=plan, _row=b, block=len(st.log), query_frame=st.num_frames,
@@ -327,9 +336,7 @@ class RetrievalMemory:
         with self._lock:
             if self.config.storage != "kv":
                 raise ValueError(f"gather needs storage='kv', this memory stores {self.config.storage!r}")
-            if not isinstance(plan, RetrievalPlan):
-                raise TypeError(f"plan must be a RetrievalPlan returned by retrieve(), got {type(plan).__name__}")
-            states = [self._stream(s) for s in plan.streams]
+            states = self._check_plan(plan, need_kv=True)
             B, K = plan.ids.shape
             layout = self.config.kv_layout
             for name, t in (("dst_k", dst_k), ("dst_v", dst_v)):
@@ -341,6 +348,11 @@ class RetrievalMemory:
                         f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
                 if t.device != self.device:
                     raise ValueError(f"{name} must be on {self.device}, got {t.device}")
+                if t.dtype not in _KV_DTYPES or t.dtype != dst_k.dtype:
+                    raise ValueError(f"dst_k and dst_v must have one dtype among float32, float16, bfloat16, got "
+                                     f"{dst_k.dtype} and {dst_v.dtype}")
+                if t.stride(-1) != 1:
+                    raise ValueError(f"{name} must be dense in its last dim (stride 1), got strides {t.stride()}")
             cache_frames = dst_k.shape[2]
             if dst_frame is None:
                 if self.policy.sink_frames + K > cache_frames:
@@ -375,7 +387,7 @@ class RetrievalMemory:
         with self._lock:
             if self.config.storage != "latent":
                 raise ValueError(f"latents needs storage='latent', this memory stores {self.config.storage!r}")
-            table = self._to_device(self._page_table([self._stream(s) for s in plan.streams], torch.int64))
+            table = self._to_device(self._page_table(self._check_plan(plan, need_kv=False), torch.int64))
             ids = plan.ids.clamp(min=0)
             page = table.gather(1, ids // self.config.page_size)
             out = self._latents[page, ids % self.config.page_size]
@@ -434,7 +446,7 @@ class RetrievalMemory:
                     tensors[f"kv/{sid}"] = torch.stack([kv.cpu() for kv, _ in stored])
                     if stored[0][1] is not None:
                         tensors[f"kv_scale/{sid}"] = torch.stack([scale.cpu() for _, scale in stored])
-            manifest = dict(format=_FORMAT, version=_VERSION, config=self.config.to_dict(),
+            manifest = dict(format=fmt.FORMAT, version=fmt.VERSION, config=self.config.to_dict(),
                             next_stream=self._next_stream, streams=streams,
                             segments=[seg.allocator.num_slots for seg in self._segments],
                             fifo={tier: [list(x) for x in q] for tier, q in self._fifo.items()})
@@ -444,8 +456,9 @@ class RetrievalMemory:
                 tensor_file = os.path.join(tmp, "tensors.safetensors")
                 import safetensors.torch  # noqa: PLC0415 - only saving and loading need it
                 safetensors.torch.save_file(tensors, tensor_file)
-                manifest["files"] = {"tensors.safetensors": dict(sha256=_sha256(tensor_file),
+                manifest["files"] = {"tensors.safetensors": dict(sha256=fmt.sha256_file(tensor_file),
                                                                  bytes=os.path.getsize(tensor_file))}
+                manifest["manifest_sha256"] = fmt.manifest_digest(manifest)
                 with open(os.path.join(tmp, "manifest.json"), "w") as f:
                     json.dump(manifest, f, indent=1)
                 if os.path.isdir(path):
@@ -458,32 +471,42 @@ class RetrievalMemory:
     @classmethod
     def load(cls, path: str, device: str | torch.device | None = None) -> "RetrievalMemory":
         """Restores a memory written by :meth:`save` (optionally onto another ``device``). Retrieval results equal
-        the saved memory's. Raises ``ValueError`` naming the problem for a missing, truncated or altered file."""
+        the saved memory's.
+
+        Every field of the manifest is checked (its checksum, types, ranges, and consistency between page tables,
+        frame counts, K/V locations, queues, segment sizes and tensor shapes) before anything is allocated, and only
+        regular files are opened (see :mod:`lrag_ext.memory_format`).
+
+        Raises:
+            ValueError: naming the file and the field, for a missing, truncated, altered or inconsistent save, or
+                one whose K/V tiers would not fit in the target device's memory.
+        """
         manifest_file = os.path.join(path, "manifest.json")
-        try:
-            with open(manifest_file) as f:
-                manifest = json.load(f)
-        except FileNotFoundError:
-            raise ValueError(f"{manifest_file} not found: not a saved RetrievalMemory") from None
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{manifest_file} is not valid JSON ({err}): the file is truncated or altered") from None
-        if manifest.get("format") != _FORMAT or manifest.get("version") != _VERSION:
-            raise ValueError(f"{manifest_file}: unsupported format {manifest.get('format')!r} version "
-                             f"{manifest.get('version')!r} (this build reads {_FORMAT!r} version {_VERSION})")
+        manifest = fmt.read_manifest(path)
+        config = fmt.validate_manifest(manifest, manifest_file)
+        if device is not None:
+            try:
+                config = dataclasses.replace(config, device=torch.device(device))
+            except (TypeError, ValueError, RuntimeError) as err:
+                raise ValueError(f"device {device!r} is not a valid device for the loaded memory: {err}") from None
         tensor_file = os.path.join(path, "tensors.safetensors")
-        want = manifest["files"]["tensors.safetensors"]
-        if not os.path.exists(tensor_file):
-            raise ValueError(f"{tensor_file} is missing")
-        if os.path.getsize(tensor_file) != want["bytes"]:
-            raise ValueError(f"{tensor_file} has {os.path.getsize(tensor_file)} bytes, the manifest says "
-                             f"{want['bytes']}: the file is truncated or altered")
-        if _sha256(tensor_file) != want["sha256"]:
+        files = manifest.get("files")
+        want = files.get("tensors.safetensors") if isinstance(files, dict) else None
+        if not isinstance(want, dict) or not isinstance(want.get("bytes"), int) or not isinstance(want.get("sha256"), str):
+            raise ValueError(f"{manifest_file}: field files['tensors.safetensors'] must hold bytes and sha256")
+        size = fmt.check_regular_file(tensor_file)
+        if size != want["bytes"]:
+            raise ValueError(f"{tensor_file} has {size} bytes, the manifest says {want['bytes']}: the file is "
+                             "truncated or altered")
+        if fmt.sha256_file(tensor_file) != want["sha256"]:
             raise ValueError(f"{tensor_file} does not match its SHA-256 in the manifest: the file is altered")
         import safetensors.torch  # noqa: PLC0415
-        tensors = safetensors.torch.load_file(tensor_file)
-        config = MemoryConfig.from_dict(manifest["config"])
-        if device is not None:
-            config = dataclasses.replace(config, device=device)
+        try:
+            tensors = safetensors.torch.load_file(tensor_file)
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for a bad header
+            raise ValueError(f"{tensor_file} is not a readable safetensors file: {err}") from None
+        fmt.validate_tensors(tensors, manifest, config, tensor_file)
+        _check_fits(config, manifest["segments"], manifest_file)
         mem = cls(config)
         for size in manifest["segments"][1:]:
             pin = config.pin_host and mem.device.type == "cuda"
@@ -508,15 +531,37 @@ class RetrievalMemory:
                 seg.set_frame(slot, tensors[f"kv/{sid}"][row], scales[row] if scales is not None else None)
                 st.kv_code[f] = (seg_index << _SEGMENT_SHIFT) | slot
             mem._streams[sid] = st
-        mem._fifo = {tier: collections.deque(tuple(x) for x in q) for tier, q in manifest["fifo"].items()}
+        mem._fifo = {tier: collections.deque(tuple(x) for x in manifest["fifo"][tier]) for tier in ("device", "host")}
         return mem
 
     # ----------------------------------------------------------------------------------------------- helpers
     def _stream(self, stream: int) -> _Stream:
+        if isinstance(stream, bool):  # True == 1 as a dict key: never a stream id
+            raise TypeError(f"a stream id must be an int, got {stream!r}")
+        try:
+            stream = operator.index(stream)
+        except TypeError:
+            raise TypeError(f"a stream id must be an int, got {type(stream).__name__}") from None
         try:
             return self._streams[stream]
-        except (KeyError, TypeError):
+        except KeyError:
             raise KeyError(f"unknown stream {stream!r} (known: {sorted(self._streams)})") from None
+
+    def _check_plan(self, plan, need_kv: bool) -> list[_Stream]:
+        """The plan's stream states, after checking the plan is this memory's and still valid (see RetrievalPlan)."""
+        if not isinstance(plan, RetrievalPlan):
+            raise TypeError(f"plan must be a RetrievalPlan returned by retrieve(), got {type(plan).__name__}")
+        if plan._memory_token != self._token:
+            raise ValueError("plan was made by another RetrievalMemory (or before a save/load): retrieve from this one")
+        states = []
+        for s, st, lo in zip(plan.streams, plan._states, plan._eligible_lo):
+            if self._streams.get(s) is not st:
+                raise ValueError(f"plan is stale: stream {s} was reset or removed after retrieve(); retrieve again")
+            if need_kv and st.first_retrievable > lo:
+                raise ValueError(f"plan is stale: frames of stream {s} that it may have selected lost their K/V (host "
+                                 f"tier full) after retrieve(); retrieve again")
+            states.append(st)
+        return states
 
     def _eligible(self, st: _Stream) -> tuple[int, int]:
         lo, hi = self.policy.eligible_range(st.num_frames)
@@ -595,6 +640,9 @@ class RetrievalMemory:
             L, T, H, Dh = self.config.kv_layout.frame_shape
             self._check_tensor(k, "k", (L, n, T, H, Dh))
             self._check_tensor(v, "v", (L, n, T, H, Dh))
+            if k.dtype not in _KV_DTYPES or v.dtype != k.dtype:
+                raise ValueError(f"k and v must have one dtype among float32, float16, bfloat16 (cast to the memory's "
+                                 f"{self.config.dtype} on write), got {k.dtype} and {v.dtype}")
         elif k is not None or v is not None:
             raise ValueError(f"k/v given but storage={storage!r} does not keep K/V")
         if storage == "latent":
@@ -613,9 +661,6 @@ class RetrievalMemory:
         scale = lrag_ext.kv_pool_scale_empty(pool) if pool.dtype == torch.float8_e4m3fn else None
         return _Segment(pool=pool, allocator=lrag_ext.SlotAllocator(slots), scale=scale)
 
-    def _host_capacity(self) -> int:
-        return sum(seg.allocator.num_slots for seg in self._segments[1:])
-
     def _kv_limit(self) -> int | None:
         """Frames the K/V tiers can hold in all (None: unbounded)."""
         if self.config.host_frames is None:
@@ -624,16 +669,22 @@ class RetrievalMemory:
 
     def _grow_host(self) -> bool:
         """Adds a host segment (doubling size, capped by host_frames); False when the host tier is at its limit."""
-        capacity = self._host_capacity()
-        limit = self.config.host_frames
-        size = max(16, capacity)
-        if limit is not None:
-            size = min(size, limit - capacity)
-        if size <= 0:
+        sizes = fmt.host_segment_sizes(self.config.host_frames, len(self._segments))
+        if len(sizes) < len(self._segments):  # the next segment would exceed host_frames
             return False
+        size = sizes[-1]
         pin = self.config.pin_host and self.device.type == "cuda"
         self._segments.append(self._new_segment(size, torch.device("cpu"), pin))
         return True
+
+    def _reserve_host(self, n_new: int) -> None:
+        """Grows the host tier now (allowed by its limit) to the free slots storing ``n_new`` frames may need, so
+        that the storing itself allocates nothing: a failed allocation then leaves the memory unchanged."""
+        n_device = min(n_new, self.config.device_frames)
+        moves = max(0, n_device - self._segments[0].allocator.num_free)  # device frames displaced to the host
+        need = (n_new - n_device) + moves
+        while sum(seg.allocator.num_free for seg in self._segments[1:]) < need and self._grow_host():
+            pass
 
     def _take_free(self, tier: str, stream: int) -> int | None:
         """A free slot code in ``tier`` without evicting anything (growing the host tier if allowed), or None."""
@@ -712,3 +763,22 @@ class RetrievalMemory:
         for tier in self._fifo:
             self._fifo[tier] = collections.deque(x for x in self._fifo[tier] if x[0] != stream)
 
+
+def _check_fits(config: MemoryConfig, segments: list[int], manifest_file: str) -> None:
+    """Refuses a saved memory whose K/V tiers would not fit in the memory of the target (an edited ``device_frames``
+    or host segments must give a clear error, not an allocator failure or a machine brought to swap)."""
+    if config.storage != "kv":
+        return
+    L, T, H, Dh = config.kv_layout.frame_shape
+    frame_bytes = L * 2 * T * H * Dh * torch.empty((), dtype=config.dtype).element_size()
+    host_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    device = torch.device(config.device)
+    device_total, where = host_total, "host memory"
+    if device.type == "cuda" and torch.cuda.is_available():
+        device_total, where = torch.cuda.mem_get_info(device)[1], f"{device}"
+    for name, slots, total, place in (("config.device_frames", segments[0], device_total, where),
+                                      ("segments (host tier)", sum(segments[1:]), host_total, "host memory")):
+        if slots * frame_bytes > total:
+            raise ValueError(f"{manifest_file}: field {name} asks for {slots} K/V slots of {frame_bytes} bytes "
+                             f"({slots * frame_bytes / 2**30:.1f} GiB), more than the {total / 2**30:.1f} GiB of "
+                             f"{place}")

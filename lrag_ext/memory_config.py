@@ -61,7 +61,8 @@ class MemoryConfig:
         page_size: frames per embedding page.
         device_frames: K/V slots on ``device``.
         host_frames: K/V slots in pinned host memory at most (``None``: unbounded); allocated lazily.
-        pin_host: pin the host tier (only meaningful when ``device`` is a GPU).
+        pin_host: pin the host tier (only meaningful when ``device`` is a GPU, where the gather reads the host tier
+            in place: ``False`` there requires ``host_frames=0``).
     """
 
     top_k: int = 6
@@ -105,6 +106,14 @@ class MemoryConfig:
             raise ValueError(f"dtype float8_e4m3fn is a K/V storage option (storage='kv'), not for {self.storage!r}")
         if self.storage == "kv" and self.device_frames + (self.host_frames if self.host_frames is not None else 1) == 0:
             raise ValueError("storage='kv' needs device_frames + host_frames >= 1")
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError, ValueError) as err:
+            raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {self.device!r} ({err})") \
+                from None
+        if self.storage == "kv" and device.type == "cuda" and not self.pin_host and self.host_frames != 0:
+            raise ValueError("pin_host=False on a CUDA device needs host_frames=0: the CUDA gather reads the host "
+                             "tier in place, which only pinned memory allows")
 
     @property
     def policy(self) -> RetrievalPolicy:

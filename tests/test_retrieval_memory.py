@@ -15,6 +15,7 @@ from lrag_ext import reference
 from lrag_ext.memory import KVLayout, MemoryConfig, RetrievalMemory
 
 from conftest import fixture_path
+from memory_state import assert_unchanged, snapshot
 
 LAYOUT = KVLayout(num_layers=2, tokens_per_frame=3, num_heads=2, head_dim=8)
 
@@ -372,11 +373,6 @@ def test_threads_never_lose_or_share_a_slot():
 
 # --- errors leave the memory unchanged ---------------------------------------------------------------------------
 
-def snapshot(mem):
-    return (mem.streams(), {s: (mem.num_frames(s), len(mem._streams[s].log)) for s in mem.streams()},
-            mem._page_alloc.num_free, [seg.allocator.num_free for seg in mem._segments])
-
-
 @pytest.mark.parametrize("call, error, match", [
     (lambda m, e, k, v, plan: m.append(7, e, k=k, v=v), KeyError, "unknown stream 7"),
     (lambda m, e, k, v, plan: m.append(0, e[:, :5], k=k, v=v), ValueError, r"embeddings must have shape \[2, 6\]"),
@@ -386,6 +382,14 @@ def snapshot(mem):
     (lambda m, e, k, v, plan: m.append(0, e, k=k), ValueError, "storage='kv' needs k and v"),
     (lambda m, e, k, v, plan: m.append(0, e, k=k, v=v, latents=e), ValueError, "latents given but storage='kv'"),
     (lambda m, e, k, v, plan: m.append(0, e[:0], k=k, v=v), ValueError, "at least one frame"),
+    # float64 K/V passed the shape checks and failed inside write_kv after the slots were taken (issue 11)
+    (lambda m, e, k, v, plan: m.append(0, e, k=k.double(), v=v.double()), ValueError,
+     "k and v must have one dtype among float32, float16, bfloat16"),
+    (lambda m, e, k, v, plan: m.append(0, e, k=k, v=v.half()), ValueError, "got torch.float32 and torch.float16"),
+    (lambda m, e, k, v, plan: m.append(True, e, k=k, v=v), TypeError, "a stream id must be an int, got True"),
+    (lambda m, e, k, v, plan: m.retrieve(True), TypeError, "a stream id must be an int, got True"),
+    (lambda m, e, k, v, plan: m.gather(plan, k[:, None].double(), v[:, None].double(), dst_frame=plan.ids.clamp(min=0)),
+     ValueError, "dst_k and dst_v must have one dtype"),
     (lambda m, e, k, v, plan: m.retrieve(1), ValueError, "stream 1 has no frames"),
     (lambda m, e, k, v, plan: m.retrieve([0, 0]), ValueError, "streams must be distinct"),
     (lambda m, e, k, v, plan: m.retrieve([]), ValueError, "at least one stream"),
@@ -405,7 +409,7 @@ def test_bad_calls_raise_and_change_nothing(call, error, match):
     before = snapshot(mem)
     with pytest.raises(error, match=match):
         call(mem, emb, k, v, plan)
-    assert snapshot(mem) == before
+    assert_unchanged(before, mem)
 
 
 def test_gather_shape_errors():
@@ -439,7 +443,103 @@ def test_memory_full_error_names_the_limit():
     with pytest.raises(ValueError, match=r"memory is full: appending 1 frames to stream 0 needs 1 more embedding "
                                          r"pages but 0 are free \(raise MemoryConfig.max_frames=8\)"):
         mem.append(s, emb, k=k, v=v)
-    assert snapshot(mem) == before
+    assert_unchanged(before, mem)
+
+
+# --- plans carry their identity ------------------------------------------------------------------------------------
+
+def cache_for(cfg, B=1):
+    L, T, H, Dh = cfg.kv_layout.frame_shape
+    k = torch.zeros(L, B, cfg.sink_frames + cfg.top_k, T, H, Dh)
+    return k, k.clone()
+
+
+def test_plan_of_another_memory_or_before_reset_is_refused():
+    cfg = kv_config()
+    g = torch.Generator().manual_seed(1)
+    a, b = RetrievalMemory(cfg), RetrievalMemory(cfg)
+    for m in (a, b):
+        s = m.add_stream()
+        emb, k, v = random_block(g, cfg, 12)
+        m.append(s, emb, k=k, v=v)
+    plan = a.retrieve(0)
+    before = snapshot(b)
+    with pytest.raises(ValueError, match="plan was made by another RetrievalMemory"):
+        b.gather(plan, *cache_for(cfg))
+    assert_unchanged(before, b)
+    a.reset(0)
+    emb, k, v = random_block(g, cfg, 12)
+    a.append(0, emb, k=k, v=v)
+    before = snapshot(a)
+    with pytest.raises(ValueError, match="plan is stale: stream 0 was reset or removed after retrieve"):
+        a.gather(plan, *cache_for(cfg))
+    assert_unchanged(before, a)
+
+
+def test_plan_from_before_save_load_is_refused(tmp_path):
+    mem = filled_memory()
+    plan = mem.retrieve(0)
+    mem.save(str(tmp_path / "m"))
+    back = RetrievalMemory.load(str(tmp_path / "m"))
+    with pytest.raises(ValueError, match="another RetrievalMemory"):
+        back.gather(plan, *cache_for(mem.config))
+    mem.gather(plan, *cache_for(mem.config))  # still valid for the memory that made it
+
+
+def test_latent_plans_are_checked_too():
+    cfg = MemoryConfig(top_k=2, recent_exclude=0, sink_frames=1, window_frames=3, embed_dim=4, storage="latent",
+                       latent_shape=(1, 2, 2), dtype=torch.float32, max_frames=64, page_size=4)
+    mem = RetrievalMemory(cfg)
+    s = mem.add_stream()
+    mem.append(s, torch.randn(8, 4), latents=torch.randn(8, 1, 2, 2))
+    plan = mem.retrieve(s)
+    assert mem.latents(plan).shape == (1, 2, 1, 2, 2)
+    mem.reset(s)
+    with pytest.raises(ValueError, match="plan is stale"):
+        mem.latents(plan)
+
+
+def test_frame_dropped_between_retrieve_and_gather_invalidates_the_plan():
+    """Another stream's append fills the host tier and drops frames this plan may have selected: the cache slot
+    would keep stale data while plan.counts says it was filled, so gather refuses the plan (issue 11)."""
+    cfg = kv_config(device_frames=2, host_frames=8)
+    mem = RetrievalMemory(cfg)
+    g = torch.Generator().manual_seed(2)
+    a, b = mem.add_stream(), mem.add_stream()
+    emb, k, v = random_block(g, cfg, 10)
+    mem.append(a, emb, k=k, v=v)
+    plan = mem.retrieve(a)
+    assert plan.counts == [3] and first_retrievable(mem, a) == 0
+    emb, k, v = random_block(g, cfg, 4)
+    mem.append(b, emb, k=k, v=v)  # 9 stored + 3 new > 10 slots: a's oldest frames are dropped
+    assert first_retrievable(mem, a) > plan.ids[0].min().item()
+    before = snapshot(mem)
+    with pytest.raises(ValueError, match="plan is stale: frames of stream 0 .* lost their K/V"):
+        mem.gather(plan, *cache_for(cfg))
+    assert_unchanged(before, mem)
+    mem.gather(mem.retrieve(a), *cache_for(cfg))  # a new plan works
+
+
+def test_oldest_frames_are_dropped_first_when_a_block_overflows_the_device_tier():
+    """Frames a block sends straight to the host tier are newer than the device frames it displaces: the queues
+    stay in age order, so a stream's dropped frames are always its oldest (what plan invalidation relies on)."""
+    cfg = kv_config(device_frames=2, host_frames=3, window_frames=3, recent_exclude=0, sink_frames=0)
+    mem = RetrievalMemory(cfg)
+    g = torch.Generator().manual_seed(3)
+    s = mem.add_stream()
+    for n in (2, 3, 1):
+        emb, k, v = random_block(g, cfg, n)
+        mem.append(s, emb, k=k, v=v)
+    stored = [f for f, c in enumerate(mem._streams[s].kv_code) if c >= 0]
+    assert stored == [1, 2, 3, 4, 5] and first_retrievable(mem, s) == 1
+
+
+def test_pageable_host_tier_on_a_gpu_is_refused_at_configuration():
+    with pytest.raises(ValueError, match="pin_host=False on a CUDA device needs host_frames=0"):
+        kv_config(device="cuda", pin_host=False)
+    kv_config(device="cuda", pin_host=False, host_frames=0)
+    with pytest.raises(ValueError, match="device must be a torch device"):
+        kv_config(device="bogus")
 
 
 @pytest.mark.parametrize("kwargs, match", [
