@@ -321,7 +321,10 @@ class RetrievalMemory:
         Args:
             plan: from :meth:`retrieve` (``storage="kv"``).
             dst_k, dst_v: ``[num_layers, B, cache_frames, tokens_per_frame, num_heads, head_dim]``.
-            dst_frame: ``[B, top_k]`` int64 cache frame per rank; default ``sink_frames + j``.
+            dst_frame: ``[B, top_k]`` int64 cache frame per rank, distinct within a stream and in
+                ``[0, cache_frames)``; default ``sink_frames + j``. Checked before anything is written on CPU; on a
+                GPU the values are not read back (no synchronisation) and follow :func:`lrag_ext.gather_kv`'s CUDA
+                semantics (out-of-range entries skipped, repeated ones undefined).
             positions: ``"sink"`` (every retrieved frame at temporal position 0, the sink's, as the reference),
                 ``"ordered"`` (by frame id, ending just before the local window: positions
                 ``sink + top_k - count + rank_in_time``), or a ``[B, top_k]`` int64 tensor of positions.
@@ -360,6 +363,8 @@ class RetrievalMemory:
                                      f"+ top_k {K} memory slots; pass dst_frame")
                 dst_frame = (self.policy.sink_frames + torch.arange(K, device=self.device)).expand(B, K)
             self._check_tensor(dst_frame, "dst_frame", (B, K), dtype=torch.int64)
+            if dst_frame.device.type == "cpu":
+                _check_cache_frames(dst_frame, cache_frames)
             delta = self._positions(plan, positions)
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 # Locations are looked up now, not at retrieve time: appends in between may have moved frames.
@@ -762,6 +767,23 @@ class RetrievalMemory:
                 self._free_code(code)
         for tier in self._fifo:
             self._fifo[tier] = collections.deque(x for x in self._fifo[tier] if x[0] != stream)
+
+
+def _check_cache_frames(dst_frame: torch.Tensor, cache_frames: int) -> None:
+    """Every destination in ``[0, cache_frames)`` and distinct within its stream, checked once for the whole plan:
+    ``gather`` issues one ``gather_kv`` per storage segment, and each call sees only its own segment's entries, so a
+    bad or repeated destination would otherwise be found after earlier segments were written, or not at all (two
+    entries in different segments)."""
+    bad = (dst_frame < 0) | (dst_frame >= cache_frames)
+    if bool(bad.any()):
+        b, j = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(f"dst_frame[{b}, {j}] = {int(dst_frame[b, j])} is outside the cache: expected a frame in "
+                         f"[0, {cache_frames})")
+    ordered = dst_frame.sort(dim=1).values
+    repeated = ordered[:, 1:] == ordered[:, :-1]
+    if bool(repeated.any()):
+        b, j = (int(x) for x in repeated.nonzero()[0])
+        raise ValueError(f"dst_frame[{b}] names cache frame {int(ordered[b, j])} twice: each rank needs its own frame")
 
 
 def _check_fits(config: MemoryConfig, segments: list[int], manifest_file: str) -> None:

@@ -178,9 +178,9 @@ def validate_manifest(manifest: dict, manifest_file: str) -> MemoryConfig:
             fields.fail("segments", f"host sizes {segments[1:]} are not how the host tier grows "
                         f"(host_frames={config.host_frames})")
         # The host tier grows only when full, so before its last segment it held at most max_frames frames.
-        if sum(segments[1:-1]) > config.max_frames:
-            fields.fail("segments", f"host tier of {sum(segments[1:])} slots could never have been filled by "
-                        f"max_frames={config.max_frames} frames")
+        if sum(segments[1:-1]) > n_pages * config.page_size:
+            fields.fail("segments", f"host tier of {sum(segments[1:])} slots could never have been filled by the "
+                        f"{n_pages * config.page_size} frames the embedding pages hold")
     elif segments:
         fields.fail("segments", f"must be empty for storage={config.storage!r}, got {segments}")
 
@@ -195,7 +195,7 @@ def validate_manifest(manifest: dict, manifest_file: str) -> MemoryConfig:
         sid = int(sid_text)
         if not isinstance(rec, dict) or set(rec) != STREAM_KEYS:
             fields.fail(where, f"must be an object with the keys {sorted(STREAM_KEYS)}")
-        num_frames = fields.int_in(rec, "num_frames", where, 0, config.max_frames)
+        num_frames = fields.int_in(rec, "num_frames", where, 0, n_pages * config.page_size)
         pages = fields.int_list(rec, "pages", where, 0, n_pages - 1)
         if len(pages) != -(-num_frames // config.page_size):
             fields.fail(f"{where}.pages", f"has {len(pages)} pages, {num_frames} frames need "

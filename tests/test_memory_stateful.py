@@ -258,7 +258,8 @@ class MemoryMachine(RuleBasedStateMachine):
         self.expect_failure(call, error)
 
     def gather_bad(self, data):
-        kind = data.draw(st.sampled_from(["dtype", "shape", "device", "dst_frame", "positions", "strided"]))
+        kind = data.draw(st.sampled_from(["dtype", "shape", "device", "dst_frame", "positions", "strided",
+                                          "dst_frame_repeated", "dst_frame_outside"]))
         entry = data.draw(st.sampled_from(self.plans))
         plan = entry[0]
         L, T, H, Dh = LAYOUT.frame_shape
@@ -271,6 +272,10 @@ class MemoryMachine(RuleBasedStateMachine):
             "device": lambda: self.mem.gather(plan, good.to("meta"), good.clone()),
             "dst_frame": lambda: self.mem.gather(plan, good, good.clone(), dst_frame=torch.zeros(B, K)),
             "positions": lambda: self.mem.gather(plan, good, good.clone(), positions="everywhere"),
+            "dst_frame_repeated": lambda: self.mem.gather(plan, good, good.clone(),
+                                                          dst_frame=torch.zeros(B, K, dtype=torch.int64)),
+            "dst_frame_outside": lambda: self.mem.gather(plan, good, good.clone(),
+                                                         dst_frame=torch.full((B, K), cache, dtype=torch.int64)),
             "strided": lambda: self.mem.gather(plan, torch.zeros(L, B, cache, T, H, 2 * Dh)[..., ::2], good.clone()),
         }[kind]
         self.expect_failure(call, ValueError)

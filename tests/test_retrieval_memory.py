@@ -534,6 +534,32 @@ def test_oldest_frames_are_dropped_first_when_a_block_overflows_the_device_tier(
     assert stored == [1, 2, 3, 4, 5] and first_retrievable(mem, s) == 1
 
 
+@pytest.mark.parametrize("bad", ["outside", "repeated_across_segments"])
+def test_gather_checks_destinations_across_segments_before_writing(bad):
+    """gather issues one gather_kv per segment and each sees only its own entries: a bad destination of a frame in
+    the second segment was found after the first segment had been written, and a destination repeated across two
+    segments was not found at all (last writer won) (issue 11)."""
+    cfg = kv_config(device_frames=8, top_k=3)
+    mem = RetrievalMemory(cfg)
+    g = torch.Generator().manual_seed(5)
+    s = mem.add_stream()
+    emb, k, v = random_block(g, cfg, 14)
+    emb[:, 0] = 0
+    emb[5:7] = torch.tensor([1.0, 0, 0, 0, 0, 0])  # the query's two exact matches: frame 5 (host), frame 6 (device)
+    mem.append(s, emb, k=k, v=v)
+    plan = mem.retrieve(s, queries=emb[5:6])
+    assert plan.ids[0, :2].tolist() == [5, 6]
+    assert [mem._streams[s].kv_code[f] >> 32 for f in (5, 6)] == [1, 0]
+    dst_k, dst_v = cache_for(cfg)
+    # rank 0 (host segment, gathered second) goes outside the cache, or to rank 1's frame (device segment)
+    dst_frame = torch.tensor([[9, 2, 3]]) if bad == "outside" else torch.tensor([[2, 2, 3]])
+    before_k, before = dst_k.clone(), snapshot(mem)
+    with pytest.raises(ValueError, match=r"dst_frame\[0.*(outside the cache|twice)"):
+        mem.gather(plan, dst_k, dst_v, dst_frame=dst_frame)
+    assert torch.equal(dst_k, before_k) and (dst_v == 0).all()
+    assert_unchanged(before, mem)
+
+
 def test_pageable_host_tier_on_a_gpu_is_refused_at_configuration():
     with pytest.raises(ValueError, match="pin_host=False on a CUDA device needs host_frames=0"):
         kv_config(device="cuda", pin_host=False)
