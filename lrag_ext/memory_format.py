@@ -21,10 +21,10 @@ import hashlib
 import json
 import math
 import os
-import stat
 
 import torch
 
+from lrag_ext import state_dicts
 from lrag_ext.memory_config import MemoryConfig
 
 FORMAT = "lrag_ext.RetrievalMemory"
@@ -58,21 +58,17 @@ def manifest_digest(manifest: dict) -> str:
 
 
 def check_regular_file(path: str, max_bytes: int | None = None) -> int:
-    """Returns the size of ``path`` after checking that it is a regular file (not a symlink, FIFO, device or
-    folder) of at most ``max_bytes``; raises :class:`FormatError` naming it otherwise."""
+    """Returns the size of ``path`` after checking that it is a regular, non-empty file (not a symlink, FIFO,
+    device or folder) of at most ``max_bytes``; raises :class:`FormatError` naming it otherwise."""
     try:
-        info = os.lstat(path)
+        size = state_dicts.check_regular_file(path, what="saved memory file", follow_symlinks=False)
     except FileNotFoundError:
         raise FormatError(f"{path} is missing: not a saved RetrievalMemory") from None
-    except OSError as err:
-        raise FormatError(f"{path} cannot be read: {err.strerror}") from None
-    if stat.S_ISLNK(info.st_mode):
-        raise FormatError(f"{path} is a symlink: a saved memory holds regular files only")
-    if not stat.S_ISREG(info.st_mode):
-        raise FormatError(f"{path} is not a regular file (a folder, FIFO or device): refused")
-    if max_bytes is not None and info.st_size > max_bytes:
-        raise FormatError(f"{path} has {info.st_size} bytes, more than the {max_bytes} a manifest may have")
-    return info.st_size
+    except state_dicts.InputFileError as err:
+        raise FormatError(str(err)) from None
+    if max_bytes is not None and size > max_bytes:
+        raise FormatError(f"{path} has {size} bytes, more than the {max_bytes} a manifest may have")
+    return size
 
 
 def read_manifest(path: str) -> dict:

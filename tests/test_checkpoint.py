@@ -113,3 +113,51 @@ def test_full_size_layout_on_meta(ckpt):
     assert sd["blocks.29.ffn.0.weight"].shape == (8960, 1536)
     assert sd["text_embedding.0.weight"].shape == (1536, 4096)
     assert sd["head.head.weight"].shape == (64, 1536)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "holds a JSON list, not an object"),
+    ("", "the file is empty"),
+    ('{"num_layers": 2}', "missing"),                                  # the other required fields
+    ('{"num_layers": 2, "dim": 64, "num_heads": 3, "ffn_dim": 8}', "divisible by num_heads"),
+])
+def test_wan_config_file_errors_name_the_file(tmp_path, content, message):
+    from lrag.config import WanConfig
+    path = tmp_path / "config.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message) as info:
+        WanConfig.from_wan_config(str(path))
+    assert str(info.value).startswith(f"Wan config '{path}': ")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{}", "no 'resolved_config' entry"),
+    ('{"resolved_config": []}', "'resolved_config' has the wrong type"),
+    ('{"resolved_config": {"model_kwargs": 3}}', "model_kwargs must be an object"),
+    ('{"resolved_config": {}, "tiny_model_config_json": "{oops"}', "Expecting property name"),
+    ("nope", "not valid JSON"),
+])
+def test_run_json_errors_name_the_file(tmp_path, content, message):
+    path = tmp_path / "run.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message) as info:
+        tiny_from_run_json(str(path))
+    assert str(info.value).startswith(f"run JSON '{path}': ")
+
+
+def test_loader_errors_name_the_file(cfg, tmp_path):
+    from lrag_ext.state_dicts import InputFileError
+    path = tmp_path / "ema_only.pt"
+    torch.save({"generator": {"w": torch.zeros(1)}}, path)
+    with pytest.raises(InputFileError, match="has no 'generator_ema' entry") as info:
+        load_generator(CausalWanModel(cfg), str(path), use_ema=True)
+    assert info.value.path == str(path) and info.value.for_option("--checkpoint").startswith(f"--checkpoint '{path}'")
+    torch.save({"generator_ema": [1, 2]}, path)
+    with pytest.raises(InputFileError, match=r"checkpoint\['generator_ema'\] must be a state dict, got list"):
+        build_generator(cfg, str(path))
+    sd = normalize_keys(torch.load(fixture_path("sf_tiny_ckpt.pt"), weights_only=True)["generator_ema"])
+    sd["head.head.bias"] = sd["head.head.bias"].to(torch.int64)
+    torch.save(sd, path)
+    with pytest.raises(InputFileError, match=r"not floating-point \(1\): \['head.head.bias'\]"):
+        build_generator(cfg, str(path))

@@ -237,6 +237,7 @@ def _error(argv, capsys) -> str:
     (["--seconds", "0"], "--seconds must be a finite number > 0, got 0"),
     (["--seconds", "-3"], "--seconds must be a finite number > 0"),
     (["--seconds", "nan"], "--seconds must be a finite number > 0"),
+    (["--seconds", "inf"], "--seconds must be a finite number > 0, got inf"),
     (["--seconds", "abc"], "argument --seconds: invalid float value"),
     (["--top-k", "0"], "--top-k must be >= 1"),
     (["--top-k", "11"], "--top-k must be <= window - sink - 1 = 10"),
@@ -275,8 +276,10 @@ def test_real_run_errors(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def _fake_wan_dir(root, skip=None, shards=False):
-    """Empty files in the Diffusers layout (enough for the file checks), leaving out ``skip``."""
+def fake_wan_dir(root, skip=None, shards=False):
+    """Placeholder files in the Diffusers layout (enough for the file checks: JSON files hold ``{}``, weights a
+    one-tensor safetensors file), leaving out ``skip``."""
+    from safetensors.torch import save_file
     files = ["text_encoder/config.json", "tokenizer/tokenizer_config.json", "tokenizer/tokenizer.json",
              "vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
     if shards:
@@ -286,7 +289,10 @@ def _fake_wan_dir(root, skip=None, shards=False):
     for f in files:
         if f != skip:
             os.makedirs(os.path.dirname(root / f), exist_ok=True)
-            (root / f).write_text("{}")
+            if f.endswith(".safetensors"):
+                save_file({"w": torch.zeros(2)}, str(root / f))
+            else:
+                (root / f).write_text("{}")
     if shards:
         index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
         (root / "text_encoder/model.safetensors.index.json").write_text(json.dumps(index))
@@ -302,35 +308,35 @@ def _fake_wan_dir(root, skip=None, shards=False):
     ("tokenizer/tokenizer.json", "missing tokenizer/tokenizer.json or tokenizer/spiece.model"),
 ])
 def test_incomplete_wan_dir_names_the_missing_file(tmp_path, capsys, skip, message):
-    wan = _fake_wan_dir(tmp_path / "wan", skip=skip)
+    wan = fake_wan_dir(tmp_path / "wan", skip=skip)
     err = _error(_real(tmp_path, "--backbone", "self-forcing", "--checkpoint", fixture_path("sf_tiny_ckpt.pt"),
                        "--wan-dir", str(wan)), capsys)
     assert message in err and "huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B-Diffusers" in err
 
 
 def test_missing_text_encoder_shard_is_named(tmp_path, capsys):
-    wan = _fake_wan_dir(tmp_path / "wan", shards=True)
+    wan = fake_wan_dir(tmp_path / "wan", shards=True)
     err = _error(_real(tmp_path, "--backbone", "longlive", "--checkpoint", fixture_path("sf_tiny_ckpt.pt"),
                        "--wan-dir", str(wan)), capsys)
     assert "missing text_encoder/model-00002-of-00002.safetensors (listed in model.safetensors.index.json)" in err
 
 
 def test_checkpoint_that_is_not_a_generator(tmp_path, capsys):
-    wan = _fake_wan_dir(tmp_path / "wan")
+    wan = fake_wan_dir(tmp_path / "wan")
     err = _error(_real(tmp_path, "--backbone", "longlive", "--checkpoint", fixture_path("ae_tiny_ckpt.pt"),
                        "--wan-dir", str(wan)), capsys)
     assert "is not a Wan generator checkpoint (embedder (LatentAE))" in err
 
 
 def test_heads_must_be_given_when_not_inferable(tmp_path, capsys):
-    wan = _fake_wan_dir(tmp_path / "wan")
+    wan = fake_wan_dir(tmp_path / "wan")
     err = _error(_real(tmp_path, "--backbone", "longlive", "--checkpoint", fixture_path("sf_tiny_ckpt.pt"),
                        "--wan-dir", str(wan)), capsys)
     assert "cannot infer the number of heads from dim=64: pass --num-heads" in err
 
 
 def test_bad_frames_per_block(tmp_path, capsys):
-    wan = _fake_wan_dir(tmp_path / "wan")
+    wan = fake_wan_dir(tmp_path / "wan")
     err = _error(_real(tmp_path, "--backbone", "causal-forcing", "--checkpoint", fixture_path("sf_tiny_ckpt.pt"),
                        "--wan-dir", str(wan), "--num-heads", "2", "--frames-per-block", "0"), capsys)
     assert "the checkpoint's geometry does not fit the options: WanConfig.frames_per_block must be a positive" in err
@@ -340,7 +346,164 @@ def test_inspect_errors(tmp_path, capsys):
     assert "does not exist" in _error(["inspect", str(tmp_path / "x.pt")], capsys)
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x01")
-    assert "cannot read checkpoint" in _error(["inspect", str(bad)], capsys)
+    assert f"checkpoint '{bad}': truncated: 1 bytes" in _error(["inspect", str(bad)], capsys)
+
+
+def _truncated_safetensors(tmp_path, cut: int):
+    from safetensors.torch import save_file
+    path = tmp_path / "t.safetensors"
+    save_file({"a": torch.zeros(100), "b": torch.ones(10)}, str(path))
+    path.write_bytes(path.read_bytes()[:cut])
+    return path
+
+
+@pytest.mark.parametrize("cut, message", [
+    (-1, "truncated: tensor "),                                   # data cut: offsets beyond the file size
+    (-40, "truncated: tensor "),
+    (30, "truncated: the safetensors header is "),                # header length beyond the file
+])
+def test_inspect_detects_truncated_safetensors(tmp_path, capsys, cut, message):
+    path = _truncated_safetensors(tmp_path, cut)
+    err = _error(["inspect", str(path)], capsys)
+    assert err.startswith(f"lrag: error: checkpoint '{path}': {message}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# user errors of generate that used to print a traceback
+def _no_build(monkeypatch):
+    """Fails the test if a pipeline (demo or real) is built: the error must come before."""
+    from lrag import runner
+
+    def build(*args, **kwargs):
+        raise AssertionError("a model was built before the error")
+
+    monkeypatch.setattr(runner, "_build", build)
+
+
+@pytest.mark.parametrize("where, message", [
+    ("file", "exists and is not a directory"),
+    ("below_file", "cannot be created: "),
+    ("proc", "is not writable"),
+])
+def test_out_is_checked_before_any_model(tmp_path, capsys, monkeypatch, where, message):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    out = {"file": blocker, "below_file": blocker / "sub", "proc": "/proc/lrag_out"}[where]
+    if where == "proc" and not os.path.isdir("/proc"):
+        pytest.skip("no /proc")
+    _no_build(monkeypatch)
+    err = _error(DEMO + ["--out", str(out)], capsys)
+    assert f"lrag: error: --out '{out}' " in err and message in err
+    assert blocker.read_text() == "x"
+
+
+@pytest.mark.parametrize("device, message", [
+    ("bogus", "--device 'bogus' is not a device (use cpu, cuda or cuda:N)"),
+    ("meta", "--device 'meta': only cpu and cuda"),
+    pytest.param("cuda", "--device cuda but CUDA is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")),
+    ("cuda:99", "--device cuda:99"),
+])
+def test_bad_device(tmp_path, capsys, device, message):
+    assert message in _error(DEMO + ["--out", str(tmp_path / "o"), "--device", device], capsys)
+    wan = fake_wan_dir(tmp_path / "wan")
+    err = _error(_real(tmp_path, "--backbone", "self-forcing", "--checkpoint", fixture_path("sf_tiny_ckpt.pt"),
+                       "--wan-dir", str(wan), "--num-heads", "2", "--device", device), capsys)
+    assert message in err and not (tmp_path / "o").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--mode", "rag", "--seconds", "1e12"], "lrag: error: --seconds 1e+12 (4000000000002 latent frames of 16 x 8 x 8) "
+                                             "needs about "),
+    (["--seed", "-1"], "--seed must be in [0, 2**64), got -1"),
+    (["--demo-latent", "2"], "--demo-latent must be an even number >= 4"),
+])
+def test_demo_resource_and_range_errors(tmp_path, capsys, extra, message):
+    err = _error(DEMO + ["--out", str(tmp_path / "out")] + extra, capsys)
+    assert message in err
+    assert not (tmp_path / "out").exists()            # checked before anything was allocated or written
+
+
+def test_real_run_too_large_for_memory(tmp_path, capsys):
+    wan = fake_wan_dir(tmp_path / "wan")
+    err = _error(_real(tmp_path, "--backbone", "self-forcing", "--checkpoint", fixture_path("sf_tiny_ckpt.pt"),
+                       "--wan-dir", str(wan), "--num-heads", "2", "--height", "64", "--width", "64",
+                       "--seconds", "1e10", "--device", "cpu"), capsys)
+    assert "lrag: error: --seconds 1e+10 (" in err and "GiB of host memory" in err and "shorten --seconds" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_memory_needs_counts_every_buffer():
+    from lrag.config import RetrievalConfig, wan_1_3b
+    from lrag.runner import kv_estimate, run_memory_needs
+    cfg, frames = wan_1_3b(), 120
+    r = RetrievalConfig(device_frames=64, max_frames=4096)
+    need = run_memory_needs(cfg, frames, torch.bfloat16, torch.device("cuda"), ["rag"], r, 1024, 1_418_996_800)
+    frame = 16 * 60 * 104
+    per_kv = 30 * 2 * 1560 * 1536 * 2
+    assert need["device"] == {"model": 1_418_996_800 * 2, "latents": 2 * frames * frame * 2,
+                              "memory embeddings": 4096 * 1024 * 4, "memory K/V, device tier": 64 * per_kv}
+    kv = kv_estimate(cfg, frames, torch.bfloat16, 64, None)
+    assert need["host"] == {"noise": frames * frame * 4, "memory K/V, host tier": round(kv["host_gib"] * 2 ** 30)}
+    native = run_memory_needs(cfg, frames, torch.float32, torch.device("cpu"), ["native"], r, 1024, 10)
+    assert native == {"host": {"model": 40, "latents": 2 * frames * frame * 4, "noise": frames * frame * 4}}
+
+
+def test_generator_that_does_not_fit_its_geometry_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    sd = normalize_keys(torch.load(fixture_path("sf_tiny_ckpt.pt"), weights_only=True)["generator_ema"])
+    del sd["blocks.1.cross_attn.o.bias"]
+    path = tmp_path / "gen.pt"
+    torch.save({"generator_ema": sd}, path)
+    from lrag import runner
+    monkeypatch.setattr(runner, "_real_setup", lambda *a, **k: pytest.fail("setup reached"))
+    err = _error(_real(tmp_path, "--backbone", "self-forcing", "--checkpoint", str(path), "--num-heads", "2",
+                       "--wan-dir", str(fake_wan_dir(tmp_path / "wan"))), capsys)
+    assert f"lrag: error: --checkpoint '{path}': the weights do not match" in err
+    assert "blocks.1.cross_attn.o.bias" in err
+
+
+def test_embedder_that_does_not_fit_the_latents(tmp_path, capsys, monkeypatch):
+    from lrag_ext.embedder import PooledEmbedder
+    model = PooledEmbedder(in_channels=4, grid=2, latent_dim=8)
+    path = tmp_path / "emb.pt"
+    torch.save({"model": model.state_dict(), "config": model.config.to_dict()}, path)
+    from lrag import runner
+    monkeypatch.setattr(runner, "_real_setup", lambda *a, **k: pytest.fail("setup reached"))
+    err = _error(_real(tmp_path, "--backbone", "self-forcing", "--checkpoint", fixture_path("sf_tiny_ckpt.pt"),
+                       "--num-heads", "2", "--height", "64", "--width", "64", "--embedder", str(path),
+                       "--wan-dir", str(fake_wan_dir(tmp_path / "wan"))), capsys)
+    assert f"--embedder '{path}' does not fit the generator: the embedder takes 4-channel latents" in err
+
+
+@pytest.mark.parametrize("file, content, message", [
+    ("vae/config.json", "{not json", "not valid JSON"),
+    ("text_encoder/config.json", "[1, 2]", "holds a JSON list, not an object"),
+    ("tokenizer/tokenizer.json", "", "the file is empty"),
+    ("vae/config.json", '{"z_dim": 16, "latents_mean": [0.0]}', "latents_mean must be a list of z_dim = 16"),
+    ("vae/diffusion_pytorch_model.safetensors", b"\x10\0\0\0\0\0\0\0{", "truncated"),
+    ("text_encoder/model.safetensors.index.json", "[]", "holds a JSON list"),
+    ("text_encoder/model.safetensors.index.json", '{"weight_map": ["a"]}', "has no 'weight_map' object"),
+])
+def test_malformed_wan_dir_files_are_named(tmp_path, capsys, file, content, message):
+    wan = fake_wan_dir(tmp_path / "wan", shards=file.endswith("index.json"))
+    target = wan / file
+    target.write_bytes(content if isinstance(content, bytes) else content.encode())
+    err = _error(_real(tmp_path, "--backbone", "self-forcing", "--checkpoint", fixture_path("sf_tiny_ckpt.pt"),
+                       "--wan-dir", str(wan)), capsys)
+    assert f"lrag: error: --wan-dir file '{target}': " in err and message in err
+
+
+def test_user_errors_print_no_traceback(tmp_path):
+    """As a program: exit status 2 and one `lrag: error:` line, never a traceback."""
+    import subprocess
+    import sys
+    trunc = _truncated_safetensors(tmp_path, -5)
+    for argv in (["inspect", str(trunc)], ["generate", "--demo", "--device", "bogus", "--out", str(tmp_path / "o")],
+                 ["train-embedder", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--latent-dim", "0"]):
+        res = subprocess.run([sys.executable, "-m", "lrag", *argv], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2 and res.stderr.startswith("lrag: error: "), res.stderr
+        assert "Traceback" not in res.stderr and len(res.stderr.splitlines()) == 1, res.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_train_embedder_is_wrapped(capsys):

@@ -119,3 +119,114 @@ def test_cli_entry_point(data, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "epoch 1/1 [" in proc.stderr and "delta" in proc.stderr and "smooth" in proc.stderr
     assert sorted(os.listdir(out)) == ["ae_epoch_best.pt", "last.pt", "log.json"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# every option is checked before anything is trained or written
+def _refused(argv, capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m lrag_ext.embedder.train: error: ") and len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--latent-dim", "0"], "--latent-dim must be >= 1, got 0"),
+    (["--val-split", "2"], "--val-split must be in [0, 1)"),
+    (["--val-split", "-0.1"], "--val-split must be in [0, 1)"),
+    (["--val-split", "nan"], "--val-split must be in [0, 1)"),
+    (["--encoder", "pooled", "--grid", "9"], "--grid must be <= 8, the smaller side of the 8 x 8 latents"),
+    (["--grid", "0"], "--grid must be >= 1"),
+    (["--seq-len", "1"], "--seq-len must be >= 2"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--chunks-per-video", "-1"], "--chunks-per-video must be >= 0"),
+    (["--lr", "0"], "--lr must be a finite number > 0"),
+    (["--lr", "nan"], "--lr must be a finite number > 0"),
+    (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0"),
+    (["--grad-clip", "0"], "--grad-clip must be > 0"),
+    (["--delta-margin", "1.5"], "--delta-margin must be in [-1, 1)"),
+    (["--delta-window", "0"], "--delta-window must be >= 1"),
+    (["--delta-weight", "inf"], "--delta-weight must be a finite number >= 0"),
+    (["--smooth-weight", "nan"], "--smooth-weight must be a finite number >= 0"),
+    (["--seed", "-1"], "--seed must be in [0, 2**63)"),
+    (["--hidden-dims", "8,abc"], "--hidden-dims must be comma-separated positive widths"),
+    (["--hidden-dims", "8,0"], "--hidden-dims must be comma-separated positive widths"),
+    (["--device", "bogus"], "--device 'bogus' is not a device"),
+    (["--encoder", "pooled", "--delta-weight", "0", "--smooth-weight", "0"], "leave the pooled embedder no loss"),
+])
+def test_option_errors(data, tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    err = _refused(["--data", str(data), "--out", str(out), "--quiet", "--epochs", "2", "--hidden-dims", "8",
+                    "--latent-dim", "8", *extra], capsys)
+    assert message in err
+    assert not out.exists()
+
+
+def test_path_errors(data, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert f"--out '{blocker}' exists and is not a directory" in _refused(
+        ["--data", str(data), "--out", str(blocker)], capsys)
+    assert f"--out '{blocker / 'run'}' cannot be created" in _refused(
+        ["--data", str(data), "--out", str(blocker / "run")], capsys)
+    assert f"--data '{blocker}' does not exist or is not a folder" in _refused(
+        ["--data", str(blocker), "--out", str(tmp_path / "o")], capsys)
+    assert f"--resume '{tmp_path / 'nope.pt'}' does not exist" in _refused(
+        ["--data", str(data), "--out", str(tmp_path / "o"), "--resume", str(tmp_path / "nope.pt")], capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_fifo_in_the_data_folder_does_not_block(data, tmp_path, capsys):
+    import threading
+    fifo = data / "stream.pt"
+    os.mkfifo(fifo)
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(rc=main(["--data", str(data), "--out",
+                                                                     str(tmp_path / "o"), "--quiet"])), daemon=True)
+    thread.start()
+    thread.join(60)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))      # release the blocked reader
+        pytest.fail("training opened the FIFO and blocked")
+    assert result["rc"] == 2
+    assert f"latent file '{fifo}': a FIFO (named pipe), not a regular file" in capsys.readouterr().err
+
+
+def test_resume_errors(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    run(data, out, "--epochs", "1", "--chunks-per-video", "1")
+    last = str(out / "last.pt")
+    before = sorted(os.listdir(out))
+    base = ["--data", str(data), "--out", str(out), "--hidden-dims", "8,16", "--latent-dim", "16", "--quiet",
+            "--resume", last]
+    assert "--epochs 1: the --resume checkpoint has already finished epoch 1, nothing is left to train" in _refused(
+        base + ["--epochs", "1"], capsys)
+    assert f"--resume '{last}': a 'ae' embedder, not --encoder 'pooled'" in _refused(
+        base + ["--encoder", "pooled"], capsys)
+    other = tmp_path / "other"
+    other.mkdir()
+    torch.save(smooth_video(20, torch.Generator().manual_seed(1), h=6, w=6), other / "a.pt")
+    assert f"--resume '{last}': trained on 8 x 8 latents, the data's are 6 x 6" in _refused(
+        ["--data", str(other), "--out", str(out), "--resume", last], capsys)
+    ck = torch.load(last, weights_only=True)
+    ck["optimizer"] = {"state": {}, "param_groups": []}
+    bad = tmp_path / "bad_opt.pt"
+    torch.save(ck, bad)
+    assert f"--resume '{bad}': " in _refused(["--data", str(data), "--out", str(out), "--resume", str(bad)], capsys)
+    assert sorted(os.listdir(out)) == before
+
+
+def test_load_latent_video_refuses_special_files_without_blocking(tmp_path):
+    """The data loader itself (not only the trainer's option checks) refuses a FIFO, a device and an empty file."""
+    from lrag_ext.embedder.data import DataError, load_latent_video
+
+    fifo = tmp_path / "v.pt"
+    os.mkfifo(fifo)
+    zero = tmp_path / "z.pt"
+    os.symlink("/dev/zero", zero)
+    empty = tmp_path / "e.pt"
+    empty.write_bytes(b"")
+    for path, reason in ((fifo, "FIFO"), (zero, "character device"), (empty, "empty")):
+        with pytest.raises(DataError, match=reason):
+            load_latent_video(str(path))

@@ -119,7 +119,7 @@ def test_edited_manifest_is_refused_naming_the_field(tmp_path, name, edit, field
 
 
 @pytest.mark.parametrize("text, match", [
-    ("", "not valid JSON"),
+    ("", "the file is empty"),
     ("{", "not valid JSON"),
     ("[1, 2]", "must be a JSON object"),
     ("null", "must be a JSON object"),

@@ -11,6 +11,8 @@ import random
 
 import torch
 
+from lrag_ext.state_dicts import InputFileError, check_regular_file
+
 SUFFIXES = (".pt", ".safetensors")
 
 
@@ -42,6 +44,10 @@ def _pick_tensor(obj, path: str) -> torch.Tensor:
 
 def load_latent_video(path: str, in_channels: int | None = None, min_frames: int = 1) -> torch.Tensor:
     """Loads one video as float32 ``[F, C, H, W]``; raises :class:`DataError` naming ``path`` if unusable."""
+    try:  # a FIFO or device in the data folder must be refused, not opened (it would block or never end)
+        check_regular_file(path, what="latent file")
+    except (FileNotFoundError, InputFileError) as err:
+        raise DataError(str(err)) from None
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file  # noqa: PLC0415  (optional dependency)

@@ -8,15 +8,18 @@ Outer formats accepted (``torch.load(weights_only=True)`` for pickles, or safete
 
 Key prefixes the wrappers add are removed: ``_fsdp_wrapped_module.`` anywhere, then a leading ``model.``
 (``WanDiffusionWrapper.model``) or ``module.`` (DDP).
+
+Errors of the loaders given a path: ``FileNotFoundError`` (missing) or
+:class:`~lrag_ext.state_dicts.InputFileError` (a ``ValueError`` naming the file: not a regular file, empty,
+truncated, not a checkpoint, no generator entry, wrong keys, shapes or dtypes). :func:`check_generator` finds
+all of these without loading a tensor.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 
 from lrag.models.wan import CausalWanModel
-from lrag_ext.state_dicts import read_checkpoint, state_dict_mismatch
+from lrag_ext.state_dicts import checkpoint_source, naming_file, state_dict_mismatch
 
 _NESTED_KEYS = ("model", "state_dict", "module")
 
@@ -31,13 +34,16 @@ def select_state_dict(ckpt: dict, use_ema: bool | None = None) -> dict[str, torc
 
     Raises:
         KeyError: the requested entry is missing (names the keys that exist).
+        TypeError: ``ckpt`` or the selected entry is not a dict.
     """
     if not isinstance(ckpt, dict):
         raise TypeError(f"checkpoint must hold a dict, got {type(ckpt).__name__}")
     if "generator" in ckpt or "generator_ema" in ckpt:
         key = "generator_ema" if (use_ema or (use_ema is None and "generator_ema" in ckpt)) else "generator"
         if key not in ckpt:
-            raise KeyError(f"checkpoint has no {key!r} entry (top-level keys: {sorted(ckpt)})")
+            raise KeyError(f"checkpoint has no {key!r} entry (top-level keys: {sorted(map(str, ckpt))})")
+        if not isinstance(ckpt[key], dict):
+            raise TypeError(f"checkpoint[{key!r}] must be a state dict, got {type(ckpt[key]).__name__}")
         return ckpt[key]
     if use_ema:
         raise KeyError(f"use_ema=True but the checkpoint has no 'generator_ema' entry (top-level keys: "
@@ -50,15 +56,43 @@ def select_state_dict(ckpt: dict, use_ema: bool | None = None) -> dict[str, torc
 
 
 def normalize_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Removes wrapper prefixes (``_fsdp_wrapped_module.``, leading ``model.`` / ``module.``)."""
+    """Removes wrapper prefixes (``_fsdp_wrapped_module.``, leading ``model.`` / ``module.``).
+
+    Raises:
+        TypeError: a key is not a string.
+    """
     out = {}
     for name, value in sd.items():
+        if not isinstance(name, str):
+            raise TypeError(f"state dict keys must be strings, got {name!r}")
         name = name.replace("_fsdp_wrapped_module.", "")
         for prefix in ("module.", "model."):
             if name.startswith(prefix):
                 name = name[len(prefix):]
         out[name] = value
     return out
+
+
+def generator_state_dict(model: CausalWanModel, ckpt, use_ema: bool | None = None) -> dict[str, torch.Tensor]:
+    """The normalised generator state dict of a loaded checkpoint, checked to fit ``model`` strictly (every
+    parameter, no extras, matching shapes, floating-point tensors); ``model`` may live on the ``meta`` device.
+
+    Raises:
+        ValueError: missing / unexpected keys, shape or dtype mismatches, all listed.
+        KeyError, TypeError: as :func:`select_state_dict` and :func:`normalize_keys`.
+    """
+    sd = normalize_keys(select_state_dict(ckpt, use_ema))
+    own = model.state_dict()
+    missing, unexpected, bad = state_dict_mismatch(own, sd)
+    bad_shape = [f"{k}: checkpoint {got} vs model {want}" for k, want, got in bad]
+    not_float = sorted(k for k in set(own) & set(sd) if not sd[k].is_floating_point())
+    if missing or unexpected or bad_shape or not_float:
+        raise ValueError("the weights do not match the model config:\n"
+                         f"  missing keys ({len(missing)}): {missing}\n"
+                         f"  unexpected keys ({len(unexpected)}): {unexpected}\n"
+                         f"  shape mismatches ({len(bad_shape)}): {bad_shape}" +
+                         (f"\n  not floating-point ({len(not_float)}): {not_float}" if not_float else ""))
+    return sd
 
 
 def load_generator(model: CausalWanModel, path_or_ckpt, use_ema: bool | None = None,
@@ -77,21 +111,30 @@ def load_generator(model: CausalWanModel, path_or_ckpt, use_ema: bool | None = N
         ``model``, in eval mode.
 
     Raises:
-        ValueError: missing / unexpected keys or shape mismatches, all listed. The model is unchanged.
+        FileNotFoundError: a path that does not exist.
+        lrag_ext.state_dicts.InputFileError: (a ``ValueError``) a path whose file is unusable: not a regular
+            file, empty, truncated, not a checkpoint, or not matching as below.
+        ValueError: missing / unexpected keys or shape mismatches, all listed (``KeyError`` / ``TypeError`` for
+            a dict without the requested entry or not a dict). The model is unchanged.
     """
-    ckpt = read_checkpoint(path_or_ckpt) if isinstance(path_or_ckpt, (str, os.PathLike)) else path_or_ckpt
-    sd = normalize_keys(select_state_dict(ckpt, use_ema))
-    missing, unexpected, bad = state_dict_mismatch(model.state_dict(), sd)
-    bad_shape = [f"{k}: checkpoint {got} vs model {want}" for k, want, got in bad]
-    if missing or unexpected or bad_shape:
-        raise ValueError("checkpoint does not match the model config:\n"
-                         f"  missing keys ({len(missing)}): {missing}\n"
-                         f"  unexpected keys ({len(unexpected)}): {unexpected}\n"
-                         f"  shape mismatches ({len(bad_shape)}): {bad_shape}")
+    ckpt, path = checkpoint_source(path_or_ckpt)
+    with naming_file(path):
+        sd = generator_state_dict(model, ckpt, use_ema)
     model.load_state_dict(sd, strict=True, assign=assign)
     if dtype is not None:
         model.to(dtype)
     return model.eval()
+
+
+def check_generator(cfg, path_or_ckpt, use_ema: bool | None = None) -> None:
+    """Checks that a checkpoint holds a generator for ``cfg`` without loading tensor data (the file is read
+    lazily, the model built on the ``meta`` device): what :func:`build_generator` would refuse is refused
+    here, in a fraction of a second. Raises like :func:`load_generator`."""
+    ckpt, path = checkpoint_source(path_or_ckpt, lazy=True)
+    with torch.device("meta"):
+        model = CausalWanModel(cfg)
+    with naming_file(path):
+        generator_state_dict(model, ckpt, use_ema)
 
 
 def build_generator(cfg, path_or_ckpt, use_ema: bool | None = None, dtype: torch.dtype | None = None,
@@ -104,6 +147,9 @@ def build_generator(cfg, path_or_ckpt, use_ema: bool | None = None, dtype: torch
         path_or_ckpt, use_ema: as :func:`load_generator`.
         dtype: parameter dtype (default: the checkpoint's).
         device: where to put the model (default: CPU).
+
+    Raises:
+        As :func:`load_generator`.
     """
     with torch.device("meta"):
         model = CausalWanModel(cfg)

@@ -1,61 +1,28 @@
 """What a checkpoint is, read without building a model: tensor names, shapes and dtypes only.
 
-Safetensors files: the JSON header is parsed (no tensor bytes are read). ``.pt``/``.pth`` files:
-``torch.load(weights_only=True, mmap=True)``, so tensors stay on disk until touched. Both give the same view:
-nested dicts of tensors (safetensors tensors are ``meta`` tensors of the right shape and dtype).
+Files are read by :func:`lrag_ext.state_dicts.read_checkpoint` with ``lazy=True``: safetensors files through
+their JSON header (checked against the file size, so a truncated file is refused; no tensor bytes are read),
+``.pt``/``.pth`` files with ``torch.load(weights_only=True, mmap=True)``, so tensors stay on disk until
+touched. Both give the same view: nested dicts of tensors (safetensors tensors are ``meta`` tensors of the
+right shape and dtype). A generator or an embedder with a config is also checked for consistency on the
+``meta`` device (every tensor its geometry needs, with the right shapes).
 """
 from __future__ import annotations
 
-import json
 import os
-import struct
 from collections import Counter
 
 import torch
 
-from lrag.checkpoint import normalize_keys, select_state_dict
-
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+from lrag.checkpoint import check_generator, normalize_keys, select_state_dict
+from lrag_ext.state_dicts import naming_file, read_checkpoint
 
 BACKBONE_HINTS = {"self-forcing": ("self_forcing", "self-forcing", "selfforcing"),
                   "causal-forcing": ("causal_forcing", "causal-forcing", "causalforcing"),
                   "longlive": ("longlive",)}
-
-
-def read_safetensors_header(path: str) -> dict[str, torch.Tensor]:
-    """``{name: meta tensor}`` from a safetensors header (8-byte little-endian length + JSON)."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{path!r} is not a safetensors file (shorter than its 8-byte header length)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > 100 * 2 ** 20:
-            raise ValueError(f"{path!r} is not a safetensors file (header length {n})")
-        header = json.loads(f.read(n))
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _ST_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise ValueError(f"{path!r}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        out[name] = torch.empty(info["shape"], dtype=dtype, device="meta")
-    return out
-
-
-def read_checkpoint_lazily(path: str | os.PathLike):
-    """The checkpoint object without loading tensor data (see the module docstring)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    if path.endswith(".safetensors"):
-        return read_safetensors_header(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:        # an old (non-zip) pickle cannot be memory-mapped
-        return torch.load(path, map_location="cpu", weights_only=True)
+# the tensors infer_geometry reads
+GEOMETRY_KEYS = ("patch_embedding.weight", "blocks.0.ffn.0.weight", "text_embedding.0.weight",
+                 "time_embedding.0.weight", "head.head.weight")
 
 
 def _tensors(obj, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -74,10 +41,23 @@ def infer_geometry(sd: dict[str, torch.Tensor]) -> dict:
 
     ``num_heads`` is not stored in any shape: it is guessed as ``dim / 128`` (Wan's head size) when that divides,
     else left out.
+
+    Raises:
+        ValueError: a tensor it reads is missing or has the wrong rank, or the blocks are not numbered 0..L-1.
     """
+    missing = [k for k in GEOMETRY_KEYS if k not in sd]
+    if missing:
+        raise ValueError(f"a Wan generator checkpoint without {missing}")
+    if sd["patch_embedding.weight"].dim() != 5 or any(sd[k].dim() != 2 for k in GEOMETRY_KEYS[1:]):
+        shapes = {k: tuple(sd[k].shape) for k in GEOMETRY_KEYS}
+        raise ValueError(f"a Wan generator checkpoint with tensors of the wrong rank: {shapes}")
     pe = sd["patch_embedding.weight"]                                # [dim, in_dim, pt, ph, pw]
     dim, in_dim, patch = pe.shape[0], pe.shape[1], tuple(pe.shape[2:])
-    layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    blocks = {k.split(".")[1] for k in sd if k.startswith("blocks.")}
+    layers = len(blocks)
+    if blocks != {str(i) for i in range(layers)}:
+        raise ValueError(f"a Wan generator checkpoint whose blocks are not numbered 0..{layers - 1}: "
+                         f"{sorted(blocks)[:10]}")
     geo = dict(num_layers=layers, dim=dim, in_dim=in_dim, patch_size=patch,
                ffn_dim=sd["blocks.0.ffn.0.weight"].shape[0], text_dim=sd["text_embedding.0.weight"].shape[1],
                freq_dim=sd["time_embedding.0.weight"].shape[1],
@@ -100,27 +80,51 @@ def guess_backbone(path: str, names: list[str]) -> str:
 
 
 def describe_checkpoint(path: str | os.PathLike) -> dict:
-    """A JSON-able description of ``path``: what it is, its geometry, EMA, dtype and parameter count."""
+    """A JSON-able description of ``path``: what it is, its geometry, EMA, dtype and parameter count.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        lrag_ext.state_dicts.InputFileError: (a ``ValueError`` naming the file) not a regular file, empty,
+            truncated, not a checkpoint, or a generator / embedder whose tensors do not fit its own geometry.
+    """
     path = os.fspath(path)
-    obj = read_checkpoint_lazily(path)
+    obj = read_checkpoint(path, lazy=True)
+    with naming_file(path):
+        return _describe(path, obj)
+
+
+def _consistency_config(geo: dict):
+    """A :class:`~lrag.config.WanConfig` with the checkpoint's geometry, for the meta-device check (the head count
+    and latent size change no parameter shape)."""
+    from lrag.config import wan_1_3b  # noqa: PLC0415
+
+    patch = tuple(geo["patch_size"])
+    return wan_1_3b(**{**geo, "num_heads": geo.get("num_heads", 1)}, latent_height=patch[1], latent_width=patch[2])
+
+
+def _describe(path: str, obj: dict) -> dict:
     info: dict = {"path": path, "bytes": os.path.getsize(path)}
-    if isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not all(isinstance(v, torch.Tensor) for v in obj.values()):
         info["top_level_keys"] = sorted(str(k) for k in obj)[:20]       # a wrapper, not a plain state dict
-    if isinstance(obj, dict) and ("generator" in obj or "generator_ema" in obj):
-        info["ema"] = "generator_ema" in obj
-    else:
-        info["ema"] = False
-    sd = normalize_keys(_tensors(select_state_dict(obj)) if isinstance(obj, dict) else {})
+    info["ema"] = "generator_ema" in obj
+    sd = normalize_keys(_tensors(select_state_dict(obj)))
     if "patch_embedding.weight" in sd:
         info["kind"] = "generator"
         info["backbone_guess"] = guess_backbone(path, list(sd))
         info["geometry"] = infer_geometry(sd)
-    elif any(k.startswith("encoder.conv_stack") for k in sd):
-        info["kind"] = "embedder (LatentAE)"
-        info["embedding_dim"] = sd["encoder.fc.weight"].shape[0]
-    elif set(sd) == {"fc.weight", "fc.bias"}:
-        info["kind"] = "embedder (PooledEmbedder)"
-        info["embedding_dim"] = sd["fc.weight"].shape[0]
+        if not any("lora_" in n for n in sd):
+            check_generator(_consistency_config(info["geometry"]), obj)
+    elif any(k.startswith("encoder.conv_stack") for k in sd) or set(sd) == {"fc.weight", "fc.bias"}:
+        from lrag_ext.embedder.checkpoint import check_embedder  # noqa: PLC0415
+
+        pooled = set(sd) == {"fc.weight", "fc.bias"}
+        info["kind"] = "embedder (PooledEmbedder)" if pooled else "embedder (LatentAE)"
+        fc = sd.get("fc.weight" if pooled else "encoder.fc.weight")
+        if fc is None or fc.dim() != 2:
+            raise ValueError("an embedder checkpoint without a 2-D fc weight")
+        info["embedding_dim"] = fc.shape[0]
+        if isinstance(obj.get("config"), dict):
+            check_embedder(obj)
     else:
         info["kind"] = "unknown (no Wan generator or embedder tensor names)"
     dtypes = Counter()

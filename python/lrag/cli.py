@@ -3,8 +3,9 @@
 Argument parsing and user errors live here; the work is in :mod:`lrag.runner` (building the pipeline),
 :mod:`lrag.generate` (the streaming run), :mod:`lrag.ckpt_info` and :mod:`lrag_ext.embedder.train`. Heavy
 optional dependencies (transformers, diffusers, imageio, matplotlib) are imported only by the commands that
-need them. User errors print ``lrag: error: ...`` and exit with status 2; Ctrl-C exits with 130 after writing
-the finished blocks' video and logs.
+need them. User errors (options, unusable input files, an output folder that cannot be written, a run larger
+than the memory available) print ``lrag: error: ...`` naming the option, with no traceback, and exit with
+status 2, before anything is written; Ctrl-C exits with 130 after writing the finished blocks' video and logs.
 """
 from __future__ import annotations
 
@@ -82,12 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_inspect(args) -> int:
     from lrag.ckpt_info import describe_checkpoint, format_description  # noqa: PLC0415
 
+    from lrag_ext.state_dicts import InputFileError  # noqa: PLC0415
+
     try:
         info = describe_checkpoint(args.checkpoint)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, InputFileError) as e:     # missing; unusable (named, with what is wrong)
         raise UsageError(str(e)) from None
-    except Exception as e:  # noqa: BLE001  (an unreadable file is the user's input, not our bug)
-        raise UsageError(f"cannot read checkpoint {args.checkpoint!r}: {e}") from None
     print(json.dumps(info, indent=1, default=str) if args.json else format_description(info))
     return 0
 
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["train-embedder"]:
         from lrag_ext.embedder.train import main as train_main  # noqa: PLC0415
 
-        return train_main(argv[1:]) or 0
+        return train_main(argv[1:], prog="lrag train-embedder", error_prefix="lrag") or 0
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

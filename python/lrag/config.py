@@ -6,6 +6,8 @@ import json
 import math
 from dataclasses import dataclass
 
+from lrag_ext.state_dicts import naming_file, read_json_object
+
 
 @dataclass(frozen=True)
 class WanConfig:
@@ -83,15 +85,27 @@ class WanConfig:
 
         Keys the backbone does not use (``_class_name``, ``model_type``, ...) are ignored; ``overrides`` set the
         fields a ``config.json`` does not hold (latent size, window, sink, frames per block).
+
+        Raises:
+            FileNotFoundError: a path that does not exist.
+            lrag_ext.state_dicts.InputFileError: (a ``ValueError``) a path whose file is not a JSON object or
+                gives an invalid config, naming the file.
+            ValueError, TypeError: the same for a dict or JSON string.
         """
-        if isinstance(cfg, str):
-            cfg = json.loads(cfg) if cfg.lstrip().startswith("{") else json.load(open(cfg))
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in cfg.items() if k in names}
-        if "patch_size" in kwargs:
-            kwargs["patch_size"] = tuple(kwargs["patch_size"])
-        kwargs.update(overrides)
-        return cls(**kwargs)
+        path = None
+        if isinstance(cfg, str) and not cfg.lstrip().startswith("{"):
+            path, cfg = cfg, read_json_object(cfg, "Wan config")
+        with naming_file(path, "Wan config"):
+            if isinstance(cfg, str):
+                cfg = json.loads(cfg)
+            if not isinstance(cfg, dict):
+                raise TypeError(f"a Wan config must be a JSON object, got {type(cfg).__name__}")
+            names = {f.name for f in dataclasses.fields(cls)}
+            kwargs = {k: v for k, v in cfg.items() if k in names}
+            if "patch_size" in kwargs:
+                kwargs["patch_size"] = tuple(kwargs["patch_size"])
+            kwargs.update(overrides)
+            return cls(**kwargs)
 
 
 def wan_1_3b(**overrides) -> WanConfig:
@@ -107,19 +121,41 @@ def tiny_from_run_json(run: dict | str, **overrides) -> WanConfig:
 
     Reads ``tiny_model_config_json`` for the DiT, and the run's block size and window/sink for the schedule;
     the latent size follows from ``tokens_per_frame`` and the patch (square latents, as in the fixtures).
+
+    Raises:
+        As :meth:`WanConfig.from_wan_config` (a missing or ill-typed entry is a ``ValueError`` naming the file).
     """
+    path = None
     if isinstance(run, str):
-        run = json.load(open(run))
-    kwargs = run["resolved_config"].get("model_kwargs", {})
-    model_cfg = run["tiny_model_config_json"]
-    if isinstance(model_cfg, str):
-        model_cfg = json.loads(model_cfg)
-    patch = model_cfg.get("patch_size", (1, 2, 2))
-    side = int(round(math.sqrt(run["tokens_per_frame"]))) * patch[1]
-    base = dict(latent_height=side, latent_width=side, frames_per_block=run["num_frame_per_block"],
-                window=kwargs.get("local_attn_size", 12), sink=kwargs.get("sink_size", 1))
-    base.update(overrides)
-    return WanConfig.from_wan_config(model_cfg, **base)
+        path, run = run, read_json_object(run, "run JSON")
+    with naming_file(path, "run JSON"):
+        kwargs = _entry(run, "resolved_config", dict).get("model_kwargs", {})
+        if not isinstance(kwargs, dict):
+            raise TypeError(f"resolved_config.model_kwargs must be an object, got {type(kwargs).__name__}")
+        model_cfg = _entry(run, "tiny_model_config_json", (dict, str))
+        if isinstance(model_cfg, str):
+            model_cfg = json.loads(model_cfg)
+        if not isinstance(model_cfg, dict):
+            raise TypeError(f"tiny_model_config_json must be an object, got {type(model_cfg).__name__}")
+        patch = model_cfg.get("patch_size", (1, 2, 2))
+        if not isinstance(patch, (list, tuple)) or len(patch) != 3:
+            raise ValueError(f"patch_size must be 3 ints, got {patch!r}")
+        tokens = _entry(run, "tokens_per_frame", int)
+        side = int(round(math.sqrt(tokens))) * patch[1]
+        base = dict(latent_height=side, latent_width=side, frames_per_block=_entry(run, "num_frame_per_block", int),
+                    window=kwargs.get("local_attn_size", 12), sink=kwargs.get("sink_size", 1))
+        base.update(overrides)
+        return WanConfig.from_wan_config(model_cfg, **base)
+
+
+def _entry(obj: dict, key: str, types):
+    """``obj[key]``, which must be of ``types`` (a ``ValueError`` / ``TypeError`` naming ``key`` otherwise)."""
+    if key not in obj:
+        raise ValueError(f"no {key!r} entry")
+    if not isinstance(obj[key], types):
+        raise TypeError(f"{key!r} has the wrong type ({type(obj[key]).__name__})")
+    return obj[key]
+
 
 
 MEMORY_POSITION_POLICIES = ("absolute", "ordered")

@@ -20,6 +20,8 @@ from lrag.video import latent_preview
 
 MODEL_SEED = 11
 EMBED_SEED = 26
+DEMO_EMBED_DIM = 64          # the demo embedder's key size
+DEMO_EMBED_GRID = 4          # its pooling grid: the demo latents must be at least this large
 
 
 def demo_config(latent_size: int = 32) -> WanConfig:
@@ -58,7 +60,8 @@ def demo_embedder(cfg: WanConfig, seed: int = EMBED_SEED):
     seeded weights: untrained, it shows retrieval running, not good keys."""
     from lrag_ext.embedder import PooledEmbedder  # noqa: PLC0415  (the compiled embedder ops)
 
-    return seeded_init_(PooledEmbedder(in_channels=cfg.in_dim, grid=4, latent_dim=64), seed).eval()
+    return seeded_init_(PooledEmbedder(in_channels=cfg.in_dim, grid=DEMO_EMBED_GRID, latent_dim=DEMO_EMBED_DIM),
+                        seed).eval()
 
 
 def demo_text(prompt: str, cfg: WanConfig) -> torch.Tensor:

@@ -6,8 +6,11 @@ Two sources, one run (:func:`run_generate`):
 - real: ``--checkpoint`` (geometry read from its tensor shapes, see :mod:`lrag.ckpt_info`), the umT5 encoder
   and Wan VAE of ``--wan-dir``, the ``--embedder`` checkpoint.
 
-Every input is checked before anything heavy is loaded, so a wrong path or number fails in a second with a
-message naming it (:class:`lrag.cli.UsageError`).
+Every input is checked before anything heavy is loaded or anything is written, so a wrong path or number fails
+in a second with a message naming the option (:class:`lrag.cli.UsageError`), in this order: the options
+themselves (ranges, ``--device``, ``--out`` writable), the input files (``--checkpoint`` and ``--embedder``
+read lazily and matched against their geometry on the ``meta`` device, ``--wan-dir``), then the memory the run
+will allocate (:func:`run_memory_needs`) against the memory available.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from lrag.cli import UsageError
 from lrag.config import MEMORY_POSITION_POLICIES, RetrievalConfig, WanConfig, wan_1_3b
 from lrag.generate import ModeRun, Progress, blocks_for_seconds, run_mode, write_outputs
 from lrag.pipeline import Pipeline
+from lrag_ext.state_dicts import InputFileError, check_output_dir, check_regular_file, error_summary, parse_device
 
 DEMO_PROMPT = "a red fox running through a snowy forest, cinematic"
 VAE_SPATIAL = 8              # Wan VAE: 8x spatial compression
@@ -43,7 +47,20 @@ class Setup:
     meta: dict
 
 
+def _file_error(option: str, e: Exception) -> UsageError:
+    """A loader's error about the file given to ``option``, as a usage error naming the option."""
+    return UsageError(e.for_option(option) if isinstance(e, InputFileError) else f"{option}: {e}")
+
+
 def _check_common(args) -> None:
+    """The options every run has, checked before anything is read, built or written."""
+    try:
+        check_output_dir(args.out, "--out")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    _device_dtype(args)
+    if not 0 <= args.seed < 2 ** 64:
+        raise UsageError(f"--seed must be in [0, 2**64), got {args.seed}")
     if args.top_k < 1:
         raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
     if args.device_frames < 0:
@@ -85,10 +102,81 @@ def kv_estimate(cfg: WanConfig, num_frames: int, dtype: torch.dtype, device_fram
             "host_gib": on_host * per_frame / 2 ** 30, "dropped_frames": num_frames - on_device - on_host}
 
 
+def run_memory_needs(cfg: WanConfig, num_frames: int, dtype: torch.dtype, device: torch.device, modes: list[str],
+                     retrieval: RetrievalConfig, embed_dim: int, model_params: int) -> dict[str, dict[str, int]]:
+    """Bytes a run will allocate, per place (``"host"``, ``"device"``; the same place on a CPU run) and buffer.
+
+    The buffers: the model's parameters; the initial noise (float32, drawn on the host) and, on the device, its
+    copy and the output latents (``num_frames`` latent frames each); in ``rag`` mode the retrieval memory: its
+    embedding pages (``max_frames x embed_dim`` float32) and either the latents (``storage="latent"``) or the
+    K/V tiers: the device tier's ``device_frames`` slots (allocated up front on a GPU; on a CPU only the slots
+    used are touched) and the host tier's frames (see :func:`kv_estimate`).
+    """
+    size = torch.finfo(dtype).bits // 8
+    frame = cfg.in_dim * cfg.latent_height * cfg.latent_width
+    pages = -(-max(retrieval.max_frames, num_frames) // 16) * 16        # MemoryConfig.page_size: 16 frames a page
+    dev = {"model": model_params * size, "latents": 2 * num_frames * frame * size}
+    host = {"noise": num_frames * frame * 4}
+    if "rag" in modes:
+        dev["memory embeddings"] = pages * embed_dim * 4
+        if retrieval.storage == "latent":
+            dev["memory latents"] = pages * frame * size
+        else:
+            kv = kv_estimate(cfg, num_frames, dtype, retrieval.device_frames, retrieval.host_frames)
+            per_frame = int(kv["frame_mib"] * 2 ** 20)
+            slots = retrieval.device_frames if device.type == "cuda" else min(retrieval.device_frames, num_frames)
+            dev["memory K/V, device tier"] = slots * per_frame
+            host["memory K/V, host tier"] = round(kv["host_gib"] * 2 ** 30)
+    if device.type == "cpu":
+        return {"host": {**dev, **host}}
+    return {"host": host, "device": dev}
+
+
+def _available_bytes(place: str, device: torch.device) -> int | None:
+    """Free memory now: ``MemAvailable`` of /proc/meminfo for the host, ``cudaMemGetInfo`` for a GPU."""
+    if place == "device":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_resources(args, cfg: WanConfig, num_blocks: int, modes: list[str], embed_dim: int,
+                     model_params: int) -> None:
+    """Refuses a run whose buffers (:func:`run_memory_needs`) exceed the memory available, before any is
+    allocated or any output written."""
+    device, dtype = _device_dtype(args)
+    frames = num_blocks * cfg.frames_per_block
+    needs = run_memory_needs(cfg, frames, dtype, device, modes, _retrieval(args, frames), embed_dim, model_params)
+    for place, parts in needs.items():
+        need, have = sum(parts.values()), _available_bytes(place, device)
+        if have is None or need <= have:
+            continue
+        where = "host memory" if place == "host" else f"memory on {device}"
+        detail = ", ".join(f"{k} {v / 2 ** 30:.3g}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v)
+        hint = ("; or bound the retrieval memory with --device-frames / --host-frames, or use --storage latent"
+                if any(k.startswith("memory") and v > need / 4 for k, v in parts.items()) else "")
+        raise UsageError(f"--seconds {args.seconds:g} ({frames} latent frames of {cfg.in_dim} x {cfg.latent_height} x "
+                         f"{cfg.latent_width}) needs about {need / 2 ** 30:.3g} GiB of {where} (GiB: {detail}), but "
+                         f"only {have / 2 ** 30:.3g} GiB are available: shorten --seconds{hint}")
+
+
 def _device_dtype(args) -> tuple[torch.device, torch.dtype]:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device} but CUDA is not available (use --device cpu)")
+    if args.device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = parse_device(args.device, "--device")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     return device, dtype
 
@@ -109,9 +197,8 @@ def _check_blocks(args, cfg: WanConfig, modes: list[str]) -> int:
     return num_blocks
 
 
-def _demo_setup(args, num_frames: int) -> Setup:
+def _demo_setup(args, cfg: WanConfig, num_frames: int) -> Setup:
     from lrag import demo  # noqa: PLC0415
-    cfg = demo.demo_config(args.demo_latent)
     print("lrag: built-in demo with UNTRAINED seeded weights: the frames show the machinery (block loop, retrieval, "
           "streaming video, logs), not a meaningful video. Real videos: see docs/cli.md.", file=sys.stderr)
     embedder = demo.demo_embedder(cfg)
@@ -124,31 +211,41 @@ def _demo_setup(args, num_frames: int) -> Setup:
 
 
 def _real_checks(args) -> None:
-    """Everything about a real run that can be checked without loading a weight."""
-    from lrag.wan_dir import WanDirError, check_wan_dir  # noqa: PLC0415
+    """Everything about a real run that can be checked without reading a weight."""
+    from lrag.wan_dir import check_wan_dir  # noqa: PLC0415
 
     if args.backbone is None:
         raise UsageError("--backbone is required without --demo (self-forcing, causal-forcing or longlive)")
     if args.checkpoint is None:
         raise UsageError("--checkpoint is required without --demo (the released generator weights)")
-    if not os.path.isfile(args.checkpoint):
-        raise UsageError(f"--checkpoint {args.checkpoint!r} does not exist")
-    if args.embedder is not None and not os.path.isfile(args.embedder):
-        raise UsageError(f"--embedder {args.embedder!r} does not exist")
+    if args.prompt is None or not args.prompt.strip():
+        raise UsageError("--prompt is required without --demo")
+    for option, path in (("--checkpoint", args.checkpoint), ("--embedder", args.embedder)):
+        if path is not None:
+            try:
+                check_regular_file(path, option)
+            except (FileNotFoundError, InputFileError) as e:
+                raise UsageError(str(e)) from None
     for name in ("height", "width"):
         value = getattr(args, name)
         if value < 16 or value % 16:
             raise UsageError(f"--{name} must be a positive multiple of 16, got {value}")
     try:
         check_wan_dir(args.wan_dir)
-    except WanDirError as e:
+    except (FileNotFoundError, ValueError) as e:          # WanDirError, or an unreadable file (InputFileError)
         raise UsageError(str(e)) from None
 
 
-def _real_config(args) -> WanConfig:
+def _real_config(args) -> tuple[WanConfig, int]:
+    """The model config from the checkpoint's shapes and the options, and the parameter count; the checkpoint is
+    checked to fit it (read lazily, matched on the ``meta`` device)."""
+    from lrag.checkpoint import check_generator  # noqa: PLC0415
     from lrag.ckpt_info import describe_checkpoint  # noqa: PLC0415
 
-    info = describe_checkpoint(args.checkpoint)
+    try:
+        info = describe_checkpoint(args.checkpoint)
+    except (FileNotFoundError, InputFileError) as e:
+        raise _file_error("--checkpoint", e) from None
     if info["kind"] != "generator":
         raise UsageError(f"--checkpoint {args.checkpoint!r} is not a Wan generator checkpoint ({info['kind']})")
     geo = dict(info["geometry"])
@@ -160,10 +257,43 @@ def _real_config(args) -> WanConfig:
     if args.frames_per_block is not None:
         schedule["frames_per_block"] = args.frames_per_block
     try:
-        return wan_1_3b(**geo, **schedule, text_len=args.text_len, latent_height=args.height // VAE_SPATIAL,
-                        latent_width=args.width // VAE_SPATIAL)
+        cfg = wan_1_3b(**geo, **schedule, text_len=args.text_len, latent_height=args.height // VAE_SPATIAL,
+                       latent_width=args.width // VAE_SPATIAL)
     except ValueError as e:
         raise UsageError(f"the checkpoint's geometry does not fit the options: {e}") from None
+    try:
+        check_generator(cfg, args.checkpoint, use_ema=False if args.no_ema else None)
+    except (FileNotFoundError, InputFileError) as e:
+        raise _file_error("--checkpoint", e) from None
+    return cfg, info["num_params"]
+
+
+def _check_embedder(args, cfg: WanConfig) -> int:
+    """Checks ``--embedder`` (read lazily, on the ``meta`` device) against the latents; returns the embedding
+    size (the spatial-mean descriptor's ``C`` without one)."""
+    if not args.embedder:
+        return cfg.in_dim
+    from lrag_ext.embedder.checkpoint import check_embedder, check_embedder_input  # noqa: PLC0415
+
+    try:
+        config = check_embedder(args.embedder)
+        check_embedder_input(config, cfg.in_dim, cfg.latent_height, cfg.latent_width)
+    except (FileNotFoundError, InputFileError) as e:
+        raise _file_error("--embedder", e) from None
+    except ValueError as e:
+        raise UsageError(f"--embedder {args.embedder!r} does not fit the generator: {e}") from None
+    return config.latent_dim
+
+
+def _from_wan_dir(args, what: str, load: Callable):
+    """``load()`` (transformers / diffusers reading ``--wan-dir``); their errors are the folder's, reported as
+    usage errors naming it."""
+    try:
+        return load()
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001  (any failure to read the user's files, or a missing optional package)
+        raise UsageError(f"--wan-dir {args.wan_dir!r}: cannot load the {what} ({error_summary(e)})") from None
 
 
 def _real_setup(args, cfg: WanConfig, num_frames: int, tokenizer=None) -> Setup:
@@ -171,31 +301,35 @@ def _real_setup(args, cfg: WanConfig, num_frames: int, tokenizer=None) -> Setup:
     from lrag.text import TextEncoder  # noqa: PLC0415
     from lrag.vae import StreamingVAEDecoder, load_vae  # noqa: PLC0415
 
-    if args.prompt is None or not args.prompt.strip():
-        raise UsageError("--prompt is required without --demo")
     device, dtype = _device_dtype(args)
     if args.embedder:
         from lrag_ext.embedder import load_embedder  # noqa: PLC0415  (cheap: load it first)
         try:
             embed = load_embedder(args.embedder, map_location=device).embed
-        except (ValueError, KeyError, TypeError) as e:
-            raise UsageError(f"--embedder {args.embedder!r}: {e}") from None
+        except (FileNotFoundError, InputFileError) as e:
+            raise _file_error("--embedder", e) from None
         embedder = args.embedder
     else:
         embed, embedder = None, "spatial-mean descriptor (no --embedder)"
         print("lrag: no --embedder given: retrieval uses the spatial-mean descriptor (SPEC §5 fallback)",
               file=sys.stderr)
-    encoder = TextEncoder(args.wan_dir, text_len=cfg.text_len, device=device, dtype=dtype, tokenizer=tokenizer)
+    encoder = _from_wan_dir(args, "text encoder", lambda: TextEncoder(args.wan_dir, text_len=cfg.text_len,
+                                                                      device=device, dtype=dtype,
+                                                                      tokenizer=tokenizer))
     if encoder.dim != cfg.text_dim:
         raise UsageError(f"the text encoder of --wan-dir gives {encoder.dim}-d states but the checkpoint expects "
                          f"text_dim={cfg.text_dim}")
     text = encoder.encode([args.prompt]).to(dtype)
     del encoder                                   # free the umT5 weights before loading the DiT
-    vae = load_vae(args.wan_dir, device=device)
+    vae = _from_wan_dir(args, "VAE", lambda: load_vae(args.wan_dir, device=device))
     if vae.config.z_dim != cfg.in_dim:
         raise UsageError(f"the VAE of --wan-dir has {vae.config.z_dim} latent channels, the checkpoint "
                          f"{cfg.in_dim}")
-    model = build_generator(cfg, args.checkpoint, use_ema=False if args.no_ema else None, dtype=dtype, device=device)
+    try:
+        model = build_generator(cfg, args.checkpoint, use_ema=False if args.no_ema else None, dtype=dtype,
+                                device=device)
+    except (FileNotFoundError, InputFileError) as e:   # changed since the check
+        raise _file_error("--checkpoint", e) from None
     pipe = Pipeline(model, retrieval=_retrieval(args, num_frames), embed=embed)
     def make_renderer(mode: str):
         decode = StreamingVAEDecoder(vae).decode
@@ -206,18 +340,25 @@ def _real_setup(args, cfg: WanConfig, num_frames: int, tokenizer=None) -> Setup:
 
 
 def _build(args, modes: list[str], tokenizer) -> tuple[Setup, int]:
-    """Checks the options against the geometry, then builds the demo or the real setup."""
+    """Checks the options against the geometry and the memory, then builds the demo or the real setup."""
     if args.demo:
-        from lrag.demo import demo_config  # noqa: PLC0415
+        from lrag.demo import DEMO_EMBED_DIM, DEMO_EMBED_GRID, demo_config  # noqa: PLC0415
 
-        if args.demo_latent < 2 or args.demo_latent % 2:
-            raise UsageError(f"--demo-latent must be an even number >= 2, got {args.demo_latent}")
+        if args.demo_latent < DEMO_EMBED_GRID or args.demo_latent % 2:
+            raise UsageError(f"--demo-latent must be an even number >= {DEMO_EMBED_GRID} (the demo embedder's "
+                             f"pooling grid), got {args.demo_latent}")
         cfg = demo_config(args.demo_latent)
         num_blocks = _check_blocks(args, cfg, modes)
-        return _demo_setup(args, num_blocks * cfg.frames_per_block), num_blocks
+        from lrag.models.wan import CausalWanModel  # noqa: PLC0415
+
+        with torch.device("meta"):
+            params = sum(p.numel() for p in CausalWanModel(cfg).parameters())
+        _check_resources(args, cfg, num_blocks, modes, DEMO_EMBED_DIM, params)
+        return _demo_setup(args, cfg, num_blocks * cfg.frames_per_block), num_blocks
     _real_checks(args)
-    cfg = _real_config(args)
+    cfg, params = _real_config(args)
     num_blocks = _check_blocks(args, cfg, modes)
+    _check_resources(args, cfg, num_blocks, modes, _check_embedder(args, cfg), params)
     return _real_setup(args, cfg, num_blocks * cfg.frames_per_block, tokenizer=tokenizer), num_blocks
 
 
@@ -244,11 +385,11 @@ def run_generate(args, on_block: Optional[Callable] = None, tokenizer=None) -> d
         tokenizer: a tokenizer to use instead of ``--wan-dir/tokenizer`` (tests).
 
     Raises:
-        UsageError: a bad option or input, before any heavy loading.
+        UsageError: a bad option or input, before any heavy loading and before anything is written.
         KeyboardInterrupt: after the finished blocks' video and logs have been written.
     """
-    _check_common(args)
     args.out = out = args.out or ("lrag_demo" if args.demo else "lrag_out")
+    _check_common(args)
     modes = {"both": ["rag", "native"], None: ["rag", "native"] if args.demo else ["rag"]}.get(args.mode, [args.mode])
     setup, num_blocks = _build(args, modes, tokenizer)
     os.makedirs(out, exist_ok=True)
