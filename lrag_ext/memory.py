@@ -39,6 +39,7 @@ import torch
 import lrag_ext
 from lrag_ext import memory_format as fmt
 from lrag_ext.memory_config import KVLayout, MemoryConfig
+from lrag_ext.memory_index import DeviceIndex
 
 __all__ = ["KVLayout", "MemoryConfig", "RetrievalMemory", "RetrievalPlan"]  # the config classes re-exported
 
@@ -77,6 +78,7 @@ class RetrievalPlan:
     _memory_token: int = field(default=-1, repr=False, compare=False)
     _states: list = field(default_factory=list, repr=False, compare=False)
     _eligible_lo: list[int] = field(default_factory=list, repr=False, compare=False)
+    _rows: torch.Tensor | None = field(default=None, repr=False, compare=False)  # the streams' device-index rows
 
 
 @dataclass
@@ -97,49 +99,11 @@ class _Segment:
             self.scale[slot].copy_(scale, non_blocking=True)
 
 
-class _CodeTable:
-    """Frame -> K/V location code (``segment << 32 | slot``, or -1), a list-like view over a growing int64 tensor
-    so a retrieval can hand the whole table to the device without rebuilding it from Python ints."""
-
-    def __init__(self, codes=()):
-        codes = list(codes)
-        self._t = torch.full((max(16, len(codes)),), -1, dtype=torch.int64)
-        self._t[:len(codes)] = torch.tensor(codes, dtype=torch.int64)
-        self._n = len(codes)
-
-    def __len__(self) -> int:
-        return self._n
-
-    def __getitem__(self, frame: int) -> int:
-        return int(self._t[frame])
-
-    def __setitem__(self, frame: int, code: int) -> None:
-        self._t[frame] = code
-
-    def __iter__(self):
-        return iter(self.tolist())
-
-    def extend_empty(self, n: int) -> None:
-        """Appends ``n`` frames with no K/V stored yet."""
-        if self._n + n > self._t.numel():
-            grown = torch.full((max(2 * self._t.numel(), self._n + n),), -1, dtype=torch.int64)
-            grown[:self._n] = self._t[:self._n]
-            self._t = grown
-        self._n += n
-
-    def tensor(self) -> torch.Tensor:
-        """``[num_frames]`` int64 view (not a copy)."""
-        return self._t[:self._n]
-
-    def tolist(self) -> list[int]:
-        return self.tensor().tolist()
-
-
 @dataclass
 class _Stream:
     num_frames: int = 0
     pages: list[int] = field(default_factory=list)          # logical page -> physical embedding page
-    kv_code: _CodeTable = field(default_factory=_CodeTable)  # frame -> segment << 32 | slot, or -1
+    kv_code: list[int] = field(default_factory=list)        # frame -> segment << 32 | slot, or -1
     first_retrievable: int = 0                               # frames below lost their K/V to the host limit
     log: list[dict] = field(default_factory=list)
 
@@ -171,6 +135,9 @@ class RetrievalMemory:
             self._latents = torch.zeros((n_pages, config.page_size) + tuple(config.latent_shape), dtype=config.dtype,
                                         device=self.device)
         self._page_alloc = lrag_ext.SlotAllocator(n_pages)
+        self._index = DeviceIndex(self.device, n_pages, config.page_size)
+        self._code_changes: list[tuple[int, int, int]] = []  # K/V moves/drops not yet mirrored in the index
+        self._range_changes: set[int] = set()                 # streams whose eligible range a drop changed
         self._streams: dict[int, _Stream] = {}
         self._next_stream = 0
         # K/V tiers: segment 0 is the device tier; segments 1.. are host segments of doubling size.
@@ -184,6 +151,7 @@ class RetrievalMemory:
         """Registers a new stream (video) and returns its id."""
         with self._lock:
             s = self._next_stream
+            self._index.add(s)
             self._next_stream += 1
             self._streams[s] = _Stream()
             return s
@@ -201,6 +169,7 @@ class RetrievalMemory:
         with self._lock:
             st = self._stream(stream)
             self._release(stream, st)
+            self._index.clear(stream)
             self._streams[stream] = _Stream()
 
     def remove_stream(self, stream: int) -> None:
@@ -208,49 +177,75 @@ class RetrievalMemory:
         with self._lock:
             st = self._stream(stream)
             self._release(stream, st)
+            self._index.remove(stream)
             del self._streams[stream]
 
     # ----------------------------------------------------------------------------------------------- append
-    def append(self, stream: int, embeddings: torch.Tensor, k: torch.Tensor | None = None,
+    def append(self, stream: int | list[int], embeddings: torch.Tensor, k: torch.Tensor | None = None,
                v: torch.Tensor | None = None, latents: torch.Tensor | None = None) -> None:
-        """Appends the frames of a finished block to ``stream``, in order.
+        """Appends the frames of a finished block to one stream, or to several streams at once, in order.
 
         Args:
-            stream: a stream id from :meth:`add_stream`.
-            embeddings: ``[n, embed_dim]`` float; stored as given (cosine similarity ignores the norm).
-            k, v: ``[num_layers, n, tokens_per_frame, num_heads, head_dim]`` (``storage="kv"`` only), K without RoPE.
-            latents: ``[n, C, H, W]`` (``storage="latent"`` only).
+            stream: a stream id from :meth:`add_stream`, or a list of ``B`` distinct ids (a block of every stream
+                in one call: one embedding write and one ``write_kv`` per storage segment for all of them).
+            embeddings: ``[n, embed_dim]`` (``[B, n, embed_dim]`` for a list) float; stored as given (cosine
+                similarity ignores the norm).
+            k, v: ``[num_layers, n, tokens_per_frame, num_heads, head_dim]`` (``[num_layers, B, n, ...]`` for a
+                list), float32/float16/bfloat16, one dtype (``storage="kv"`` only), K without RoPE.
+            latents: ``[n, C, H, W]`` (``[B, n, C, H, W]`` for a list; ``storage="latent"`` only).
 
         Raises:
             KeyError: unknown stream. ValueError / TypeError: wrong shapes, dtypes or devices, a missing or
-            unexpected tensor for the storage mode, or no room left in the embedding pages. Nothing is changed
-            when an error is raised.
+            unexpected tensor for the storage mode, repeated streams, or no room left in the embedding pages.
+            Nothing is changed when an error is raised.
         """
         with self._lock:
-            st = self._stream(stream)
-            n = self._check_append(embeddings, k, v, latents)
-            new_pages = -(-(st.num_frames + n) // self.config.page_size) - len(st.pages)
-            if new_pages > self._page_alloc.num_free:
+            batched = not isinstance(stream, int) and hasattr(stream, "__iter__")
+            streams = list(stream) if batched else [stream]
+            if not streams or len(set(streams)) != len(streams):
+                raise ValueError(f"stream must be an id or a non-empty list of distinct ids, got {stream!r}")
+            states = [self._stream(s) for s in streams]
+            if batched:
+                n = self._check_append(embeddings, k, v, latents, batch=len(streams))
+            else:
+                n = self._check_append(embeddings, k, v, latents)
+                embeddings = embeddings[None]
+                k, v = (None, None) if k is None else (k[:, None], v[:, None])
+                latents = None if latents is None else latents[None]
+            ps = self.config.page_size
+            new_pages = [-(-(st.num_frames + n) // ps) - len(st.pages) for st in states]
+            if sum(new_pages) > self._page_alloc.num_free:
                 raise ValueError(
-                    f"memory is full: appending {n} frames to stream {stream} needs {new_pages} more embedding "
-                    f"pages but {self._page_alloc.num_free} are free (raise MemoryConfig.max_frames="
-                    f"{self.config.max_frames})")
-            kv_frames = [f for f in range(st.num_frames, st.num_frames + n) if f >= self.policy.sink_frames]
+                    f"memory is full: appending {n} frames to stream{'s' if batched else ''} "
+                    f"{', '.join(map(str, streams))} needs {sum(new_pages)} more embedding pages but "
+                    f"{self._page_alloc.num_free} are free (raise MemoryConfig.max_frames={self.config.max_frames})")
+            kv_frames = [(b, f) for b, st in enumerate(states) for f in range(st.num_frames, st.num_frames + n)
+                         if f >= self.policy.sink_frames]
             if self.config.storage == "kv" and kv_frames:
                 self._reserve_host(len(kv_frames))  # the only allocation that can fail: before any change
             # Validation done: from here on the call succeeds.
-            if new_pages:
-                st.pages += list(self._page_alloc.allocate(new_pages, stream))
-            frames = torch.arange(st.num_frames, st.num_frames + n)
-            page_idx = torch.tensor(st.pages, dtype=torch.int64)[frames // self.config.page_size].to(self.device)
-            slot_idx = (frames % self.config.page_size).to(self.device)
-            self._pages[page_idx, slot_idx] = embeddings.to(self.device, self.config.embed_dtype)
+            first_page = [len(st.pages) for st in states]
+            for s, st, count in zip(streams, states, new_pages):
+                if count:
+                    st.pages += list(self._page_alloc.allocate(count, s))
+            flat = torch.tensor([st.pages[f // ps] * ps + f % ps for st in states
+                                 for f in range(st.num_frames, st.num_frames + n)], dtype=torch.int64)
+            flat = self._to_device(flat)
+            self._pages.view(-1, self.config.embed_dim)[flat] = embeddings.flatten(0, 1).to(
+                self.device, self.config.embed_dtype)
             if self._latents is not None:
-                self._latents[page_idx, slot_idx] = latents.to(self.device, self.config.dtype)
-            st.kv_code.extend_empty(n)
+                self._latents.view((-1,) + tuple(self.config.latent_shape))[flat] = latents.flatten(0, 1).to(
+                    self.device, self.config.dtype)
+            for st in states:
+                st.kv_code += [-1] * n
+                st.num_frames += n
             if self.config.storage == "kv" and kv_frames:
-                self._store_kv(stream, st, kv_frames, k[:, n - len(kv_frames):], v[:, n - len(kv_frames):])
-            st.num_frames += n
+                self._store_kv(streams, states, kv_frames, n, k, v)
+            self._index.set_stream(streams, first_page, [st.pages[i:] for st, i in zip(states, first_page)],
+                                   [self._eligible(st) for st in states],
+                                   [st.pages[(st.num_frames - 1) // ps] * ps + (st.num_frames - 1) % ps
+                                    for st in states])
+            self._sync_index()
 
     # --------------------------------------------------------------------------------------------- retrieve
     def retrieve(self, streams: list[int] | int, queries: torch.Tensor | None = None) -> RetrievalPlan:
@@ -286,19 +281,21 @@ class RetrievalMemory:
                 for s, st in zip(streams, states):
                     if st.num_frames == 0:
                         raise ValueError(f"stream {s} has no frames: nothing to query with (pass queries=...)")
-                queries = self._embedding_of([(st, st.num_frames - 1) for st in states])
             else:
                 self._check_tensor(queries, "queries", (len(streams), self.config.embed_dim))
                 queries = queries.to(self.config.embed_dtype)
-            ranges = [self._eligible(st) for st in states]
-            table = self._page_table(states, torch.int32)
-            lo = torch.tensor([r[0] for r in ranges], dtype=torch.int64)
-            hi = torch.tensor([r[1] for r in ranges], dtype=torch.int64)
-            scores, ids = lrag_ext.cosine_topk(queries, self._pages, self._to_device(table), self._to_device(lo),
-                                               self._to_device(hi), self.policy.top_k)
+            # Everything below reads the persistent device index: no host->device copy in steady state.
+            rows = self._index.rows(streams)
+            if queries is None:
+                queries = self._pages.view(-1, self.config.embed_dim).index_select(0, self._index.query_index(rows))
+            lo, hi = self._index.lo_hi(rows)
+            scores, ids = lrag_ext.cosine_topk(queries, self._pages, self._index.table(rows), lo, hi,
+                                               self.policy.top_k)
+            ranges = [self._eligible(st) for st in states]  # the host's copy of what the index holds
             plan = RetrievalPlan(streams=streams, start_frames=[st.num_frames for st in states],
                                  counts=[min(self.policy.top_k, h - l) for l, h in ranges], ids=ids, scores=scores,
-                                 _memory_token=self._token, _states=states, _eligible_lo=[r[0] for r in ranges])
+                                 _memory_token=self._token, _states=states, _eligible_lo=[r[0] for r in ranges],
+                                 _rows=rows)
             elapsed_ms = (time.perf_counter() - start) * 1e3
             for b, (s, st) in enumerate(zip(streams, states)):
                 st.log.append(dict(_plan=plan, _row=b, block=len(st.log), query_frame=st.num_frames,
@@ -368,7 +365,7 @@ class RetrievalMemory:
             delta = self._positions(plan, positions)
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 # Locations are looked up now, not at retrieve time: appends in between may have moved frames.
-                codes = self._codes_of(states, plan.ids)
+                codes = self._index.codes_of(plan._rows, plan.ids)
                 for seg_index, seg in enumerate(self._segments):
                     # Unstored frames (code -1) have segment -1, so they never match and stay -1 (skipped).
                     slots = torch.where((codes >> _SEGMENT_SHIFT) == seg_index, codes & 0xFFFFFFFF,
@@ -392,9 +389,10 @@ class RetrievalMemory:
         with self._lock:
             if self.config.storage != "latent":
                 raise ValueError(f"latents needs storage='latent', this memory stores {self.config.storage!r}")
-            table = self._to_device(self._page_table(self._check_plan(plan, need_kv=False), torch.int64))
+            self._check_plan(plan, need_kv=False)
+            table = self._index.table(plan._rows)
             ids = plan.ids.clamp(min=0)
-            page = table.gather(1, ids // self.config.page_size)
+            page = table.gather(1, ids // self.config.page_size).long()
             out = self._latents[page, ids % self.config.page_size]
             return torch.where((plan.ids >= 0)[..., None, None, None], out, torch.zeros_like(out))
 
@@ -443,10 +441,10 @@ class RetrievalMemory:
             for sid, st in self._streams.items():
                 for rec in st.log:
                     self._materialise(rec)
-                streams[str(sid)] = dict(num_frames=st.num_frames, pages=list(st.pages), kv_code=st.kv_code.tolist(),
+                streams[str(sid)] = dict(num_frames=st.num_frames, pages=list(st.pages), kv_code=list(st.kv_code),
                                          first_retrievable=st.first_retrievable, log=[dict(r) for r in st.log])
                 stored = [self._segments[c >> _SEGMENT_SHIFT].frame(c & 0xFFFFFFFF)
-                          for c in st.kv_code.tolist() if c >= 0]
+                          for c in st.kv_code if c >= 0]
                 if stored:
                     tensors[f"kv/{sid}"] = torch.stack([kv.cpu() for kv, _ in stored])
                     if stored[0][1] is not None:
@@ -526,7 +524,7 @@ class RetrievalMemory:
                 mem._pages[torch.tensor(st.pages)] = tensors["embedding_pages"][torch.tensor(rec["pages"])].to(mem.device)
                 if mem._latents is not None:
                     mem._latents[torch.tensor(st.pages)] = tensors["latent_pages"][torch.tensor(rec["pages"])].to(mem.device)
-            st.kv_code = _CodeTable([-1] * len(rec["kv_code"]))
+            st.kv_code = [-1] * len(rec["kv_code"])
             stored = [(f, c) for f, c in enumerate(rec["kv_code"]) if c >= 0]
             scales = tensors.get(f"kv_scale/{sid}")
             for row, (f, c) in enumerate(stored):
@@ -536,6 +534,12 @@ class RetrievalMemory:
                 seg.set_frame(slot, tensors[f"kv/{sid}"][row], scales[row] if scales is not None else None)
                 st.kv_code[f] = (seg_index << _SEGMENT_SHIFT) | slot
             mem._streams[sid] = st
+            mem._index.add(sid)
+            ps = config.page_size
+            last = st.num_frames - 1
+            mem._index.set_stream([sid], [0], [st.pages], [mem._eligible(st)],
+                                  [st.pages[last // ps] * ps + last % ps if st.num_frames else 0])
+            mem._index.set_codes([(sid, f, c) for f, c in enumerate(st.kv_code) if c >= 0])
         mem._fifo = {tier: collections.deque(tuple(x) for x in manifest["fifo"][tier]) for tier in ("device", "host")}
         return mem
 
@@ -573,34 +577,10 @@ class RetrievalMemory:
         lo = max(lo, st.first_retrievable)
         return lo, max(lo, hi)
 
-    @staticmethod
-    def _page_table(states: list[_Stream], dtype: torch.dtype) -> torch.Tensor:
-        """``[B, max_pages]`` host tensor of the streams' physical embedding pages (0-padded)."""
-        table = torch.zeros((len(states), max([len(st.pages) for st in states] + [1])), dtype=dtype)
-        for b, st in enumerate(states):
-            table[b, :len(st.pages)] = torch.tensor(st.pages, dtype=dtype)
-        return table
-
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cpu":
             return t
         return t.pin_memory().to(self.device, non_blocking=True)
-
-    def _embedding_of(self, frames: list[tuple[_Stream, int]]) -> torch.Tensor:
-        ps = self.config.page_size
-        page = torch.tensor([st.pages[f // ps] for st, f in frames], dtype=torch.int64)
-        slot = torch.tensor([f % ps for _, f in frames], dtype=torch.int64)
-        return self._pages[self._to_device(page), self._to_device(slot)]
-
-    def _codes_of(self, states: list[_Stream], ids: torch.Tensor) -> torch.Tensor:
-        """K/V location codes of the selected ids, looked up on the device (no synchronisation)."""
-        width = max([st.num_frames for st in states] + [1])
-        table = torch.full((len(states), width), -1, dtype=torch.int64)
-        for b, st in enumerate(states):
-            if st.num_frames:
-                table[b, :st.num_frames] = st.kv_code.tensor()
-        codes = self._to_device(table).gather(1, ids.clamp(min=0))
-        return torch.where(ids < 0, torch.full_like(codes, -1), codes)
 
     def _positions(self, plan: RetrievalPlan, positions) -> torch.Tensor:
         B, K = plan.ids.shape
@@ -613,7 +593,7 @@ class RetrievalMemory:
             # Rank of each selected frame by time among its stream's selection; padding (-1) ranks last.
             key = torch.where(plan.ids < 0, torch.full_like(plan.ids, torch.iinfo(torch.int64).max), plan.ids)
             rank = key.argsort(dim=1).argsort(dim=1)
-            counts = torch.tensor(plan.counts, dtype=torch.int64, device=self.device)[:, None]
+            counts = (plan.ids >= 0).sum(dim=1, keepdim=True)  # = plan.counts, without a host->device copy
             return self.policy.sink_frames + K - counts + rank
         raise ValueError(f"positions must be {', '.join(map(repr, POSITION_MODES))} or a [B, top_k] int64 tensor, "
                          f"got {positions!r}")
@@ -630,21 +610,26 @@ class RetrievalMemory:
         if t.device != self.device:
             raise ValueError(f"{name} must be on {self.device}, got {t.device}")
 
-    def _check_append(self, embeddings, k, v, latents) -> int:
-        if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
-            raise ValueError(f"embeddings must be [n, embed_dim={self.config.embed_dim}], got "
-                             f"{list(embeddings.shape) if isinstance(embeddings, torch.Tensor) else type(embeddings).__name__}")
-        n = embeddings.shape[0]
+    def _check_append(self, embeddings, k, v, latents, batch: int | None = None) -> int:
+        """Checks append's tensors (``batch``: the number of streams of a batched append, whose tensors carry a
+        stream dim: embeddings/latents first, K/V second); returns the frames per stream ``n``."""
+        lead = () if batch is None else (batch,)
+        want_dims = 2 + len(lead)
+        if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != want_dims:
+            got = list(embeddings.shape) if isinstance(embeddings, torch.Tensor) else type(embeddings).__name__
+            raise ValueError(f"embeddings must be [{'B, ' if lead else ''}n, embed_dim={self.config.embed_dim}], "
+                             f"got {got}")
+        n = embeddings.shape[-2]
         if n < 1:
             raise ValueError("embeddings must hold at least one frame")
-        self._check_tensor(embeddings, "embeddings", (n, self.config.embed_dim))
+        self._check_tensor(embeddings, "embeddings", lead + (n, self.config.embed_dim))
         storage = self.config.storage
         if storage == "kv":
             if k is None or v is None:
                 raise ValueError("storage='kv' needs k and v: [num_layers, n, tokens_per_frame, num_heads, head_dim]")
             L, T, H, Dh = self.config.kv_layout.frame_shape
-            self._check_tensor(k, "k", (L, n, T, H, Dh))
-            self._check_tensor(v, "v", (L, n, T, H, Dh))
+            self._check_tensor(k, "k", (L,) + lead + (n, T, H, Dh))
+            self._check_tensor(v, "v", (L,) + lead + (n, T, H, Dh))
             if k.dtype not in _KV_DTYPES or v.dtype != k.dtype:
                 raise ValueError(f"k and v must have one dtype among float32, float16, bfloat16 (cast to the memory's "
                                  f"{self.config.dtype} on write), got {k.dtype} and {v.dtype}")
@@ -653,7 +638,7 @@ class RetrievalMemory:
         if storage == "latent":
             if latents is None:
                 raise ValueError(f"storage='latent' needs latents: [n, {', '.join(map(str, self.config.latent_shape))}]")
-            self._check_tensor(latents, "latents", (n,) + tuple(self.config.latent_shape))
+            self._check_tensor(latents, "latents", lead + (n,) + tuple(self.config.latent_shape))
         elif latents is not None:
             raise ValueError(f"latents given but storage={storage!r} does not keep latents")
         return n
@@ -715,54 +700,77 @@ class RetrievalMemory:
             src, dst = self._segments[old >> _SEGMENT_SHIFT], self._segments[host >> _SEGMENT_SHIFT]
             # Stream-ordered copy: it is enqueued before anything can overwrite the freed device slot.
             dst.set_frame(host & 0xFFFFFFFF, *src.frame(old & 0xFFFFFFFF))
-            st.kv_code[frame] = host
+            self._set_code(old_stream, st, frame, host)
             self._fifo["host"].append((old_stream, frame))
         else:  # dropped: its embedding stays, but it can no longer be retrieved
-            st.kv_code[frame] = -1
-            st.first_retrievable = max(st.first_retrievable, frame + 1)
+            self._set_code(old_stream, st, frame, -1)
+            self._drop_below(old_stream, st, frame + 1)
         self._free_code(old)
         return self._take_free(tier, stream)
 
     def _free_code(self, code: int) -> None:
         self._segments[code >> _SEGMENT_SHIFT].allocator.free([code & 0xFFFFFFFF])
 
-    def _store_kv(self, stream: int, st: _Stream, frames: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
-        """Allocates slots for new frames (making room in the tiers), then writes them: one write_kv per segment.
+    def _set_code(self, stream: int, st: _Stream, frame: int, code: int) -> None:
+        """Moves a frame's K/V location (host record now, device index at the end of the call)."""
+        st.kv_code[frame] = code
+        self._code_changes.append((stream, frame, code))
+
+    def _drop_below(self, stream: int, st: _Stream, frame: int) -> None:
+        """Frames of ``stream`` below ``frame`` lost their K/V: its eligible range starts at ``frame`` now."""
+        if frame > st.first_retrievable:
+            st.first_retrievable = frame
+            self._range_changes.add(stream)
+
+    def _sync_index(self) -> None:
+        """Mirrors the K/V moves and drops of this call into the device index (one scatter per table)."""
+        self._index.set_codes(self._code_changes)
+        live = [s for s in self._range_changes if s in self._streams]
+        self._index.set_ranges(live, [self._eligible(self._streams[s]) for s in live])
+        self._code_changes, self._range_changes = [], set()
+
+    def _store_kv(self, streams: list[int], states: list[_Stream], frames: list[tuple[int, int]], n: int,
+                  k: torch.Tensor, v: torch.Tensor) -> None:
+        """Allocates slots for the new frames ``(stream index b, frame)`` of all streams (making room in the tiers),
+        then writes them from ``k``/``v`` ``[L, B, n, ...]``: one write_kv per segment, frames without a slot
+        (sink frames, frames dropped right away) skipped with slot -1.
 
         Slots are all allocated before the new frames join the eviction queues, so making room only ever moves
-        or drops frames stored by earlier calls, whose data is already written.
+        or drops frames stored by earlier calls, whose data is already written. The frames of the call count as
+        appended in order, stream after stream.
         """
         limit = self._kv_limit()
         if limit is not None and len(frames) > limit:  # more new frames than the tiers hold: oldest dropped now
-            st.first_retrievable = max(st.first_retrievable, frames[-limit - 1] + 1)
-            frames, k, v = frames[-limit:], k[:, -limit:], v[:, -limit:]
-        if not frames:
-            return
+            for b, f in frames[:-limit]:
+                self._drop_below(streams[b], states[b], f + 1)
+            frames = frames[-limit:]
         n_device = min(len(frames), self.config.device_frames)
         tiers = ["host"] * (len(frames) - n_device) + ["device"] * n_device  # the oldest overflow to the host
-        codes = [self._alloc_in(tier, stream) for tier in tiers]
+        codes = [self._alloc_in(tier, streams[b]) for tier, (b, _) in zip(tiers, frames)]
         if any(code is None for code in codes):  # cannot happen: at most `limit` new frames, older ones give way
             raise RuntimeError("internal error: no K/V slot could be made free")
-        for f, code, tier in zip(frames, codes, tiers):
-            st.kv_code[f] = code
-            self._fifo[tier].append((stream, f))
+        for (b, f), code, tier in zip(frames, codes, tiers):
+            self._set_code(streams[b], states[b], f, code)
+            self._fifo[tier].append((streams[b], f))
+        # Row of each written frame in k.flatten(1, 2) ([L, B * n, ...]): b * n + (f - first frame of the block).
+        first = [st.num_frames - n for st in states]
+        rows = torch.full((len(states) * n,), -1, dtype=torch.int64)
+        positions = torch.tensor([b * n + f - first[b] for b, f in frames], dtype=torch.int64)
         codes_t = torch.tensor(codes, dtype=torch.int64)
+        k_flat, v_flat = k.flatten(1, 2), v.flatten(1, 2)
         for seg_index, seg in enumerate(self._segments):
             mine = (codes_t >> _SEGMENT_SHIFT) == seg_index
             if not bool(mine.any()):
                 continue
-            slots = torch.where(mine, codes_t & 0xFFFFFFFF, torch.full_like(codes_t, -1))
-            # The CUDA write_kv writes device frames straight into a pinned host pool; a pageable one needs them
-            # on the host first.
-            pageable = seg.pool.device.type == "cpu" and not seg.pool.is_pinned()
-            src_device = seg.pool.device if pageable else k.device
-            lrag_ext.write_kv(seg.pool, k.to(src_device), v.to(src_device), slots.to(src_device),
-                              pool_scale=seg.scale)
+            slots = rows.clone()
+            slots[positions[mine]] = codes_t[mine] & 0xFFFFFFFF
+            # On a GPU the host segments are pinned: write_kv writes the device frames straight into them.
+            lrag_ext.write_kv(seg.pool, k_flat, v_flat, self._to_device(slots), pool_scale=seg.scale)
 
     def _release(self, stream: int, st: _Stream) -> None:
         if st.pages:
             self._page_alloc.free(st.pages)
-        for code in st.kv_code.tolist():
+        for code in st.kv_code:
             if code >= 0:
                 self._free_code(code)
         for tier in self._fifo:

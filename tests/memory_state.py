@@ -21,7 +21,7 @@ class MemorySnapshot:
         with mem._lock:
             self.meta = dict(
                 next_stream=mem._next_stream,
-                streams={s: (st.num_frames, list(st.pages), st.kv_code.tolist(), st.first_retrievable, len(st.log),
+                streams={s: (st.num_frames, list(st.pages), list(st.kv_code), st.first_retrievable, len(st.log),
                              id(st))
                          for s, st in mem._streams.items()},
                 page_free=mem._page_alloc.num_free,

@@ -148,11 +148,29 @@ class MemoryMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.model.emb)
     @rule(data=st.data(), sizes=st.lists(st.integers(1, 4), min_size=1, max_size=3))
     def append_blocks(self, data, sizes):
-        """A block for several streams in a row (the generator's pattern), then a retrieve for them."""
-        streams = data.draw(st.lists(st.sampled_from(self.streams()), min_size=len(sizes), max_size=len(sizes)))
-        for s, n in zip(streams, sizes):
-            self.append_one(s, n)
+        """A block for several streams (the generator's pattern), one append per stream or one batched append for
+        distinct streams, then a retrieve for them."""
+        if data.draw(st.booleans()):
+            streams = data.draw(st.lists(st.sampled_from(self.streams()), min_size=1, max_size=3, unique=True))
+            self.append_batched(streams, sizes[0])
+        else:
+            streams = data.draw(st.lists(st.sampled_from(self.streams()), min_size=len(sizes), max_size=len(sizes)))
+            for s, n in zip(streams, sizes):
+                self.append_one(s, n)
         self.check_retrieve(sorted(set(streams)))
+
+    def append_batched(self, streams: list[int], n: int):
+        emb, k, v = self.block(n * len(streams))
+        emb, k, v = emb.unflatten(0, (len(streams), n)), k.unflatten(1, (len(streams), n)), v.unflatten(1, (len(streams), n))
+        fits = self.model.pages_used() + sum(
+            -(-(len(self.model.emb[s]) + n) // self.cfg.page_size) - -(-len(self.model.emb[s]) // self.cfg.page_size)
+            for s in streams) <= self.model.n_pages
+        if not fits:
+            self.expect_failure(lambda: self.mem.append(streams, emb, k=k, v=v), ValueError)
+            return
+        self.mem.append(streams, emb, k=k, v=v)
+        for b, s in enumerate(streams):  # the model: one append per stream, in order
+            self.model.append(s, emb[b], k[:, b], v[:, b])
 
     def append_one(self, s: int, n: int):
         emb, k, v = self.block(n)

@@ -189,11 +189,10 @@ class Pipeline:
                 if self.memory is None:
                     self.memory = self._new_memory(embs.shape[-1])
                     streams = [self.memory.add_stream() for _ in range(B)]
-                for i, emb in enumerate(embs):
-                    if self.retrieval.storage == "kv":
-                        self.memory.append(streams[i], emb, k=k[:, i], v=v[:, i])
-                    else:
-                        self.memory.append(streams[i], emb, latents=x0[i])
+                if self.retrieval.storage == "kv":      # one append for all streams: one write_kv per segment
+                    self.memory.append(streams, embs, k=k, v=v)
+                else:
+                    self.memory.append(streams, embs, latents=x0)
             _sync(device)
             timings["memory"] = time.perf_counter() - t0
             timings["total"] = time.perf_counter() - t_block
