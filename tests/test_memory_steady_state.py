@@ -7,9 +7,11 @@ block's retrieval capturable in a CUDA graph (a GPU run additionally captures it
 """
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import lrag_ext
 from lrag_ext.memory import KVLayout, MemoryConfig, RetrievalMemory
 
 LAYOUT = KVLayout(num_layers=2, tokens_per_frame=3, num_heads=2, head_dim=8)
@@ -36,20 +38,26 @@ class CountOps(TorchDispatchMode):
         return out
 
 
-def memory_with_history(frames: int, streams: int = 3) -> tuple[RetrievalMemory, list[int]]:
+def memory_with_history(frames: int, streams: int = 3, device: str = "cpu") -> tuple[RetrievalMemory, list[int]]:
     # A bounded host tier, full at both histories: an unbounded one adds a segment (one more gather_kv launch) each
     # time the stored frames double, the only per-block cost that grows with history (logarithmically).
     cfg = MemoryConfig(top_k=6, recent_exclude=5, sink_frames=1, window_frames=12, embed_dim=16, storage="kv",
                        kv_layout=LAYOUT, dtype=torch.float32, max_frames=4096, page_size=16, device_frames=32,
-                       host_frames=120)
+                       host_frames=120, device=device)
     mem = RetrievalMemory(cfg)
     g = torch.Generator().manual_seed(frames)
     ids = [mem.add_stream() for _ in range(streams)]
     L, T, H, Dh = LAYOUT.frame_shape
     for _ in range(frames // 3):
-        mem.append(ids, torch.randn(streams, 3, 16, generator=g), k=torch.randn(L, streams, 3, T, H, Dh, generator=g),
-                   v=torch.randn(L, streams, 3, T, H, Dh, generator=g))
+        append_block(mem, ids, g)
     return mem, ids
+
+
+def append_block(mem: RetrievalMemory, ids: list[int], g: torch.Generator) -> None:
+    L, T, H, Dh = LAYOUT.frame_shape
+    B, dev = len(ids), mem.device
+    mem.append(ids, torch.randn(B, 3, 16, generator=g).to(dev), k=torch.randn(L, B, 3, T, H, Dh, generator=g).to(dev),
+               v=torch.randn(L, B, 3, T, H, Dh, generator=g).to(dev))
 
 
 def block_retrieval(mem: RetrievalMemory, ids: list[int], cache: tuple) -> CountOps:
@@ -107,3 +115,33 @@ def test_batched_append_equals_one_append_per_stream():
         mems[0].gather(pa, cache[0], cache[1])
         mems[1].gather(pb, cache[2], cache[3])
         assert torch.equal(cache[0], cache[2]) and torch.equal(cache[1], cache[3])
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and lrag_ext.build_info()["cuda"]),
+                    reason="needs a GPU and the CUDA kernels")
+def test_block_retrieval_is_capturable_in_a_cuda_graph():
+    """retrieve + gather captured once replay correctly after later appends: the graph reads the persistent
+    index, so a replay sees the new history (what eager calls compute)."""
+    mem, ids = memory_with_history(60, device="cuda")
+    L, T, H, Dh = LAYOUT.frame_shape
+    cache = [torch.zeros(L, len(ids), 7, T, H, Dh, device="cuda") for _ in range(2)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture, as torch.cuda.graphs asks
+        for _ in range(2):
+            mem.gather(mem.retrieve(ids), *cache)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = mem.retrieve(ids)
+        mem.gather(captured, *cache)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        append_block(mem, ids, g)
+        graph.replay()
+        eager = mem.retrieve(ids)
+        want = [torch.zeros_like(c) for c in cache]
+        mem.gather(eager, *want)
+        torch.cuda.synchronize()
+        assert torch.equal(captured.ids, eager.ids) and torch.equal(captured.scores, eager.scores)
+        assert torch.equal(cache[0], want[0]) and torch.equal(cache[1], want[1])
