@@ -40,10 +40,10 @@ import lrag_ext
 from lrag_ext import memory_format as fmt
 from lrag_ext.memory_config import KVLayout, MemoryConfig
 from lrag_ext.memory_index import DeviceIndex
+from lrag_ext.positions import memory_positions
 
 __all__ = ["KVLayout", "MemoryConfig", "RetrievalMemory", "RetrievalPlan"]  # the config classes re-exported
 
-POSITION_MODES = ("sink", "ordered")
 _SEGMENT_SHIFT = fmt.SEGMENT_SHIFT  # a frame's K/V location is encoded as segment << 32 | slot (or -1: not stored)
 _KV_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what write_kv takes as new K/V
 _memory_tokens = itertools.count()  # identifies the memory a plan came from
@@ -322,9 +322,11 @@ class RetrievalMemory:
                 ``[0, cache_frames)``; default ``sink_frames + j``. Checked before anything is written on CPU; on a
                 GPU the values are not read back (no synchronisation) and follow :func:`lrag_ext.gather_kv`'s CUDA
                 semantics (out-of-range entries skipped, repeated ones undefined).
-            positions: ``"sink"`` (every retrieved frame at temporal position 0, the sink's, as the reference),
-                ``"ordered"`` (by frame id, ending just before the local window: positions
-                ``sink + top_k - count + rank_in_time``), or a ``[B, top_k]`` int64 tensor of positions.
+            positions: the temporal position K is rotated to (its RoPE delta; K is stored un-roped), a policy of
+                :mod:`lrag_ext.positions`: ``"sink"`` (= ``0``: un-roped K, for attention that applies RoPE by
+                position itself, as the reference and our generator), an int, ``"absolute"`` (frame index),
+                ``"ordered"`` (in temporal order just before the local window, which starts at
+                ``sink + top_k``), or a ``[B, top_k]`` int64 tensor.
             stream: a CUDA stream to run the copies on (prefetch). The call then returns an event recorded
                 after the copies: the consumer must ``torch.cuda.current_stream().wait_event(event)`` before
                 reading ``dst_k``/``dst_v``, and must not write the memory's storage from another stream meanwhile.
@@ -583,20 +585,12 @@ class RetrievalMemory:
         return t.pin_memory().to(self.device, non_blocking=True)
 
     def _positions(self, plan: RetrievalPlan, positions) -> torch.Tensor:
-        B, K = plan.ids.shape
+        """RoPE deltas of the plan's frames: their positions under ``positions`` (:mod:`lrag_ext.positions`), the
+        local window starting after the sink and ``top_k`` memory slots."""
         if isinstance(positions, torch.Tensor):
-            self._check_tensor(positions, "positions", (B, K), dtype=torch.int64)
+            self._check_tensor(positions, "positions", tuple(plan.ids.shape), dtype=torch.int64)
             return positions.contiguous()
-        if positions == "sink":
-            return torch.zeros((B, K), dtype=torch.int64, device=self.device)
-        if positions == "ordered":
-            # Rank of each selected frame by time among its stream's selection; padding (-1) ranks last.
-            key = torch.where(plan.ids < 0, torch.full_like(plan.ids, torch.iinfo(torch.int64).max), plan.ids)
-            rank = key.argsort(dim=1).argsort(dim=1)
-            counts = (plan.ids >= 0).sum(dim=1, keepdim=True)  # = plan.counts, without a host->device copy
-            return self.policy.sink_frames + K - counts + rank
-        raise ValueError(f"positions must be {', '.join(map(repr, POSITION_MODES))} or a [B, top_k] int64 tensor, "
-                         f"got {positions!r}")
+        return memory_positions(positions, plan.ids, first_local=self.policy.sink_frames + self.policy.top_k)
 
     def _check_tensor(self, t, name: str, shape: tuple, dtype: torch.dtype | None = None) -> None:
         if not isinstance(t, torch.Tensor):

@@ -245,7 +245,7 @@ def _error(argv, capsys) -> str:
     (["--device-frames", "-1"], "--device-frames must be >= 0"),
     (["--device-frames", "0", "--host-frames", "0"], "leave the retrieval memory no room"),
     (["--host-frames", "-2"], "--host-frames must be >= 0"),
-    (["--memory-position", "sideways"], "--memory-position must be an int >= 0, 'absolute' or 'ordered'"),
+    (["--memory-position", "sideways"], "--memory-position must be an int >= 0, one of 'sink', 'ordered', 'absolute'"),
     (["--mode", "native", "--seconds", "300"], "native mode uses absolute RoPE positions, at most 1024 frames"),
     (["--mode", "turbo"], "argument --mode: invalid choice"),
     (["--demo-latent", "7"], "--demo-latent must be an even number"),

@@ -58,7 +58,7 @@ def test_errors(setup):
         pipe.generate(text, 6, noise=io["init_noise"][:, :6], renoise=io["renoise"])
 
 
-@pytest.mark.parametrize("policy, block6", [(0, [0]), ("absolute", [1]), ("ordered", [6])])
+@pytest.mark.parametrize("policy, block6", [(0, [0]), ("sink", [0]), ("absolute", [1]), ("ordered", [6])])
 def test_memory_position_policies(setup, policy, block6):
     # Block 6 retrieves frame 1 whatever the policy; later selections depend on the (now different) frames, so
     # there the positions are checked against the policy's rule. The embedder is lenient here: from block 6 on
@@ -78,12 +78,14 @@ def test_memory_position_policies(setup, policy, block6):
         else:
             assert pos == [0] * len(frames)
     same = torch.equal(res.latents, io["output_latents"][:, :27])
-    assert same == (policy == 0)
+    assert same == (policy in (0, "sink"))
 
 
 def test_retrieval_config_errors():
     with pytest.raises(ValueError, match="memory_position"):
-        RetrievalConfig(memory_position="sink")
+        RetrievalConfig(memory_position="sideways")
+    with pytest.raises(ValueError, match="memory_position"):
+        RetrievalConfig(memory_position=True)
     with pytest.raises(ValueError, match="memory_position"):
         RetrievalConfig(memory_position=-1)
     with pytest.raises(ValueError, match="k must be"):

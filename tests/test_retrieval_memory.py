@@ -201,12 +201,12 @@ def test_positions_rotate_k_like_reference(device):
     assert plan.counts == [2]
     ids = plan.ids[0].tolist()
     L, T, H, Dh = LAYOUT.frame_shape
-    for positions, want_pos in [("ordered", None), (torch.tensor([[5, 9]], device=device), [5, 9])]:
+    ordered = [1 + sorted(ids).index(i) for i in ids]  # by frame id, ending just before the local window (1 + 2)
+    for positions, want_pos in [("ordered", ordered), (torch.tensor([[5, 9]], device=device), [5, 9]),
+                                ("absolute", ids), (3, [3, 3]), ("sink", [0, 0])]:
         dst_k = torch.zeros(L, 1, 4, T, H, Dh, device=device)
         dst_v = torch.zeros_like(dst_k)
         mem.gather(plan, dst_k, dst_v, positions=positions)
-        if want_pos is None:  # ordered: by frame id, ending just before the local window (slots 1, 2)
-            want_pos = [1 + sorted(ids).index(i) for i in ids]
         for j, frame in enumerate(ids):
             rotated = reference.rope_rotate_temporal(k[:, frame], torch.tensor(want_pos[j]),
                                                      reference.wan_temporal_pairs(Dh)).float()
@@ -425,8 +425,8 @@ def test_gather_shape_errors():
         mem.gather(plan, torch.zeros(2, 1, 6, 3, 2, 4), good)
     with pytest.raises(ValueError, match="too few for sink 1 \\+ top_k 3"):
         mem.gather(plan, good[:, :, :3], good[:, :, :3])
-    with pytest.raises(ValueError, match="positions must be 'sink', 'ordered'"):
-        mem.gather(plan, good, good.clone(), positions="absolute")
+    with pytest.raises(ValueError, match="positions must be an int >= 0, one of 'sink', 'ordered', 'absolute'"):
+        mem.gather(plan, good, good.clone(), positions="sideways")
     with pytest.raises(ValueError, match=r"dst_frame must have shape \[1, 3\]"):
         mem.gather(plan, good, good.clone(), dst_frame=torch.zeros(1, 2, dtype=torch.int64))
 

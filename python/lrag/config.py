@@ -6,6 +6,7 @@ import json
 import math
 from dataclasses import dataclass
 
+from lrag_ext.positions import check_policy
 from lrag_ext.state_dicts import naming_file, read_json_object
 
 
@@ -158,9 +159,6 @@ def _entry(obj: dict, key: str, types):
 
 
 
-MEMORY_POSITION_POLICIES = ("absolute", "ordered")
-
-
 @dataclass(frozen=True)
 class RetrievalConfig:
     """The LongLive-RAG retrieval schedule: ``k`` frames retrieved per block, the ``recent_exclude`` most recently
@@ -174,10 +172,10 @@ class RetrievalConfig:
     recompute the retrieved frames' K/V with one t = 0 forward per block: orders of magnitude less memory, not the
     reference's numbers).
 
-    ``memory_position`` is the temporal RoPE position policy of the retrieved frames:
-    an int (all at that position; 0 = the sink's phase, the reference's choice), ``"absolute"`` (their global
-    frame index, for absolute-RoPE caches) or ``"ordered"`` (in temporal order, on the positions just before the
-    local window's first frame, clamped at 0).
+    ``memory_position`` is the temporal RoPE position policy of the retrieved frames (:mod:`lrag_ext.positions`):
+    an int (all at that position; 0 = ``"sink"``, the sink's phase, the reference's choice), ``"absolute"`` (their
+    global frame index, for absolute-RoPE caches) or ``"ordered"`` (in temporal order, on the positions just
+    before the local window's first frame, clamped at 0).
     """
 
     k: int = 6
@@ -189,10 +187,7 @@ class RetrievalConfig:
     storage: str = "kv"
 
     def __post_init__(self) -> None:
-        pos = self.memory_position
-        if not ((isinstance(pos, int) and pos >= 0) or pos in MEMORY_POSITION_POLICIES):
-            raise ValueError(f"RetrievalConfig.memory_position must be an int >= 0 or one of "
-                             f"{MEMORY_POSITION_POLICIES}, got {pos!r}")
+        check_policy(self.memory_position, "RetrievalConfig.memory_position")
         if self.k < 1:
             raise ValueError(f"RetrievalConfig.k must be >= 1, got {self.k}")
         if self.storage not in ("kv", "latent"):

@@ -22,6 +22,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 import lrag_ext
+from lrag_ext.positions import memory_positions, needs_ids
 from lrag_ext.reference import mean_descriptor  # the fallback embedder: spatial mean [N, C, H, W] -> [N, C]
 from lrag.config import RetrievalConfig
 from lrag.models.wan import CausalWanModel
@@ -245,17 +246,12 @@ class Pipeline:
         }
 
     def _memory_positions(self, cache, plan, m: int) -> torch.Tensor:
-        """``[B, m]`` temporal positions of the plan's first ``m`` selected frames under the configured policy."""
+        """``[B, m]`` host temporal positions of the plan's first ``m`` selected frames under the configured policy
+        (:func:`lrag_ext.positions.memory_positions`; the cache keeps them on the host: they size the keys)."""
         policy = self.retrieval.memory_position
-        B = len(plan.streams)
-        if isinstance(policy, int):
-            return torch.full((B, m), policy, dtype=torch.long)
-        frames = plan.ids[:, :m].cpu()
-        if policy == "absolute":
-            return frames
-        first_local = int(cache.plan(self.cfg.frames_per_block).local_pos[0])      # "ordered"
-        rank = frames.argsort(dim=1).argsort(dim=1)                  # 0 = the oldest selected frame
-        return (first_local - m + rank).clamp(min=0)
+        ids = plan.ids[:, :m].cpu() if needs_ids(policy) else torch.zeros((len(plan.streams), m), dtype=torch.long)
+        first_local = int(cache.plan(self.cfg.frames_per_block).local_pos[0])
+        return memory_positions(policy, ids, first_local)
 
 
 def _sync(device: torch.device) -> None:

@@ -23,7 +23,8 @@ from typing import Callable, Optional
 import torch
 
 from lrag.cli import UsageError
-from lrag.config import MEMORY_POSITION_POLICIES, RetrievalConfig, WanConfig, wan_1_3b
+from lrag.config import RetrievalConfig, WanConfig, wan_1_3b
+from lrag_ext.positions import check_policy
 from lrag.generate import ModeRun, Progress, blocks_for_seconds, run_mode, write_outputs
 from lrag.pipeline import Pipeline
 from lrag_ext.state_dicts import InputFileError, check_output_dir, check_regular_file, error_summary, parse_device
@@ -71,9 +72,10 @@ def _check_common(args) -> None:
         raise UsageError(f"--host-frames must be >= 0, got {args.host_frames}")
     if args.device_frames == 0 and args.host_frames == 0:
         raise UsageError("--device-frames 0 and --host-frames 0 leave the retrieval memory no room for K/V")
-    if isinstance(args.memory_position, str) and args.memory_position not in MEMORY_POSITION_POLICIES:
-        raise UsageError(f"--memory-position must be an int >= 0, {' or '.join(map(repr, MEMORY_POSITION_POLICIES))}"
-                         f", got {args.memory_position!r}")
+    try:
+        check_policy(args.memory_position, "--memory-position")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _retrieval(args, num_frames: int) -> RetrievalConfig:
