@@ -192,3 +192,24 @@ def test_errors_leave_state_unchanged(model, cfg):
     assert isinstance(WanConfig.from_wan_config({"num_layers": 1, "dim": 8, "num_heads": 2, "ffn_dim": 8,
                                                  "_class_name": "WanModel", "patch_size": [1, 2, 2]}), WanConfig)
     assert math.prod(cfg.grid) == cfg.tokens_per_frame
+
+
+def test_rope_tables_are_built_once_per_positions():
+    """apply() reuses the rotation table of positions it saw recently (every layer and forward of a block rotates
+    by the same ones) and the result is exactly the uncached rotation."""
+    rope = Rope3D(8, (2, 3), max_positions=64)
+    x = torch.randn(2, 3, 6, 2, 8, dtype=torch.float32)
+    built = []
+    build = rope._build
+    rope._build = lambda p: built.append(p.tolist()) or build(p)
+    for positions in ([1, 2, 3], [4, 5, 6], [1, 2, 3], [[0, 1, 2], [7, 8, 9]]):
+        pos = torch.tensor(positions)
+        want = torch.view_as_real(torch.view_as_complex(x.double().reshape(2, 3, 6, 2, 4, 2))
+                                  * build(pos)).flatten(-2).float()
+        assert torch.equal(rope.apply(x, pos), want)
+    assert built.count([1, 2, 3]) == 1  # seen twice, built once
+    with pytest.raises(ValueError, match="RoPE positions must lie in"):
+        rope.apply(x, torch.tensor([0, 1, 64]))
+    for i in range(20):
+        rope.apply(x, torch.tensor([i, i + 1, i + 2]))
+    assert len(rope._factors) <= 8

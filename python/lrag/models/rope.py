@@ -7,7 +7,11 @@ activation dtype (as the reference release does; this is what makes a float32 CP
 """
 from __future__ import annotations
 
+import collections
+
 import torch
+
+_FACTOR_CACHE = 8  # rotation tables kept per Rope3D: a forward needs 2-3 (query, block, memory), for every layer
 
 
 def axis_table(max_positions: int, pairs: int, theta: float) -> torch.Tensor:
@@ -40,17 +44,42 @@ class Rope3D:
         width = axis_table(max_positions, self.split[2], theta)[:w]                           # [w, cw]
         self.spatial = torch.cat([height[:, None, :].expand(h, w, -1), width[None, :, :].expand(h, w, -1)],
                                  dim=-1).reshape(h * w, -1)                                   # [T, ch + cw]
+        self._factors: collections.OrderedDict = collections.OrderedDict()
 
     def to(self, device: torch.device) -> "Rope3D":
         if self.temporal.device != torch.device(device):
             self.temporal = self.temporal.to(device)
             self.spatial = self.spatial.to(device)
+            self._factors.clear()
         return self
+
+    def cached_factors(self, positions: torch.Tensor) -> torch.Tensor:
+        """:meth:`factors` of host ``positions``, built once and reused while they recur: every layer of a forward
+        and every forward of a block rotate by the same positions, so their tables are built once per block
+        instead of once per layer and call (and the positions are copied to the device once)."""
+        if positions.device.type != "cpu":
+            return self.factors(positions)
+        key = (tuple(positions.shape), tuple(positions.flatten().tolist()))
+        table = self._factors.get(key)
+        if table is None:
+            self._check(positions)  # on the host: no synchronisation
+            table = self._factors[key] = self._build(positions.to(self.temporal.device))
+            if len(self._factors) > _FACTOR_CACHE:
+                self._factors.popitem(last=False)
+        else:
+            self._factors.move_to_end(key)
+        return table
 
     def factors(self, positions: torch.Tensor) -> torch.Tensor:
         """Complex128 rotation ``[..., F, T, 1, c]`` of frames at temporal ``positions`` ``[..., F]`` (int64)."""
+        self._check(positions)
+        return self._build(positions)
+
+    def _check(self, positions: torch.Tensor) -> None:
         if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= self.max_positions):
             raise ValueError(f"RoPE positions must lie in [0, {self.max_positions}), got {positions.tolist()}")
+
+    def _build(self, positions: torch.Tensor) -> torch.Tensor:
         t = self.temporal[positions]                                                           # [..., F, ct]
         T = self.spatial.shape[0]
         t = t.unsqueeze(-2).expand(*t.shape[:-1], T, t.shape[-1])                            # [..., F, T, ct]
@@ -65,5 +94,5 @@ class Rope3D:
         B, F, T, H, d = x.shape
         self.to(x.device)
         xc = torch.view_as_complex(x.to(torch.float64).reshape(B, F, T, H, d // 2, 2))
-        out = torch.view_as_real(xc * self.factors(positions.to(x.device))).flatten(-2)
+        out = torch.view_as_real(xc * self.cached_factors(positions)).flatten(-2)
         return out.to(x.dtype)
