@@ -106,3 +106,24 @@ def test_mode_and_position_overrides(setup):
     assert native_window.memory_log == [] and torch.isfinite(native_window.latents).all()
     assert torch.equal(native_window.latents[:, :3], native.latents[:, :3])   # block 0: same positions either way
     assert not torch.equal(native_window.latents, native.latents)
+
+
+def test_memory_records_are_read_only_when_used(setup, monkeypatch):
+    """The loop never reads a block's selection back from the device unless someone looks at its record; records
+    read late (at the end) equal records read right after their block."""
+    from lrag_ext.memory import RetrievalMemory
+
+    model, io = setup
+    reads = []
+    original = RetrievalMemory.log
+    monkeypatch.setattr(RetrievalMemory, "log", lambda self, *a, **kw: reads.append(1) or original(self, *a, **kw))
+    args = dict(noise=io["init_noise"][:, :27], renoise=io["renoise"][:9])
+    pipe = Pipeline(model, embed=LookupEmbedder(io["output_latents"][0], io["descriptors"]))
+    reads_at_block = []
+    lazy = pipe.generate(io["text_embeds"], 27, callback=lambda blk: reads_at_block.append(len(reads)), **args)
+    assert reads_at_block == [0] * 9 and len(reads) == 3  # blocks 6-8 retrieved; read once each, at the end
+    eager_records = []
+    eager = pipe.generate(io["text_embeds"], 27, callback=lambda blk: eager_records.append(blk.memory_record), **args)
+    strip = lambda recs: [{k: v for k, v in r.items() if k != "retrieval_s"} for r in recs]  # noqa: E731
+    assert strip(lazy.memory_log) == strip(eager.memory_log) == strip([r for r in eager_records if r is not None])
+    assert torch.equal(lazy.latents, eager.latents)

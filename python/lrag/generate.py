@@ -135,7 +135,9 @@ def run_mode(pipe: Pipeline, text: torch.Tensor, num_blocks: int, mode: str, ren
 
     try:
         gen = torch.Generator().manual_seed(seed)
-        pipe.generate(text, num_blocks * pipe.cfg.frames_per_block, generator=gen, mode=mode, callback=callback)
+        # profile: the CLI reports device time per phase (it waits for every block's frames anyway, to write them)
+        pipe.generate(text, num_blocks * pipe.cfg.frames_per_block, generator=gen, mode=mode, callback=callback,
+                      profile=True)
         run.finished = True
     finally:
         writer.close()

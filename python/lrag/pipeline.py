@@ -15,6 +15,7 @@ Per block of ``F`` frames starting at frame ``s`` (see docs/generator.md):
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -31,6 +32,18 @@ from lrag.scheduler import FlowMatchScheduler
 Embedder = Callable[[torch.Tensor], torch.Tensor]
 
 
+class _Lazy:
+    """A value computed on first use (a block's memory record reads the selection back from the device)."""
+
+    def __init__(self, make: Callable[[], dict]):
+        self._make, self._value = make, None
+
+    def get(self) -> dict:
+        if self._make is not None:
+            self._value, self._make = self._make(), None
+        return self._value
+
+
 @dataclass
 class BlockResult:
     """One finished block, as handed to the callback."""
@@ -39,7 +52,13 @@ class BlockResult:
     start_frame: int
     latents: torch.Tensor                  # [B, F, C, H, W]
     timings: dict                          # seconds: retrieval, denoise, rerun, memory, total
-    memory_record: Optional[dict] = None   # the reference's log fields when a retrieval happened
+    _record: Optional[_Lazy] = field(default=None, repr=False)
+
+    @property
+    def memory_record(self) -> Optional[dict]:
+        """The reference's log fields when a retrieval happened, else None. Reading it copies the block's selection
+        to the host (one synchronisation), so a loop that never looks never waits for the device."""
+        return self._record.get() if self._record is not None else None
 
 
 @dataclass
@@ -110,7 +129,7 @@ class Pipeline:
     def generate(self, text_embeddings: torch.Tensor, num_frames: int, generator: torch.Generator | None = None,
                  mode: str = "rag", noise: torch.Tensor | None = None, renoise: torch.Tensor | None = None,
                  position_mode: str | None = None, callback: Callable[[BlockResult], None] | None = None,
-                 trace: bool = False) -> GenerationResult:
+                 trace: bool = False, profile: bool = False) -> GenerationResult:
         """Generates ``num_frames`` latent frames.
 
         Args:
@@ -125,6 +144,10 @@ class Pipeline:
             position_mode: override the RoPE position mode (``"absolute"`` / ``"window"``).
             callback: called with a :class:`BlockResult` after every block.
             trace: also return the input and x0 of every forward.
+            profile: synchronise the device after each phase of a block, so that ``timings`` measure device time.
+                Off (the default), the loop never waits for the device: on a GPU ``timings`` then measure the
+                host's enqueue time; on the CPU they are the same either way. Memory records are read from the
+                device only when used (``BlockResult.memory_record``, ``GenerationResult.memory_log``).
 
         Returns:
             :class:`GenerationResult`.
@@ -142,6 +165,7 @@ class Pipeline:
                                 memory_slots=self.retrieval.k if rag else 0)
         model.set_text(cache, text_embeddings)
         self.memory = None          # created at the first append, when the embedding size is known
+        self._retrievals = 0        # retrieve calls on it: the index of each block's record in the memory's log
         streams: list[int] = []
         out = torch.zeros(shape, dtype=dtype, device=device)
         steps = len(self.timesteps)
@@ -155,7 +179,7 @@ class Pipeline:
             timings = {}
             t_block = time.perf_counter()
             plan = self._retrieve(s, cache, streams) if rag else None
-            _sync(device)
+            _sync(device, profile)
             timings["retrieval"] = time.perf_counter() - t_block
 
             t0 = time.perf_counter()
@@ -172,7 +196,7 @@ class Pipeline:
                     t_next = torch.full((B, F), float(self.timesteps[j + 1]), dtype=torch.float32, device=device)
                     x = sched.add_noise(x0, eps, t_next)
             out[:, s:s + F] = x0
-            _sync(device)
+            _sync(device, profile)
             timings["denoise"] = time.perf_counter() - t0
 
             t0 = time.perf_counter()
@@ -180,7 +204,7 @@ class Pipeline:
             flow = model(x0, t_ctx, cache, update_cache=True)
             if trace:
                 result.x_in[b, steps], result.x0[b, steps] = x0.cpu(), sched.to_x0(flow, x0, t_ctx).cpu()
-            _sync(device)
+            _sync(device, profile)
             timings["rerun"] = time.perf_counter() - t0
 
             t0 = time.perf_counter()
@@ -194,17 +218,17 @@ class Pipeline:
                     self.memory.append(streams, embs, k=k, v=v)
                 else:
                     self.memory.append(streams, embs, latents=x0)
-            _sync(device)
+            _sync(device, profile)
             timings["memory"] = time.perf_counter() - t0
             timings["total"] = time.perf_counter() - t_block
-            record = self._record(b, s, cache, streams, timings["retrieval"]) if plan is not None else None
-
-            block = BlockResult(b, s, x0, timings, record)
+            record = None
+            if plan is not None:
+                record = _Lazy(functools.partial(self._record, b, s, cache.mem_positions.clone(), streams,
+                                                 self._retrievals - 1, timings["retrieval"]))
             if callback is not None:
-                callback(block)
+                callback(BlockResult(b, s, x0, timings, record))
             result.blocks.append(BlockResult(b, s, None, timings, record))
-            if record is not None:
-                result.memory_log.append(record)
+        result.memory_log = [blk.memory_record for blk in result.blocks if blk._record is not None]
         return result
 
     def _retrieve(self, s: int, cache, streams: list[int]) -> Optional["lrag_ext.RetrievalPlan"]:
@@ -214,6 +238,7 @@ class Pipeline:
         if s == 0:
             return None
         plan = self.memory.retrieve(streams)
+        self._retrievals += 1
         m = plan.counts[0]                   # every stream holds the same number of frames
         if m == 0:
             return None
@@ -229,9 +254,11 @@ class Pipeline:
         cache.set_memory_positions(positions)
         return plan
 
-    def _record(self, b: int, s: int, cache, streams: list[int], retrieval_s: float) -> dict:
-        """The block's log record (the reference's fields, one list per stream); reads the selection on the host."""
-        logs = [self.memory.log(st, start=-1)[0] for st in streams]
+    def _record(self, b: int, s: int, positions: torch.Tensor, streams: list[int], log_index: int,
+                retrieval_s: float) -> dict:
+        """Block ``b``'s log record (the reference's fields, one list per stream) from the memory's log record
+        ``log_index``; reads the selection on the host."""
+        logs = [self.memory.log(st, start=log_index)[0] for st in streams]
         return {
             "block": b,
             "query_frame": s,                    # the reference logs the block start, not the query frame s-1
@@ -241,7 +268,7 @@ class Pipeline:
             "selected_pool_indices": [rec["selected_pool_indices"] for rec in logs],
             "selected_global_frames": [rec["selected_global_frames"] for rec in logs],
             "selected_similarities": [rec["selected_similarities"] for rec in logs],
-            "memory_positions": cache.mem_positions.tolist(),
+            "memory_positions": positions.tolist(),
             "retrieval_s": retrieval_s,
         }
 
@@ -254,6 +281,7 @@ class Pipeline:
         return memory_positions(policy, ids, first_local)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
+def _sync(device: torch.device, profile: bool) -> None:
+    """Waits for the device only when profiling (timings of device time)."""
+    if profile and device.type == "cuda":
         torch.cuda.synchronize(device)
