@@ -4,10 +4,14 @@
 #include <ATen/ATen.h>
 
 #include <limits>
+#include <utility>
 
 #include "checks.h"
 
 namespace lrag {
+
+// Bytes of one result: a float32 score and an int64 id.
+constexpr int64_t kResultBytes = 12;
 
 struct CosineTopkGeometry {
   int64_t streams;     // B
@@ -53,10 +57,33 @@ inline CosineTopkGeometry check_cosine_topk_args(const at::Tensor& queries, cons
   check_size(page_table, 0, g.streams, "page_table", "queries.shape[0] (B)");
   check_size(lo, 0, g.streams, "lo", "queries.shape[0] (B)");
   check_size(hi, 0, g.streams, "hi", "queries.shape[0] (B)");
-  g.capacity = g.max_pages * g.page_size;
-  TORCH_CHECK(g.capacity < std::numeric_limits<int32_t>::max(),
-              "page_table.shape[1] * page_size must address fewer than 2^31 - 1 logical ids, got ", g.capacity);
+  // The sizes of empty tensors are arbitrary: products of user sizes are checked for overflow, never wrapped.
+  g.capacity = size_product({g.max_pages, g.page_size});
+  TORCH_CHECK(g.capacity >= 0 && g.capacity < std::numeric_limits<int32_t>::max(),
+              "page_table.shape[1] * page_size must address fewer than 2^31 - 1 logical ids, got ", g.max_pages,
+              " pages x page_size ", g.page_size);
+  // The results take B * k * 12 bytes (float32 scores, int64 ids): compared without multiplying.
+  TORCH_CHECK(g.streams == 0 || k <= std::numeric_limits<int64_t>::max() / kResultBytes / g.streams, "k = ", k,
+              " is too large: the [B, k] results of B = ", g.streams, " streams would need B * k * ", kResultBytes,
+              " bytes, beyond int64");
   return g;
+}
+
+// The [B, k] results (scores float32, ids int64) on the device of `queries`. k is the one size a caller picks
+// freely, so a failed allocation is reported naming it (torch's own message names only a byte count).
+inline std::pair<at::Tensor, at::Tensor> empty_topk_results(const at::Tensor& queries, const CosineTopkGeometry& g) {
+  auto fail = [&](const c10::Error& e) {
+    return c10::str("cosine_topk cannot allocate its [B, k] results for k = ", g.k, ", B = ", g.streams, " (",
+                    g.streams * g.k * kResultBytes, " bytes): ", e.what_without_backtrace());
+  };
+  try {
+    return {at::empty({g.streams, g.k}, queries.options().dtype(at::kFloat)),
+            at::empty({g.streams, g.k}, queries.options().dtype(at::kLong))};
+  } catch (const c10::OutOfMemoryError& e) {
+    TORCH_CHECK_WITH(OutOfMemoryError, false, fail(e));
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(false, fail(e));
+  }
 }
 
 }  // namespace lrag

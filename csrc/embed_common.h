@@ -23,11 +23,12 @@ inline PixelView pixel_view(const at::Tensor& x) {
 }
 
 inline void check_param(const at::Tensor& p, const at::Tensor& x, int64_t dim, const char* name,
-                        const char* shape) {
+                        const char* shape, const char* x_name) {
   check_dim(p, dim, name, shape);
-  TORCH_CHECK(p.scalar_type() == x.scalar_type(), name, " must have the dtype of the input (",
+  TORCH_CHECK(p.scalar_type() == x.scalar_type(), name, " must have the dtype of the input ", x_name, " (",
               dtype_name(x.scalar_type()), "), got ", dtype_name(p.scalar_type()));
-  check_same_device(p, x, name, "the input");
+  TORCH_CHECK(p.device() == x.device(), name, " must be on the same device as the input ", x_name, " (", x.device(),
+              "), got ", p.device());
 }
 
 struct EmbedHeadGeometry {
@@ -39,11 +40,15 @@ inline EmbedHeadGeometry check_embed_head_args(const at::Tensor& feat, const at:
                                                const at::Tensor& fc_bias, int64_t groups, double eps) {
   check_dim(feat, 4, "feat", "[N, C, H, W]");
   check_float_dtype(feat, "feat");
-  check_param(gn_weight, feat, 1, "gn_weight", "[C]");
-  check_param(gn_bias, feat, 1, "gn_bias", "[C]");
-  check_param(fc_weight, feat, 2, "fc_weight", "[D, C]");
-  check_param(fc_bias, feat, 1, "fc_bias", "[D]");
-  EmbedHeadGeometry g{feat.size(0), feat.size(1), feat.size(2) * feat.size(3), fc_weight.size(0), groups};
+  check_param(gn_weight, feat, 1, "gn_weight", "[C]", "feat");
+  check_param(gn_bias, feat, 1, "gn_bias", "[C]", "feat");
+  check_param(fc_weight, feat, 2, "fc_weight", "[D, C]", "feat");
+  check_param(fc_bias, feat, 1, "fc_bias", "[D]", "feat");
+  // H x W of an empty batch is arbitrary: the product is checked for overflow, never wrapped.
+  EmbedHeadGeometry g{feat.size(0), feat.size(1), size_product({feat.size(2), feat.size(3)}), fc_weight.size(0),
+                      groups};
+  TORCH_CHECK(g.pixels >= 0, "feat.shape[2] * feat.shape[3] (H x W) overflows int64: ", feat.size(2), " x ",
+              feat.size(3));
   TORCH_CHECK(g.c >= 1, "feat.shape[1] (C) must be >= 1, got ", g.c);
   TORCH_CHECK(g.pixels >= 1, "feat must have at least one pixel, got H x W = ", feat.size(2), " x ", feat.size(3));
   check_size(gn_weight, 0, g.c, "gn_weight", "feat.shape[1] (C)");
@@ -64,13 +69,15 @@ inline PooledEmbedGeometry check_pooled_embed_args(const at::Tensor& x, const at
                                                    const at::Tensor& bias, int64_t grid) {
   check_dim(x, 4, "x", "[N, C, H, W]");
   check_float_dtype(x, "x");
-  check_param(weight, x, 2, "weight", "[D, C * grid * grid]");
-  check_param(bias, x, 1, "bias", "[D]");
+  check_param(weight, x, 2, "weight", "[D, C * grid * grid]", "x");
+  check_param(bias, x, 1, "bias", "[D]", "x");
   PooledEmbedGeometry g{x.size(0), x.size(1), x.size(2), x.size(3), grid, 0, weight.size(0)};
   TORCH_CHECK(g.c >= 1, "x.shape[1] (C) must be >= 1, got ", g.c);
   TORCH_CHECK(grid >= 1 && grid <= g.h && grid <= g.w, "grid must be in [1, min(H, W)] = [1, ",
               std::min(g.h, g.w), "], got ", grid);
-  g.k = g.c * grid * grid;
+  // C of an empty batch is arbitrary: the product is checked for overflow, never wrapped.
+  g.k = size_product({g.c, grid, grid});
+  TORCH_CHECK(g.k >= 0, "x.shape[1] * grid * grid (C * grid * grid) overflows int64: C = ", g.c, ", grid = ", grid);
   check_size(weight, 1, g.k, "weight", "C * grid * grid");
   TORCH_CHECK(g.d >= 1, "weight.shape[0] (D) must be >= 1, got ", g.d);
   check_size(bias, 0, g.d, "bias", "weight.shape[0] (D)");

@@ -53,9 +53,12 @@ inline KvGeometry check_pool(const at::Tensor& pool) {
   check_last_dim_dense(pool, "pool");
   KvGeometry g{pool.size(0), pool.size(1), pool.size(3), pool.size(4), pool.size(5)};
   TORCH_CHECK(g.head_dim % 2 == 0, "pool.shape[5] (head_dim) must be even (RoPE pairs), got ", g.head_dim);
-  // The CUDA kernels index inside one frame with 32-bit integers.
-  TORCH_CHECK(g.tokens * g.heads * g.head_dim < std::numeric_limits<int32_t>::max(),
-              "tokens * heads * head_dim of one frame must be < 2^31 - 1, got ", g.tokens * g.heads * g.head_dim);
+  // The CUDA kernels index inside one frame with 32-bit integers. (The sizes of an empty pool are arbitrary:
+  // their product is checked for overflow, not computed.)
+  const int64_t frame = size_product({g.tokens, g.heads, g.head_dim});
+  TORCH_CHECK(frame >= 0 && frame < std::numeric_limits<int32_t>::max(),
+              "tokens * heads * head_dim of one frame must be < 2^31 - 1, got ", g.tokens, " * ", g.heads, " * ",
+              g.head_dim);
   return g;
 }
 
@@ -140,11 +143,47 @@ inline KvGeometry check_gather_kv_args(const at::Tensor& pool, const at::Tensor&
   check_same_device(slots, dst_k, "slots", "dst_k");
   check_same_device(dst_frame, dst_k, "dst_frame", "dst_k");
   check_same_device(delta, dst_k, "delta", "dst_k");
-  TORCH_CHECK(rope_temporal_pairs >= 0 && 2 * rope_temporal_pairs <= g.head_dim,
+  // Compared without multiplying: 2 * rope_temporal_pairs overflows for values near 2^62.
+  TORCH_CHECK(rope_temporal_pairs >= 0 && rope_temporal_pairs <= g.head_dim / 2,
               "rope_temporal_pairs must be in [0, head_dim / 2 = ", g.head_dim / 2, "], got ", rope_temporal_pairs);
   TORCH_CHECK(rope_theta > 0.0 && std::isfinite(rope_theta), "rope_theta must be a positive finite number, got ",
               rope_theta);
   return g;
+}
+
+// The outputs of write_kv (pool, pool_scale) must not alias: no stride-0 dim, no memory shared with an input
+// or with each other. Without this, a frame written to a stride-0 pool lands in every slot (last writer wins)
+// and a pool that overlaps a source is read after being overwritten.
+inline void check_write_kv_aliasing(const at::Tensor& pool, const at::Tensor& src_k, const at::Tensor& src_v,
+                                    const at::Tensor& slots, const std::optional<at::Tensor>& pool_scale) {
+  check_no_internal_overlap(pool, "pool");
+  check_no_overlap(pool, "pool", src_k, "src_k");
+  check_no_overlap(pool, "pool", src_v, "src_v");
+  check_no_overlap(pool, "pool", slots, "slots");
+  if (!pool_scale.has_value()) return;
+  check_no_internal_overlap(*pool_scale, "pool_scale");
+  check_no_overlap(*pool_scale, "pool_scale", pool, "pool");
+  check_no_overlap(*pool_scale, "pool_scale", src_k, "src_k");
+  check_no_overlap(*pool_scale, "pool_scale", src_v, "src_v");
+  check_no_overlap(*pool_scale, "pool_scale", slots, "slots");
+}
+
+// The outputs of gather_kv (dst_k, dst_v) must not alias: no stride-0 dim, not each other, no input.
+inline void check_gather_kv_aliasing(const at::Tensor& pool, const at::Tensor& slots, const at::Tensor& dst_k,
+                                     const at::Tensor& dst_v, const at::Tensor& dst_frame, const at::Tensor& delta,
+                                     const std::optional<at::Tensor>& pool_scale) {
+  check_no_internal_overlap(dst_k, "dst_k");
+  check_no_internal_overlap(dst_v, "dst_v");
+  check_no_overlap(dst_k, "dst_k", dst_v, "dst_v");
+  const at::Tensor* outs[2] = {&dst_k, &dst_v};
+  const char* out_names[2] = {"dst_k", "dst_v"};
+  for (int i = 0; i < 2; ++i) {
+    check_no_overlap(*outs[i], out_names[i], pool, "pool");
+    check_no_overlap(*outs[i], out_names[i], slots, "slots");
+    check_no_overlap(*outs[i], out_names[i], dst_frame, "dst_frame");
+    check_no_overlap(*outs[i], out_names[i], delta, "delta");
+    if (pool_scale.has_value()) check_no_overlap(*outs[i], out_names[i], *pool_scale, "pool_scale");
+  }
 }
 
 // Element conversion of the copies (CPU and CUDA): through float, with fp8 (de)quantisation by the slot's scale.

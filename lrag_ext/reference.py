@@ -77,11 +77,12 @@ def embed_head(feat: torch.Tensor, gn_weight: torch.Tensor, gn_bias: torch.Tenso
         fc_weight: ``[D, C]``; fc_bias: ``[D]``. groups: divides C. eps: GroupNorm epsilon.
 
     Returns:
-        ``[N, D]`` float32 unit-norm embeddings.
+        ``[N, D]`` float32 unit-norm embeddings (``[0, D]`` for an empty batch, as the kernels).
     """
     # GroupNorm written out in float64 (F.group_norm refuses one value per group, which is well defined here).
-    N, C = feat.shape[:2]
-    x = feat.double().reshape(N, groups, -1)
+    # The group size is spelled out, not -1: an empty batch (N = 0) cannot infer it, and must give [0, D].
+    N, C, H, W = feat.shape
+    x = feat.double().reshape(N, groups, (C // groups) * H * W)
     mean = x.mean(dim=-1, keepdim=True)
     var = (x - mean).pow(2).mean(dim=-1, keepdim=True)
     y = ((x - mean) / torch.sqrt(var + eps)).reshape(feat.shape)

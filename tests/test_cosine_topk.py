@@ -283,7 +283,9 @@ def _ok_args():
                 lo=torch.tensor([0, 0]), hi=torch.tensor([8, 5]), k=3)
 
 
-@pytest.mark.parametrize("change, match", [
+# The last VALUE_CHECKS cases are value checks (CPU kernel only); the others are metadata checks, which the fake
+# kernel makes as well.
+BAD_ARGS = [
     (dict(queries=torch.randn(8)), r"queries must be a 2-D tensor"),
     (dict(queries=torch.randn(2, 8).double()), r"queries must be float32, float16 or bfloat16"),
     (dict(pages=torch.randn(3, 8)), r"pages must be a 3-D tensor"),
@@ -300,10 +302,24 @@ def _ok_args():
     (dict(lo=torch.tensor([0, 6])), r"lo\[1\] must be <= hi\[1\]"),
     (dict(hi=torch.tensor([9, 5])), r"hi\[0\] = 9 is beyond what page_table can address"),
     (dict(page_table=torch.tensor([[0, 3], [2, 0]], dtype=torch.int32)), r"page_table\[0, 1\] = 3 is outside the pool"),
-])
+]
+VALUE_CHECKS = 4
+
+
+@pytest.mark.parametrize("change, match", BAD_ARGS)
 def test_errors_name_the_argument(change, match):
     args = _ok_args()
     args.update(change)
+    with pytest.raises(RuntimeError, match=match):
+        lrag_ext.cosine_topk(**args)
+
+
+@pytest.mark.parametrize("change, match", BAD_ARGS[:-VALUE_CHECKS])
+def test_fake_kernel_makes_the_same_checks(change, match):
+    # All-meta arguments run the fake kernel (as torch.compile does): the same error, not a [B, k] result.
+    args = _ok_args()
+    args.update(change)
+    args = {n: v.to("meta") if isinstance(v, torch.Tensor) else v for n, v in args.items()}
     with pytest.raises(RuntimeError, match=match):
         lrag_ext.cosine_topk(**args)
 

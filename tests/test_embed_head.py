@@ -88,7 +88,7 @@ def test_compile(device):
     torch.testing.assert_close(fn(*args), 2 * reference.embed_head(*args, 4, 1e-5), rtol=2e-5, atol=4e-6)
 
 
-@pytest.mark.parametrize("mutate,msg", [
+BAD_ARGS = [
     (lambda a: a.__setitem__(0, a[0][0]), r"feat must be a 4-D tensor"),
     (lambda a: a.__setitem__(0, a[0].long()), r"feat must be float32, float16 or bfloat16"),
     (lambda a: a.__setitem__(1, a[1].double()), r"gn_weight must have the dtype of the input"),
@@ -97,16 +97,27 @@ def test_compile(device):
     (lambda a: a.__setitem__(3, a[3][0]), r"fc_weight must be a 2-D tensor"),
     (lambda a: a.__setitem__(4, a[4][:2]), r"fc_bias.shape\[0\] must equal fc_weight.shape\[0\] \(D\)"),
     (lambda a: a.__setitem__(0, a[0][:, :, :0]), r"feat must have at least one pixel"),
-])
-def test_errors(mutate, msg):
+]
+
+
+# meta: all-meta arguments run the fake kernel (as torch.compile does), which must make the same checks.
+META = pytest.mark.parametrize("meta", [False, True], ids=["kernel", "fake"])
+
+
+@META
+@pytest.mark.parametrize("mutate,msg", BAD_ARGS)
+def test_errors(mutate, msg, meta):
     args = make(2, 8, 4, 4, 6)
     mutate(args)
+    if meta:
+        args = [t.to("meta") for t in args]
     with pytest.raises(RuntimeError, match=msg):
         lrag_ext.embed_head(*args, 4, 1e-5)
 
 
-def test_bad_groups_and_eps():
-    args = make(2, 8, 4, 4, 6)
+@META
+def test_bad_groups_and_eps(meta):
+    args = make(2, 8, 4, 4, 6, device="meta" if meta else "cpu")
     with pytest.raises(RuntimeError, match=r"groups must be >= 1 and divide C \(8\), got 3"):
         lrag_ext.embed_head(*args, 3, 1e-5)
     with pytest.raises(RuntimeError, match=r"eps must be >= 0"):

@@ -285,19 +285,18 @@ def skip_value_check_on_cuda(device, cases, i, op):
         pytest.skip("value checks are CPU-only (they would synchronise a GPU)")
 
 
-@pytest.mark.parametrize("case", range(len(GATHER_BAD)))
-def test_gather_kv_errors_name_the_argument_and_change_nothing(device, case):
-    mutate, match = GATHER_BAD[case]
-    skip_value_check_on_cuda(device, GATHER_BAD, case, "gather")
+def as_meta(args: dict) -> dict:
+    """The arguments as meta tensors of the same shapes, strides and dtypes: a call runs the fake kernel."""
+    return {n: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+            if isinstance(t, torch.Tensor) else t for n, t in args.items()}
+
+
+def gather_bad_args(device, case):
     pool, slots, k, v, frame, delta = gather_setup(device)
     args = dict(pool=pool, slots=slots, dst_k=k, dst_v=v, dst_frame=frame, delta=delta, rope_temporal_pairs=2,
                 rope_theta=10000.0)
-    mutate(args)
-    snap = {n: t.clone() for n, t in args.items() if isinstance(t, torch.Tensor)}
-    with pytest.raises(RuntimeError, match=match):
-        lrag_ext.gather_kv(**args)
-    for n, t in snap.items():
-        assert torch.equal(args[n], t), f"{n} changed by a failed call"
+    GATHER_BAD[case][0](args)
+    return args
 
 
 WRITE_BAD = [
@@ -314,20 +313,40 @@ WRITE_BAD = [
 ]
 
 
-@pytest.mark.parametrize("case", range(len(WRITE_BAD)))
-def test_write_kv_errors_name_the_argument_and_change_nothing(device, case):
-    mutate, match = WRITE_BAD[case]
-    skip_value_check_on_cuda(device, WRITE_BAD, case, "write")
+def write_bad_args(device, case):
     gen = torch.Generator().manual_seed(12)
     pool = make_pool(4, (2, 3, 2, 8), torch.float32, device, gen)
     args = dict(pool=pool, src_k=rand((2, 2, 3, 2, 8), torch.float32, device, gen),
                 src_v=rand((2, 2, 3, 2, 8), torch.float32, device, gen), slots=torch.tensor([2, 0], device=device))
-    mutate(args)
-    snap = {n: t.clone() for n, t in args.items()}
-    with pytest.raises(RuntimeError, match=match):
-        lrag_ext.write_kv(**args)
+    WRITE_BAD[case][0](args)
+    return args
+
+
+# op: (its bad cases, their arguments, the op).
+BAD = {"gather": (GATHER_BAD, gather_bad_args, lrag_ext.gather_kv),
+       "write": (WRITE_BAD, write_bad_args, lrag_ext.write_kv)}
+
+
+@pytest.mark.parametrize("op,case", [(op, i) for op, (cases, _, _) in BAD.items() for i in range(len(cases))])
+def test_errors_name_the_argument_and_change_nothing(device, op, case):
+    cases, make, fn = BAD[op]
+    skip_value_check_on_cuda(device, cases, case, op)
+    args = make(device, case)
+    snap = {n: t.clone() for n, t in args.items() if isinstance(t, torch.Tensor)}
+    with pytest.raises(RuntimeError, match=cases[case][1]):
+        fn(**args)
     for n, t in snap.items():
         assert torch.equal(args[n], t), f"{n} changed by a failed call"
+
+
+# The metadata errors (all but the value checks) are made by the fake kernels too: with all-meta arguments (as
+# under torch.compile) a bad call raises the same error instead of passing.
+@pytest.mark.parametrize("op,case", [(op, i) for op, (cases, _, _) in BAD.items()
+                                     for i in range(len(cases) - VALUE_CHECKS[op])])
+def test_fake_kernels_make_the_same_checks(op, case):
+    cases, make, fn = BAD[op]
+    with pytest.raises(RuntimeError, match=cases[case][1]):
+        fn(**as_meta(make("cpu", case)))
 
 
 # --------------------------------------------------------------------------------------------------------- fp8
@@ -414,12 +433,15 @@ def test_fp8_gather_matches_reference(device, dst_dtype):
     torch.testing.assert_close(dst_k, ref_k, **TOL[dst_dtype])
 
 
-def test_fp8_scale_errors():
+@pytest.mark.parametrize("meta", [False, True], ids=["kernel", "fake"])
+def test_fp8_scale_errors(meta):
     gen = torch.Generator().manual_seed(22)
     pool, scale, src_k, src_v = fp8_pool_with_frames("cpu", (2, 3, 2, 8), 4, gen)
-    slots = torch.tensor([1, 3])
-    k = torch.zeros(2, 1, 3, 3, 2, 8)
-    args = (pool, slots[None], k, k.clone(), torch.tensor([[0, 2]]))
+    if meta:  # the fake kernels make the same checks
+        pool, scale, src_k, src_v = as_meta(dict(p=pool, s=scale, k=src_k, v=src_v)).values()
+    slots = torch.tensor([1, 3], device=pool.device)
+    k = torch.zeros(2, 1, 3, 3, 2, 8, device=pool.device)
+    args = (pool, slots[None], k, k.clone(), torch.tensor([[0, 2]], device=pool.device))
     with pytest.raises(RuntimeError, match="a float8_e4m3fn pool needs pool_scale"):
         lrag_ext.write_kv(pool, src_k[:, :2], src_v[:, :2], slots)
     with pytest.raises(RuntimeError, match="a float8_e4m3fn pool needs pool_scale"):

@@ -74,7 +74,7 @@ def test_compile(device):
     torch.testing.assert_close(fn(x, w, b), reference.pooled_embed(x, w, b, 3) + 1, rtol=2e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize("mutate,grid,msg", [
+BAD_ARGS = [
     (lambda a: a.__setitem__(0, a[0][0]), 2, r"x must be a 4-D tensor"),
     (lambda a: a.__setitem__(0, a[0].int()), 2, r"x must be float32, float16 or bfloat16"),
     (lambda a: a.__setitem__(1, a[1].half()), 2, r"weight must have the dtype of the input"),
@@ -82,9 +82,16 @@ def test_compile(device):
     (lambda a: a.__setitem__(2, a[2][:1]), 2, r"bias.shape\[0\] must equal weight.shape\[0\] \(D\)"),
     (lambda a: None, 0, r"grid must be in \[1, min\(H, W\)\] = \[1, 5\], got 0"),
     (lambda a: None, 6, r"grid must be in \[1, min\(H, W\)\] = \[1, 5\], got 6"),
-])
-def test_errors(mutate, grid, msg):
+]
+
+
+@pytest.mark.parametrize("meta", [False, True], ids=["kernel", "fake"])
+@pytest.mark.parametrize("mutate,grid,msg", BAD_ARGS)
+def test_errors(mutate, grid, msg, meta):
+    # meta: all-meta arguments run the fake kernel (as torch.compile does), which must make the same checks.
     args = make(2, 4, 5, 6, 2, 3)
     mutate(args)
+    if meta:
+        args = [t.to("meta") for t in args]
     with pytest.raises(RuntimeError, match=msg):
         lrag_ext.pooled_embed(*args, grid)

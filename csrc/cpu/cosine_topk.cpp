@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <tuple>
 #include <vector>
 
 #include "cosine_topk_common.h"
@@ -167,8 +168,8 @@ std::tuple<at::Tensor, at::Tensor> cosine_topk_cpu(const at::Tensor& queries, co
   // The pool may be strided over pages and slots; only its embedding dim must be dense.
   const at::Tensor pages_c = pages.stride(2) == 1 ? pages : pages.contiguous();
   const at::Tensor q = queries.to(at::kFloat).contiguous();
-  at::Tensor scores = at::empty({g.streams, k}, queries.options().dtype(at::kFloat));
-  at::Tensor ids = at::empty({g.streams, k}, queries.options().dtype(at::kLong));
+  at::Tensor scores, ids;
+  std::tie(scores, ids) = empty_topk_results(queries, g);
 
   LRAG_DISPATCH_FLOAT_TYPES(pages.scalar_type(), "cosine_topk_cpu", [&] {
     cosine_topk_kernel<scalar_t>(g, q.data_ptr<float>(), pages_c.data_ptr<scalar_t>(), pages_c.stride(0),

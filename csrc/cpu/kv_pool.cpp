@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "kernels/kv_rope.h"
@@ -85,6 +86,8 @@ struct ScaleStrides {
 template <typename S, typename D>
 void run_jobs(const std::vector<FrameJob<S, D>>& jobs, const KvGeometry& g, const FrameStrides (&ss)[2],
               const FrameStrides (&ds)[2], ScaleStrides sc) {
+  // Nothing to move in frames without elements (whose other sizes are then arbitrary: not multiplied).
+  if (g.layers == 0 || size_product({g.tokens, g.heads, g.head_dim}) == 0) return;
   const int64_t per_job = g.layers * 2 * g.tokens;
   const int64_t total = static_cast<int64_t>(jobs.size()) * per_job;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, g.heads * g.head_dim));
@@ -134,6 +137,7 @@ void write_kv_cpu(at::Tensor pool, const at::Tensor& src_k, const at::Tensor& sr
   const KvGeometry g = check_write_kv_args(pool, src_k, src_v, slots);
   const bool fp8 = check_pool_scale(pool, g, pool_scale);
   check_same_device(src_k, pool, "src_k", "pool");
+  check_write_kv_aliasing(pool, src_k, src_v, slots, pool_scale);
   const at::Tensor slots_c = slots.contiguous();
   const int64_t* sl = slots_c.data_ptr<int64_t>();
   const int64_t n = slots.size(0);
@@ -174,14 +178,30 @@ void gather_kv_cpu(const at::Tensor& pool, const at::Tensor& slots, at::Tensor d
       check_gather_kv_args(pool, slots, dst_k, dst_v, dst_frame, delta, rope_temporal_pairs, rope_theta);
   const bool fp8 = check_pool_scale(pool, g, pool_scale);
   check_same_device(pool, dst_k, "pool", "dst_k");
+  check_gather_kv_aliasing(pool, slots, dst_k, dst_v, dst_frame, delta, pool_scale);
   const int64_t B = slots.size(0), m = slots.size(1), F = dst_k.size(2);
   const at::Tensor slots_c = slots.contiguous(), frame_c = dst_frame.contiguous(), delta_c = delta.contiguous();
   const int64_t* sl = slots_c.data_ptr<int64_t>();
   const int64_t* fr = frame_c.data_ptr<int64_t>();
   const int64_t* dl = delta_c.data_ptr<int64_t>();
 
-  // Value checks, all before any write. A destination frame may receive at most one source per stream.
-  std::vector<int64_t> taken(static_cast<size_t>(B * F), -1);
+  // Value checks, all before any write. A destination frame may receive at most one source per stream:
+  // owner[e] is the first earlier entry of e's stream with e's frame (found by sorting each stream's entries by
+  // frame, so memory is O(B * m), never O(B * cache_frames), whatever the cache's sizes).
+  std::vector<int64_t> owner(static_cast<size_t>(B * m), -1);
+  std::vector<std::pair<int64_t, int64_t>> by_frame;  // (frame, j) of one stream's entries that are not skipped
+  for (int64_t b = 0; b < B; ++b) {
+    by_frame.clear();
+    for (int64_t j = 0; j < m; ++j) {
+      if (sl[b * m + j] >= 0) by_frame.emplace_back(fr[b * m + j], j);
+    }
+    std::sort(by_frame.begin(), by_frame.end());
+    for (size_t i = 1; i < by_frame.size(); ++i) {
+      if (by_frame[i].first != by_frame[i - 1].first) continue;
+      const int64_t o = owner[b * m + by_frame[i - 1].second];
+      owner[b * m + by_frame[i].second] = o >= 0 ? o : by_frame[i - 1].second;
+    }
+  }
   std::vector<int64_t> valid;
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t j = 0; j < m; ++j) {
@@ -191,10 +211,8 @@ void gather_kv_cpu(const at::Tensor& pool, const at::Tensor& slots, at::Tensor d
       if (sl[e] < 0) continue;
       TORCH_CHECK(fr[e] >= 0 && fr[e] < F, "dst_frame[", b, ", ", j, "] = ", fr[e],
                   " is outside the cache: expected a frame in [0, dst_k.shape[2] = ", F, ")");
-      int64_t& owner = taken[b * F + fr[e]];
-      TORCH_CHECK(owner < 0, "dst_frame[", b, ", ", j, "] = ", fr[e], " is also the destination of dst_frame[", b,
-                  ", ", owner, "]: each cache frame may receive one source per call");
-      owner = j;
+      TORCH_CHECK(owner[e] < 0, "dst_frame[", b, ", ", j, "] = ", fr[e], " is also the destination of dst_frame[",
+                  b, ", ", owner[e], "]: each cache frame may receive one source per call");
       valid.push_back(e);
     }
   }

@@ -12,6 +12,7 @@
 // merge is torch.topk on the packed keys (exact on int64), then a decode kernel.
 #include <algorithm>
 #include <limits>
+#include <tuple>
 
 #include "cosine_topk_common.h"
 #include "cuda/runtime.cuh"
@@ -156,7 +157,7 @@ __global__ void score_chunks_kernel(const T* __restrict__ queries, const T* __re
   for (int j = threadIdx.x; j < keep; j += blockDim.x) out[j] = keys[j];
 }
 
-__global__ void merge_partials_kernel(const uint64_t* __restrict__ partial, int64_t per_stream, int k_eff, int k,
+__global__ void merge_partials_kernel(const uint64_t* __restrict__ partial, int64_t per_stream, int k_eff, int64_t k,
                                       int buffer, float* __restrict__ scores, int64_t* __restrict__ ids) {
   uint64_t* buf = dynamic_smem<uint64_t>();  // [buffer]: the running top-k in [0, k_eff), then a batch of candidates
   const int64_t b = blockIdx.x;
@@ -170,7 +171,7 @@ __global__ void merge_partials_kernel(const uint64_t* __restrict__ partial, int6
     __syncthreads();
     bitonic_sort_desc(buf, buffer);
   }
-  for (int j = threadIdx.x; j < k; j += blockDim.x) {
+  for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {  // k may exceed int32 (the padding)
     decode_key(j < k_eff ? buf[j] : kEmptyKey, scores + b * k + j, ids + b * k + j);
   }
 }
@@ -191,8 +192,8 @@ std::tuple<at::Tensor, at::Tensor> cosine_topk_cuda(const at::Tensor& queries, c
   const CosineTopkGeometry g = check_cosine_topk_args(queries, pages, page_table, lo, hi, k);
   TORCH_CHECK(g.dim <= kMaxDim, "queries.shape[1] (D) must be <= ", kMaxDim, " on CUDA, got ", g.dim);
   const gpu::DeviceGuard guard(queries.device());
-  at::Tensor scores = at::empty({g.streams, k}, queries.options().dtype(at::kFloat));
-  at::Tensor ids = at::empty({g.streams, k}, queries.options().dtype(at::kLong));
+  at::Tensor scores, ids;
+  std::tie(scores, ids) = empty_topk_results(queries, g);
   if (g.streams == 0) return {scores, ids};
   if (g.capacity == 0 || g.num_pages == 0) {
     scores.fill_(-std::numeric_limits<float>::infinity());
@@ -206,15 +207,15 @@ std::tuple<at::Tensor, at::Tensor> cosine_topk_cuda(const at::Tensor& queries, c
   const cudaStream_t stream = gpu::current_stream();
   const int sms = gpu::sm_count();
 
+  // Checked first: it also bounds capacity * streams below (capacity < 2^31).
+  TORCH_CHECK(g.streams <= 65535, "queries.shape[0] (B) must be <= 65535 on CUDA (the grid's y dimension), got ",
+              g.streams);
   // Chunk: a power of two in [128, 1024], small enough that the grid has >= ~2 blocks per SM.
   const int64_t target_blocks = 2 * static_cast<int64_t>(sms);
   const int64_t per_block = ceil_div<int64_t>(g.capacity * g.streams, target_blocks);
   int64_t chunk = kMinChunk;
   while (chunk < kMaxChunk && chunk < per_block) chunk <<= 1;
-  const int64_t num_chunks = ceil_div<int64_t>(g.capacity, chunk);
-  TORCH_CHECK(num_chunks <= std::numeric_limits<int32_t>::max() && g.streams <= 65535,
-              "cosine_topk: too many streams or history chunks for one CUDA launch (B=", g.streams,
-              ", chunks=", num_chunks, ")");
+  const int64_t num_chunks = ceil_div<int64_t>(g.capacity, chunk);  // < 2^31 / kMinChunk: fits grid.x
   const int64_t k_eff = std::min<int64_t>(k, g.capacity);
   const bool small_k = k_eff <= kMaxMergeK;
   const int64_t keep = small_k ? std::min<int64_t>(k_eff, chunk) : chunk;
@@ -249,8 +250,8 @@ std::tuple<at::Tensor, at::Tensor> cosine_topk_cuda(const at::Tensor& queries, c
     const int64_t buffer_ok = std::max<int64_t>(buffer, next_pow2(2 * k_eff));  // room for >= k_eff candidates
     LRAG_LAUNCH(merge_partials_kernel, static_cast<unsigned>(g.streams), kMergeThreads,
                 buffer_ok * sizeof(uint64_t), stream)(
-        reinterpret_cast<const uint64_t*>(partial.data_ptr<int64_t>()), per_stream, static_cast<int>(k_eff),
-        static_cast<int>(k), static_cast<int>(buffer_ok), scores.data_ptr<float>(), ids.data_ptr<int64_t>());
+        reinterpret_cast<const uint64_t*>(partial.data_ptr<int64_t>()), per_stream, static_cast<int>(k_eff), k,
+        static_cast<int>(buffer_ok), scores.data_ptr<float>(), ids.data_ptr<int64_t>());
     gpu::check_launch();
   } else {
     // Flip the top bit so that signed int64 order equals the unsigned key order, then an exact topk.

@@ -8,6 +8,8 @@
 namespace lrag {
 
 constexpr int kEmbedThreads = 512;  // 16 warps per block; one block embeds one frame
+// Floats of the 48 KiB of dynamic shared memory left for a frame's features and output (32 are block_sum's).
+constexpr int64_t kEmbedSmemFloats = 48 * 1024 / 4 - 32;
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

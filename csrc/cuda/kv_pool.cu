@@ -266,9 +266,12 @@ bool vector_ok(const KvCopyParams& p, int64_t head_dim, int N) {
 template <bool kSrcFp8, bool kDstFp8>
 void run_kv_copy(KvCopyParams p, const KvGeometry& g, at::ScalarType src_type, at::ScalarType dst_type,
                  const at::Device& device, cudaStream_t stream) {
-  const int64_t items = p.entries * p.layers * 2;
+  // check_pool bounds frame_elems; an empty frame leaves the other sizes arbitrary, so nothing is multiplied first.
   const int64_t frame_elems = g.tokens * g.heads * g.head_dim;
-  if (items == 0 || frame_elems == 0) return;
+  if (frame_elems == 0 || p.entries == 0 || p.layers == 0) return;
+  const int64_t items = size_product({p.entries, p.layers, 2});
+  TORCH_CHECK(items >= 0, "too many frames for one call: entries (", p.entries, ") * layers (", p.layers,
+              ") * 2 overflows int64");
   p.heads = static_cast<uint32_t>(g.heads);
   dispatch_float_pair<kSrcFp8, kDstFp8>(src_type, dst_type, [&](auto s_tag, auto d_tag) {
     using S = decltype(s_tag);
@@ -304,6 +307,7 @@ void write_kv_cuda(at::Tensor pool, const at::Tensor& src_k, const at::Tensor& s
                    const std::optional<at::Tensor>& pool_scale) {
   const KvGeometry g = check_write_kv_args(pool, src_k, src_v, slots);
   check_pool_scale(pool, g, pool_scale);
+  check_write_kv_aliasing(pool, src_k, src_v, slots, pool_scale);
   TORCH_CHECK(gpu::is_device_tensor(src_k), "src_k must be a ", gpu::kTensorKind, " tensor, got ", src_k.device());
   const gpu::DeviceGuard guard(src_k.device());
   void* pool_ptr = device_address(pool, src_k.device(), "src_k");
@@ -344,6 +348,7 @@ void gather_kv_cuda(const at::Tensor& pool, const at::Tensor& slots, at::Tensor 
   const KvGeometry g =
       check_gather_kv_args(pool, slots, dst_k, dst_v, dst_frame, delta, rope_temporal_pairs, rope_theta);
   check_pool_scale(pool, g, pool_scale);
+  check_gather_kv_aliasing(pool, slots, dst_k, dst_v, dst_frame, delta, pool_scale);
   TORCH_CHECK(gpu::is_device_tensor(dst_k), "dst_k must be a ", gpu::kTensorKind, " tensor, got ", dst_k.device());
   TORCH_CHECK(rope_temporal_pairs <= kMaxRopePairs, "rope_temporal_pairs must be <= ", kMaxRopePairs,
               " on CUDA, got ", rope_temporal_pairs);
