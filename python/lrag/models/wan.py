@@ -435,7 +435,8 @@ class CausalWanModel(nn.Module):
         if timestep.shape != (B, frames):
             raise ValueError(f"timestep must be [{B}, {frames}], got {tuple(timestep.shape)}")
         plan = cache.plan(frames)
-        tokens = self.patch_embedding(x.permute(0, 2, 1, 3, 4)).flatten(2).transpose(1, 2)   # [B, F*T, dim]
+        # [B, F*T, dim], made contiguous once here: in the conv's layout every LayerNorm would copy it (3 a layer)
+        tokens = self.patch_embedding(x.permute(0, 2, 1, 3, 4)).flatten(2).transpose(1, 2).contiguous()
         e = self.time_embedding(sinusoidal_embedding(cfg.freq_dim, timestep.flatten()).to(tokens.dtype))
         e0 = self.time_projection(e).unflatten(1, (6, cfg.dim)).unflatten(0, (B, frames))   # [B, F, 6, dim]
         new_k, new_v = [], []
