@@ -134,7 +134,8 @@ class KVCache:
         self.last_block_k: torch.Tensor | None = None
         self.last_block_v: torch.Tensor | None = None
         self._mem_version = 0                    # bumped by set_memory / clear_memory
-        self._prefix: dict = {}                  # layer -> roped committed keys of the current block
+        self._prefix: dict = {}                  # layer -> keys of the current block's prefix in its buffers
+        self._attn: dict = {}                    # layer -> (roped keys, values) buffers attention reads
         self._prefix_key: tuple | None = None
 
     @property
@@ -257,18 +258,37 @@ class KVCache:
             # the block overlaps the sink (first block) or is not wholly attended: rope everything
             keys, vals, pos = self.attention_kv(layer, k_new, v_new, plan)
             return rope.apply(keys, pos), vals
-        n_c, m = plan.n_committed, self.mem_count
-        key = (self.num_frames, k_new.shape[1], self._mem_version)
+        n_c, m, F = plan.n_committed, self.mem_count, k_new.shape[1]
+        key = (self.num_frames, F, self._mem_version)
         if self._prefix_key != key:
             self._prefix, self._prefix_key = {}, key
+        buf_k, buf_v = self._attention_buffers(layer, k_new, v_new)
         if layer not in self._prefix:
-            ck = self.k[layer, :, :n_c]
+            # [sink | memory | committed local] keys roped and values, written once per block into the layer's
+            # attention buffers; every forward of the block then writes only its own frames behind them.
+            ck, cv = self.k[layer, :, :n_c], self.v[layer, :, :n_c]
             keys = torch.cat([ck[:, :plan.n_sink], self.mem_k[layer, :, :m], ck[:, plan.local_start:]], dim=1)
-            self._prefix[layer] = rope.apply(keys, self._positions(plan, plan.local_pos[:n_c - plan.local_start]))
-        cv = self.v[layer, :, :n_c]
-        vals = torch.cat([cv[:, :plan.n_sink], self.mem_v[layer, :, :m], cv[:, plan.local_start:], v_new], dim=1)
-        k_cur = rope.apply(k_new, plan.local_pos[n_c - plan.local_start:])
-        return torch.cat([self._prefix[layer], k_cur], dim=1), vals
+            P = keys.shape[1]
+            buf_k[:, :P] = rope.apply(keys, self._positions(plan, plan.local_pos[:n_c - plan.local_start]))
+            offset = 0
+            for part in (cv[:, :plan.n_sink], self.mem_v[layer, :, :m], cv[:, plan.local_start:]):
+                buf_v[:, offset:offset + part.shape[1]] = part
+                offset += part.shape[1]
+            self._prefix[layer] = P
+        P = self._prefix[layer]
+        buf_k[:, P:P + F] = rope.apply(k_new, plan.local_pos[n_c - plan.local_start:])
+        buf_v[:, P:P + F] = v_new
+        return buf_k[:, :P + F], buf_v[:, :P + F]
+
+    def _attention_buffers(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor):
+        """The layer's preallocated ``[B, sink + memory_slots + window, T, H, d]`` roped-key and value buffers that
+        attention reads (allocated at the first forward, in the activations' dtype)."""
+        bufs = self._attn.get(layer)
+        if bufs is None or bufs[0].dtype != k_new.dtype or bufs[1].dtype != v_new.dtype:
+            cfg = self.cfg
+            shape = (self.batch, cfg.sink + self.memory_slots + cfg.window) + tuple(k_new.shape[2:])
+            bufs = self._attn[layer] = (k_new.new_empty(shape), v_new.new_empty(shape))
+        return bufs
 
     def commit(self, new_k: list[torch.Tensor], new_v: list[torch.Tensor], plan: _Plan) -> None:
         """Writes the block's K/V (one ``[B, F, T, H, d]`` per layer), evicting the oldest non-sink frames."""
