@@ -40,11 +40,11 @@ import lrag_ext
 from lrag_ext import memory_format as fmt
 from lrag_ext.memory_config import KVLayout, MemoryConfig
 from lrag_ext.memory_index import DeviceIndex
+from lrag_ext.memory_tiers import SEGMENT_SHIFT, SLOT_MASK, KVTiers
 from lrag_ext.positions import memory_positions
 
 __all__ = ["KVLayout", "MemoryConfig", "RetrievalMemory", "RetrievalPlan"]  # the config classes re-exported
 
-_SEGMENT_SHIFT = fmt.SEGMENT_SHIFT  # a frame's K/V location is encoded as segment << 32 | slot (or -1: not stored)
 _KV_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what write_kv takes as new K/V
 _memory_tokens = itertools.count()  # identifies the memory a plan came from
 
@@ -79,24 +79,6 @@ class RetrievalPlan:
     _states: list = field(default_factory=list, repr=False, compare=False)
     _eligible_lo: list[int] = field(default_factory=list, repr=False, compare=False)
     _rows: torch.Tensor | None = field(default=None, repr=False, compare=False)  # the streams' device-index rows
-
-
-@dataclass
-class _Segment:
-    """A K/V pool tensor, the allocator of its slots, and (float8 pools) the per-(slot, layer, K/V) scales."""
-
-    pool: torch.Tensor
-    allocator: object  # lrag_ext.SlotAllocator
-    scale: torch.Tensor | None = None
-
-    def frame(self, slot: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One slot's stored K/V (and scale)."""
-        return self.pool[slot], (self.scale[slot] if self.scale is not None else None)
-
-    def set_frame(self, slot: int, kv: torch.Tensor, scale: torch.Tensor | None) -> None:
-        self.pool[slot].copy_(kv, non_blocking=True)
-        if self.scale is not None:
-            self.scale[slot].copy_(scale, non_blocking=True)
 
 
 @dataclass
@@ -141,10 +123,7 @@ class RetrievalMemory:
         self._streams: dict[int, _Stream] = {}
         self._next_stream = 0
         # K/V tiers: segment 0 is the device tier; segments 1.. are host segments of doubling size.
-        self._segments: list[_Segment] = []
-        self._fifo: dict[str, collections.deque] = {"device": collections.deque(), "host": collections.deque()}
-        if config.storage == "kv":
-            self._segments.append(self._new_segment(config.device_frames, self.device, pin=False))
+        self._tiers = KVTiers(config, self.device, self._moved, self._code_of) if config.storage == "kv" else None
 
     # ---------------------------------------------------------------------------------------------- streams
     def add_stream(self) -> int:
@@ -222,7 +201,7 @@ class RetrievalMemory:
             kv_frames = [(b, f) for b, st in enumerate(states) for f in range(st.num_frames, st.num_frames + n)
                          if f >= self.policy.sink_frames]
             if self.config.storage == "kv" and kv_frames:
-                self._reserve_host(len(kv_frames))  # the only allocation that can fail: before any change
+                self._tiers.reserve(len(kv_frames))  # the only allocation that can fail: before any change
             # Validation done: from here on the call succeeds.
             first_page = [len(st.pages) for st in states]
             for s, st, count in zip(streams, states, new_pages):
@@ -368,9 +347,9 @@ class RetrievalMemory:
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 # Locations are looked up now, not at retrieve time: appends in between may have moved frames.
                 codes = self._index.codes_of(plan._rows, plan.ids)
-                for seg_index, seg in enumerate(self._segments):
+                for seg_index, seg in enumerate(self._tiers.segments):
                     # Unstored frames (code -1) have segment -1, so they never match and stay -1 (skipped).
-                    slots = torch.where((codes >> _SEGMENT_SHIFT) == seg_index, codes & 0xFFFFFFFF,
+                    slots = torch.where((codes >> SEGMENT_SHIFT) == seg_index, codes & SLOT_MASK,
                                         torch.full_like(codes, -1))
                     lrag_ext.gather_kv(seg.pool, slots, dst_k, dst_v, dst_frame.contiguous(), delta,
                                        rope_temporal_pairs=layout.rope_temporal_pairs, rope_theta=layout.rope_theta,
@@ -445,16 +424,15 @@ class RetrievalMemory:
                     self._materialise(rec)
                 streams[str(sid)] = dict(num_frames=st.num_frames, pages=list(st.pages), kv_code=list(st.kv_code),
                                          first_retrievable=st.first_retrievable, log=[dict(r) for r in st.log])
-                stored = [self._segments[c >> _SEGMENT_SHIFT].frame(c & 0xFFFFFFFF)
-                          for c in st.kv_code if c >= 0]
+                stored = [self._tiers.frame(c) for c in st.kv_code if c >= 0]
                 if stored:
                     tensors[f"kv/{sid}"] = torch.stack([kv.cpu() for kv, _ in stored])
                     if stored[0][1] is not None:
                         tensors[f"kv_scale/{sid}"] = torch.stack([scale.cpu() for _, scale in stored])
             manifest = dict(format=fmt.FORMAT, version=fmt.VERSION, config=self.config.to_dict(),
                             next_stream=self._next_stream, streams=streams,
-                            segments=[seg.allocator.num_slots for seg in self._segments],
-                            fifo={tier: [list(x) for x in q] for tier, q in self._fifo.items()})
+                            segments=[seg.allocator.num_slots for seg in self._segments()],
+                            fifo={tier: [list(x) for x in q] for tier, q in self._queues().items()})
             tmp = f"{path.rstrip(os.sep)}.tmp-{os.getpid()}-{threading.get_ident()}"
             os.makedirs(tmp)
             try:
@@ -514,8 +492,7 @@ class RetrievalMemory:
         _check_fits(config, manifest["segments"], manifest_file)
         mem = cls(config)
         for size in manifest["segments"][1:]:
-            pin = config.pin_host and mem.device.type == "cuda"
-            mem._segments.append(mem._new_segment(size, torch.device("cpu"), pin))
+            mem._tiers.add_host_segment(size)
         mem._next_stream = manifest["next_stream"]
         for sid_text, rec in manifest["streams"].items():
             sid = int(sid_text)
@@ -530,11 +507,8 @@ class RetrievalMemory:
             stored = [(f, c) for f, c in enumerate(rec["kv_code"]) if c >= 0]
             scales = tensors.get(f"kv_scale/{sid}")
             for row, (f, c) in enumerate(stored):
-                seg_index = c >> _SEGMENT_SHIFT
-                seg = mem._segments[seg_index]
-                slot = seg.allocator.allocate(1, sid)[0]
-                seg.set_frame(slot, tensors[f"kv/{sid}"][row], scales[row] if scales is not None else None)
-                st.kv_code[f] = (seg_index << _SEGMENT_SHIFT) | slot
+                st.kv_code[f] = mem._tiers.place(sid, c, tensors[f"kv/{sid}"][row],
+                                                 scales[row] if scales is not None else None)
             mem._streams[sid] = st
             mem._index.add(sid)
             ps = config.page_size
@@ -542,7 +516,9 @@ class RetrievalMemory:
             mem._index.set_stream([sid], [0], [st.pages], [mem._eligible(st)],
                                   [st.pages[last // ps] * ps + last % ps if st.num_frames else 0])
             mem._index.set_codes([(sid, f, c) for f, c in enumerate(st.kv_code) if c >= 0])
-        mem._fifo = {tier: collections.deque(tuple(x) for x in manifest["fifo"][tier]) for tier in ("device", "host")}
+        if mem._tiers is not None:
+            mem._tiers.fifo = {tier: collections.deque(tuple(x) for x in manifest["fifo"][tier])
+                               for tier in ("device", "host")}
         return mem
 
     # ----------------------------------------------------------------------------------------------- helpers
@@ -637,73 +613,22 @@ class RetrievalMemory:
             raise ValueError(f"latents given but storage={storage!r} does not keep latents")
         return n
 
-    # K/V tiers ----------------------------------------------------------------------------------------------
-    def _new_segment(self, slots: int, device: torch.device, pin: bool) -> _Segment:
-        layout = self.config.kv_layout
-        pool = lrag_ext.kv_pool_empty(slots, layout.num_layers, layout.tokens_per_frame, layout.num_heads,
-                                      layout.head_dim, dtype=self.config.dtype, device=device, pin_memory=pin)
-        scale = lrag_ext.kv_pool_scale_empty(pool) if pool.dtype == torch.float8_e4m3fn else None
-        return _Segment(pool=pool, allocator=lrag_ext.SlotAllocator(slots), scale=scale)
+    # K/V tiers (lrag_ext/memory_tiers.py) -----------------------------------------------------------------
+    def _segments(self) -> list:
+        return self._tiers.segments if self._tiers is not None else []
 
-    def _kv_limit(self) -> int | None:
-        """Frames the K/V tiers can hold in all (None: unbounded)."""
-        if self.config.host_frames is None:
-            return None
-        return self.config.device_frames + self.config.host_frames
+    def _queues(self) -> dict:
+        return self._tiers.fifo if self._tiers is not None else {"device": [], "host": []}
 
-    def _grow_host(self) -> bool:
-        """Adds a host segment (doubling size, capped by host_frames); False when the host tier is at its limit."""
-        sizes = fmt.host_segment_sizes(self.config.host_frames, len(self._segments))
-        if len(sizes) < len(self._segments):  # the next segment would exceed host_frames
-            return False
-        size = sizes[-1]
-        pin = self.config.pin_host and self.device.type == "cuda"
-        self._segments.append(self._new_segment(size, torch.device("cpu"), pin))
-        return True
+    def _code_of(self, stream: int, frame: int) -> int:
+        return self._streams[stream].kv_code[frame]
 
-    def _reserve_host(self, n_new: int) -> None:
-        """Grows the host tier now (allowed by its limit) to the free slots storing ``n_new`` frames may need, so
-        that the storing itself allocates nothing: a failed allocation then leaves the memory unchanged."""
-        n_device = min(n_new, self.config.device_frames)
-        moves = max(0, n_device - self._segments[0].allocator.num_free)  # device frames displaced to the host
-        need = (n_new - n_device) + moves
-        while sum(seg.allocator.num_free for seg in self._segments[1:]) < need and self._grow_host():
-            pass
-
-    def _take_free(self, tier: str, stream: int) -> int | None:
-        """A free slot code in ``tier`` without evicting anything (growing the host tier if allowed), or None."""
-        segments = [0] if tier == "device" else list(range(1, len(self._segments)))
-        for i in segments:
-            if self._segments[i].allocator.num_free:
-                return (i << _SEGMENT_SHIFT) | self._segments[i].allocator.allocate(1, stream)[0]
-        if tier == "host" and self._grow_host():
-            return self._take_free(tier, stream)
-        return None
-
-    def _alloc_in(self, tier: str, stream: int) -> int | None:
-        """A free slot code in ``tier``, making room first, oldest frame first: a device frame moves to the host
-        tier (or is dropped when the host tier has no room), a host frame is dropped. None if nothing can go."""
-        code = self._take_free(tier, stream)
-        if code is not None or not self._fifo[tier]:
-            return code
-        old_stream, frame = self._fifo[tier].popleft()
-        st = self._streams[old_stream]
-        old = st.kv_code[frame]
-        host = self._alloc_in("host", old_stream) if tier == "device" else None
-        if host is not None:
-            src, dst = self._segments[old >> _SEGMENT_SHIFT], self._segments[host >> _SEGMENT_SHIFT]
-            # Stream-ordered copy: it is enqueued before anything can overwrite the freed device slot.
-            dst.set_frame(host & 0xFFFFFFFF, *src.frame(old & 0xFFFFFFFF))
-            self._set_code(old_stream, st, frame, host)
-            self._fifo["host"].append((old_stream, frame))
-        else:  # dropped: its embedding stays, but it can no longer be retrieved
-            self._set_code(old_stream, st, frame, -1)
-            self._drop_below(old_stream, st, frame + 1)
-        self._free_code(old)
-        return self._take_free(tier, stream)
-
-    def _free_code(self, code: int) -> None:
-        self._segments[code >> _SEGMENT_SHIFT].allocator.free([code & 0xFFFFFFFF])
+    def _moved(self, stream: int, frame: int, code: int) -> None:
+        """The tiers moved a stored frame to ``code``, or dropped it (-1) to make room."""
+        st = self._streams[stream]
+        self._set_code(stream, st, frame, code)
+        if code < 0:
+            self._drop_below(stream, st, frame + 1)
 
     def _set_code(self, stream: int, st: _Stream, frame: int, code: int) -> None:
         """Moves a frame's K/V location (host record now, device index at the end of the call)."""
@@ -725,50 +650,27 @@ class RetrievalMemory:
 
     def _store_kv(self, streams: list[int], states: list[_Stream], frames: list[tuple[int, int]], n: int,
                   k: torch.Tensor, v: torch.Tensor) -> None:
-        """Allocates slots for the new frames ``(stream index b, frame)`` of all streams (making room in the tiers),
-        then writes them from ``k``/``v`` ``[L, B, n, ...]``: one write_kv per segment, frames without a slot
-        (sink frames, frames dropped right away) skipped with slot -1.
-
-        Slots are all allocated before the new frames join the eviction queues, so making room only ever moves
-        or drops frames stored by earlier calls, whose data is already written. The frames of the call count as
-        appended in order, stream after stream.
-        """
-        limit = self._kv_limit()
-        if limit is not None and len(frames) > limit:  # more new frames than the tiers hold: oldest dropped now
+        """Stores the new frames ``(stream index b, frame)`` of all streams, in order (stream after stream), from
+        ``k``/``v`` ``[L, B, n, ...]``: slots from the tiers (making room), then one write_kv per segment. More new
+        frames than the tiers hold: the oldest are dropped right away."""
+        limit = self._tiers.limit()
+        if limit is not None and len(frames) > limit:
             for b, f in frames[:-limit]:
                 self._drop_below(streams[b], states[b], f + 1)
             frames = frames[-limit:]
-        n_device = min(len(frames), self.config.device_frames)
-        tiers = ["host"] * (len(frames) - n_device) + ["device"] * n_device  # the oldest overflow to the host
-        codes = [self._alloc_in(tier, streams[b]) for tier, (b, _) in zip(tiers, frames)]
-        if any(code is None for code in codes):  # cannot happen: at most `limit` new frames, older ones give way
-            raise RuntimeError("internal error: no K/V slot could be made free")
-        for (b, f), code, tier in zip(frames, codes, tiers):
+        codes = self._tiers.allocate([(streams[b], f) for b, f in frames])
+        for (b, f), code in zip(frames, codes):
             self._set_code(streams[b], states[b], f, code)
-            self._fifo[tier].append((streams[b], f))
-        # Row of each written frame in k.flatten(1, 2) ([L, B * n, ...]): b * n + (f - first frame of the block).
+        # Row of each frame in k.flatten(1, 2) ([L, B * n, ...]): b * n + (f - first frame of the block).
         first = [st.num_frames - n for st in states]
-        rows = torch.full((len(states) * n,), -1, dtype=torch.int64)
-        positions = torch.tensor([b * n + f - first[b] for b, f in frames], dtype=torch.int64)
-        codes_t = torch.tensor(codes, dtype=torch.int64)
-        k_flat, v_flat = k.flatten(1, 2), v.flatten(1, 2)
-        for seg_index, seg in enumerate(self._segments):
-            mine = (codes_t >> _SEGMENT_SHIFT) == seg_index
-            if not bool(mine.any()):
-                continue
-            slots = rows.clone()
-            slots[positions[mine]] = codes_t[mine] & 0xFFFFFFFF
-            # On a GPU the host segments are pinned: write_kv writes the device frames straight into them.
-            lrag_ext.write_kv(seg.pool, k_flat, v_flat, self._to_device(slots), pool_scale=seg.scale)
+        self._tiers.write(codes, [b * n + f - first[b] for b, f in frames], len(states) * n, k.flatten(1, 2),
+                          v.flatten(1, 2), self._to_device)
 
     def _release(self, stream: int, st: _Stream) -> None:
         if st.pages:
             self._page_alloc.free(st.pages)
-        for code in st.kv_code:
-            if code >= 0:
-                self._free_code(code)
-        for tier in self._fifo:
-            self._fifo[tier] = collections.deque(x for x in self._fifo[tier] if x[0] != stream)
+        if self._tiers is not None:
+            self._tiers.release(stream, st.kv_code)
 
 
 def _check_cache_frames(dst_frame: torch.Tensor, cache_frames: int) -> None:

@@ -25,11 +25,11 @@ class MemorySnapshot:
                              id(st))
                          for s, st in mem._streams.items()},
                 page_free=mem._page_alloc.num_free,
-                segments=[(seg.allocator.num_slots, seg.allocator.num_free) for seg in mem._segments],
-                fifo={tier: list(q) for tier, q in mem._fifo.items()},
+                segments=[(seg.allocator.num_slots, seg.allocator.num_free) for seg in mem._segments()],
+                fifo={tier: list(q) for tier, q in mem._queues().items()},
             )
             self.tensors = dict(pages=_bytes(mem._pages), latents=_bytes(mem._latents))
-            for i, seg in enumerate(mem._segments):
+            for i, seg in enumerate(mem._segments()):
                 self.tensors[f"pool{i}"] = _bytes(seg.pool)
                 self.tensors[f"scale{i}"] = _bytes(seg.scale)
 

@@ -340,12 +340,12 @@ class MemoryMachine(RuleBasedStateMachine):
             assert st_.first_retrievable == model.dropped_below[s]
             codes += [c for c in st_.kv_code if c >= 0]
         assert len(codes) == len(set(codes))
-        assert sum(seg.allocator.num_slots - seg.allocator.num_free for seg in mem._segments) == len(codes)
+        assert sum(seg.allocator.num_slots - seg.allocator.num_free for seg in mem._segments()) == len(codes)
         assert mem._page_alloc.num_slots - mem._page_alloc.num_free == model.pages_used()
-        queued = [x for q in mem._fifo.values() for x in q]
+        queued = [x for q in mem._queues().values() for x in q]
         assert sorted(queued) == sorted(model.stored)
         if self.cfg.host_frames is not None:
-            assert sum(seg.allocator.num_slots for seg in mem._segments[1:]) <= self.cfg.host_frames
+            assert sum(seg.allocator.num_slots for seg in mem._segments()[1:]) <= self.cfg.host_frames
 
 
 @pytest.mark.parametrize("device_frames, host_frames, max_frames, page_size", TIERS)

@@ -134,10 +134,10 @@ def test_matches_brute_force_across_tiers(device, device_frames, host_frames):
     # Tier accounting: every stored frame holds exactly one slot, no slot is shared.
     codes = [c for s in streams for c in mem._streams[s].kv_code if c >= 0]
     assert len(codes) == len(set(codes))
-    used = sum(seg.allocator.num_slots - seg.allocator.num_free for seg in mem._segments)
+    used = sum(seg.allocator.num_slots - seg.allocator.num_free for seg in mem._segments())
     assert used == len(codes)
     if host_frames is not None:
-        assert sum(seg.allocator.num_slots for seg in mem._segments[1:]) <= host_frames
+        assert sum(seg.allocator.num_slots for seg in mem._segments()[1:]) <= host_frames
 
 
 def fp8_round_trip(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,7 +242,7 @@ def test_reset_and_remove_free_everything():
     mem.remove_stream(b)
     assert mem.streams() == [a]
     assert mem._page_alloc.num_free == mem._page_alloc.num_slots
-    assert all(seg.allocator.num_free == seg.allocator.num_slots for seg in mem._segments)
+    assert all(seg.allocator.num_free == seg.allocator.num_slots for seg in mem._segments())
     with pytest.raises(KeyError, match="unknown stream 1"):
         mem.num_frames(b)
 
@@ -366,8 +366,8 @@ def test_threads_never_lose_or_share_a_slot():
     assert mem._page_alloc.num_slots - mem._page_alloc.num_free == len(pages)
     codes = [c for s in streams for c in mem._streams[s].kv_code if c >= 0]
     assert len(codes) == len(set(codes))
-    assert sum(seg.allocator.num_slots - seg.allocator.num_free for seg in mem._segments) == len(codes)
-    fifo = [x for q in mem._fifo.values() for x in q]
+    assert sum(seg.allocator.num_slots - seg.allocator.num_free for seg in mem._segments()) == len(codes)
+    fifo = [x for q in mem._queues().values() for x in q]
     assert sorted(fifo) == sorted((s, f) for s in streams for f, c in enumerate(mem._streams[s].kv_code) if c >= 0)
 
 

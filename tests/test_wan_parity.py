@@ -194,7 +194,7 @@ def test_rag_output_does_not_depend_on_the_memory_tier(rag, rag_result, device_f
     assert torch.equal(res.latents, rag_result[0].latents)
     assert [r["selected_global_frames"] for r in res.memory_log] == \
         [r["selected_global_frames"] for r in rag_result[0].memory_log]
-    segments = pipe.memory._segments
+    segments = pipe.memory._segments()
     assert segments[0].allocator.num_slots == device_frames
     assert sum(seg.allocator.num_slots - seg.allocator.num_free for seg in segments[1:]) > 0
 
