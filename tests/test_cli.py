@@ -672,3 +672,22 @@ def test_real_frame_wise_run(tiny_wan, tmp_path):
     t = json.loads((out / "timings.json").read_text())
     assert t["num_blocks"] == 4 and t["frames_per_block"] == 1
     assert count_frames(out / "native.mp4") == 1 + 4 * 3
+
+
+def test_run_layer_neither_imports_the_cli_nor_changes_the_parsed_options(tmp_path, monkeypatch):
+    """lrag.runner is the run, lrag.cli the command line: no import cycle, and a run leaves the parsed options as
+    they were (the output folder's default is computed, not written back)."""
+    import subprocess
+    import sys
+
+    probe = "import sys, lrag.runner; assert 'lrag.cli' not in sys.modules, sorted(m for m in sys.modules if 'lrag' in m)"
+    subprocess.run([sys.executable, "-c", probe], check=True)
+    from lrag.errors import UsageError
+    from lrag.runner import output_dir, run_generate
+
+    monkeypatch.chdir(tmp_path)
+    args = cli.build_parser().parse_args(["generate", "--demo", "--top-k", "0"])
+    before = dict(vars(args))
+    with pytest.raises(UsageError, match="--top-k"):
+        run_generate(args)
+    assert vars(args) == before and output_dir(args) == "lrag_demo"

@@ -13,12 +13,10 @@ import argparse
 import json
 import sys
 
+from lrag.errors import UsageError
+
 BACKBONES = ("self-forcing", "causal-forcing", "longlive")
 MODES = ("rag", "native", "both")
-
-
-class UsageError(Exception):
-    """A mistake in the command line or its inputs (reported without a traceback)."""
 
 
 def _memory_position(value: str):
@@ -94,12 +92,12 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from lrag.runner import run_generate  # noqa: PLC0415  (torch, lrag_ext)
+    from lrag.runner import output_dir, run_generate  # noqa: PLC0415  (torch, lrag_ext)
 
     try:
         paths = run_generate(args)
     except KeyboardInterrupt:
-        print(f"\nlrag: interrupted; the finished blocks' video and logs are in {args.out}", file=sys.stderr)
+        print(f"\nlrag: interrupted; the finished blocks' video and logs are in {output_dir(args)}", file=sys.stderr)
         return 130
     print("\nartefacts:")
     for name, path in paths.items():

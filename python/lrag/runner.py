@@ -7,7 +7,7 @@ Two sources, one run (:func:`run_generate`):
   and Wan VAE of ``--wan-dir``, the ``--embedder`` checkpoint.
 
 Every input is checked before anything heavy is loaded or anything is written, so a wrong path or number fails
-in a second with a message naming the option (:class:`lrag.cli.UsageError`), in this order: the options
+in a second with a message naming the option (:class:`lrag.errors.UsageError`), in this order: the options
 themselves (ranges, ``--device``, ``--out`` writable), the input files (``--checkpoint`` and ``--embedder``
 read lazily and matched against their geometry on the ``meta`` device, ``--wan-dir``), then the memory the run
 will allocate (:func:`run_memory_needs`) against the memory available.
@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
-from lrag.cli import UsageError
+from lrag.errors import UsageError
 from lrag.config import RetrievalConfig, WanConfig, wan_1_3b
 from lrag_ext.positions import check_policy
 from lrag.generate import ModeRun, Progress, blocks_for_seconds, run_mode, write_outputs
@@ -53,10 +53,15 @@ def _file_error(option: str, e: Exception) -> UsageError:
     return UsageError(e.for_option(option) if isinstance(e, InputFileError) else f"{option}: {e}")
 
 
+def output_dir(args) -> str:
+    """The run's output folder: ``--out``, else ``lrag_demo`` for ``--demo`` and ``lrag_out`` otherwise."""
+    return args.out or ("lrag_demo" if args.demo else "lrag_out")
+
+
 def _check_common(args) -> None:
     """The options every run has, checked before anything is read, built or written."""
     try:
-        check_output_dir(args.out, "--out")
+        check_output_dir(output_dir(args), "--out")
     except ValueError as e:
         raise UsageError(str(e)) from None
     _device_dtype(args)
@@ -390,7 +395,7 @@ def run_generate(args, on_block: Optional[Callable] = None, tokenizer=None) -> d
         UsageError: a bad option or input, before any heavy loading and before anything is written.
         KeyboardInterrupt: after the finished blocks' video and logs have been written.
     """
-    args.out = out = args.out or ("lrag_demo" if args.demo else "lrag_out")
+    out = output_dir(args)
     _check_common(args)
     modes = {"both": ["rag", "native"], None: ["rag", "native"] if args.demo else ["rag"]}.get(args.mode, [args.mode])
     setup, num_blocks = _build(args, modes, tokenizer)
