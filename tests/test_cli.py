@@ -169,7 +169,7 @@ def test_ctrl_c_exits_130_with_the_finished_blocks(tmp_path, monkeypatch, capsys
 
     def update(self, done, timings):
         real_update(self, done, timings)
-        if self.label == "rag" and done == 7:
+        if self.line.label == "rag" and done == 7:
             raise KeyboardInterrupt          # as if Ctrl-C arrived during block 7
 
     monkeypatch.setattr(generate.Progress, "update", update)

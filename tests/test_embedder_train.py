@@ -117,7 +117,7 @@ def test_cli_entry_point(data, tmp_path):
                            "--encoder", "pooled", "--grid", "2", "--epochs", "1", "--batch-size", "4"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "epoch 1/1 [" in proc.stderr and "delta" in proc.stderr and "smooth" in proc.stderr
+    assert "[epoch 1/1] |" in proc.stderr and "delta" in proc.stderr and "smooth" in proc.stderr
     assert sorted(os.listdir(out)) == ["ae_epoch_best.pt", "last.pt", "log.json"]
 
 

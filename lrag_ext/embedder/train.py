@@ -29,6 +29,7 @@ from lrag_ext.embedder.checkpoint import build_embedder, check_embedder_input, c
 from lrag_ext.embedder.data import (DataError, list_latent_files, load_latent_video, random_chunk_index, split_files,
                                     stack_chunks, tiling_chunk_index)
 from lrag_ext.embedder.losses import embedder_losses
+from lrag_ext.progress import ProgressLine
 from lrag_ext.state_dicts import (InputFileError, check_output_dir, check_regular_file, naming_file, parse_device,
                                   read_checkpoint)
 
@@ -150,31 +151,26 @@ def model_config(args: argparse.Namespace, video: torch.Tensor) -> dict:
 
 
 class Progress:
-    """A one-line stderr progress printer: step counter, running means of the loss terms, steps/s."""
+    """Running means of the loss terms over an epoch, shown on the project's progress line
+    (:class:`lrag_ext.progress.ProgressLine`) with samples per second."""
 
     def __init__(self, label: str, total: int, enabled: bool = True, stream=sys.stderr):
-        self.label, self.total, self.enabled, self.stream = label, total, enabled, stream
+        self.line = ProgressLine(label, total, unit="chunk", stream=stream, enabled=enabled)
         self.sums = dict.fromkeys(TERMS, 0.0)
         self.n = 0
-        self.t0 = time.perf_counter()
 
     def update(self, terms: dict[str, float], weight: int = 1) -> None:
         for k in TERMS:
             self.sums[k] += terms[k] * weight
         self.n += weight
-        if self.enabled:
-            rate = self.n / max(time.perf_counter() - self.t0, 1e-9)
-            text = " ".join(f"{k} {v:.4f}" for k, v in self.means().items())
-            self.stream.write(f"\r{self.label} [{self.n}/{self.total}] {text} ({rate:.1f}/s)")
-            self.stream.flush()
+        rate = self.n / max(self.line.elapsed(), 1e-9)
+        self.line.show(self.n, " ".join(f"{k} {v:.4f}" for k, v in self.means().items()) + f" ({rate:.1f}/s)")
 
     def means(self) -> dict[str, float]:
         return {k: v / max(self.n, 1) for k, v in self.sums.items()}
 
     def close(self) -> None:
-        if self.enabled:
-            self.stream.write("\n")
-            self.stream.flush()
+        self.line.close()
 
 
 def save_checkpoint(path: str, model, optimizer, scaler, config: dict, epoch: int, val_loss: float,

@@ -21,6 +21,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from lrag_ext.progress import ProgressLine
+
 from lrag.pipeline import BlockResult, Pipeline
 from lrag.video import FPS, TEMPORAL_STRIDE, VideoWriter
 
@@ -45,38 +47,21 @@ def blocks_for_seconds(seconds: float, frames_per_block: int) -> int:
 
 
 class Progress:
-    """One status line per block on ``stream``: blocks done, seconds per block, retrieval share, ETA.
-
-    On a terminal the line is rewritten in place; otherwise about ten lines per run are printed.
-    """
+    """The generation's progress line (:class:`lrag_ext.progress.ProgressLine`): blocks done, seconds per block,
+    the share of block time spent in retrieval and memory, ETA."""
 
     def __init__(self, label: str, total: int, stream=sys.stderr, enabled: bool = True):
-        self.label, self.total, self.stream, self.enabled = label, total, stream, enabled
-        self.tty = enabled and hasattr(stream, "isatty") and stream.isatty()
-        self.start = time.perf_counter()
+        self.line = ProgressLine(label, total, unit="block", stream=stream, enabled=enabled)
         self.retrieval = self.block_time = 0.0
 
     def update(self, done: int, timings: dict) -> None:
         self.retrieval += timings["retrieval"] + timings["memory"]
         self.block_time += timings["total"]
-        if not self.enabled or not (self.tty or done == self.total or done % max(1, self.total // 10) == 0):
-            return
-        elapsed = time.perf_counter() - self.start
-        width = 24
-        bar = "#" * (width * done // self.total) + "." * (width - width * done // self.total)
         share = 100 * self.retrieval / max(self.block_time, 1e-12)
-        eta = elapsed / done * (self.total - done)
-        line = (f"[{self.label}] |{bar}| block {done}/{self.total}  {elapsed / done:.2f} s/block  "
-                f"retrieval {share:.1f}% of block time  ETA {eta:.0f} s")
-        self.stream.write(("\r" + line) if self.tty else line + "\n")
-        if self.tty and done == self.total:
-            self.stream.write("\n")
-        self.stream.flush()
+        self.line.show(done, f"{self.line.elapsed() / max(done, 1):.2f} s/block  retrieval {share:.1f}% of block time")
 
     def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
+        self.line.close()
 
 
 @dataclass
