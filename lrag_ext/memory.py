@@ -117,7 +117,7 @@ class RetrievalMemory:
             self._latents = torch.zeros((n_pages, config.page_size) + tuple(config.latent_shape), dtype=config.dtype,
                                         device=self.device)
         self._page_alloc = lrag_ext.SlotAllocator(n_pages)
-        self._index = DeviceIndex(self.device, n_pages, config.page_size)
+        self._index = DeviceIndex(self.device, n_pages, config.page_size, with_codes=config.storage == "kv")
         self._code_changes: list[tuple[int, int, int]] = []  # K/V moves/drops not yet mirrored in the index
         self._range_changes: set[int] = set()                 # streams whose eligible range a drop changed
         self._streams: dict[int, _Stream] = {}
@@ -179,11 +179,13 @@ class RetrievalMemory:
             Nothing is changed when an error is raised.
         """
         with self._lock:
-            batched = not isinstance(stream, int) and hasattr(stream, "__iter__")
-            streams = list(stream) if batched else [stream]
+            streams, batched = _stream_ids(stream, "stream")
             if not streams or len(set(streams)) != len(streams):
-                raise ValueError(f"stream must be an id or a non-empty list of distinct ids, got {stream!r}")
+                raise ValueError(f"stream must be an id or a non-empty list of distinct ids, got {streams}")
             states = [self._stream(s) for s in streams]
+            # Stored as data: a caller's autograd graph must not be kept alive by the memory's tensors.
+            embeddings, k, v, latents = (t.detach() if isinstance(t, torch.Tensor) else t
+                                         for t in (embeddings, k, v, latents))
             if batched:
                 n = self._check_append(embeddings, k, v, latents, batch=len(streams))
             else:
@@ -248,9 +250,7 @@ class RetrievalMemory:
         """
         start = time.perf_counter()
         with self._lock:
-            if isinstance(streams, (int, bool)) or not hasattr(streams, "__iter__"):
-                streams = [streams]
-            streams = list(streams)
+            streams, _ = _stream_ids(streams, "streams")
             if not streams:
                 raise ValueError("streams must name at least one stream")
             if len(set(streams)) != len(streams):
@@ -523,12 +523,7 @@ class RetrievalMemory:
 
     # ----------------------------------------------------------------------------------------------- helpers
     def _stream(self, stream: int) -> _Stream:
-        if isinstance(stream, bool):  # True == 1 as a dict key: never a stream id
-            raise TypeError(f"a stream id must be an int, got {stream!r}")
-        try:
-            stream = operator.index(stream)
-        except TypeError:
-            raise TypeError(f"a stream id must be an int, got {type(stream).__name__}") from None
+        stream = _stream_id(stream)
         try:
             return self._streams[stream]
         except KeyError:
@@ -671,6 +666,31 @@ class RetrievalMemory:
             self._page_alloc.free(st.pages)
         if self._tiers is not None:
             self._tiers.release(stream, st.kv_code)
+
+
+def _stream_id(value) -> int:
+    """``value`` as a plain int stream id (Python and numpy ints, 0-d integer tensors); bools are refused (True == 1
+    as a dict key). Every method converts ids once, at entry, and uses only the converted value."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise TypeError(f"a stream id must be an int, got {value!r}")
+    if isinstance(value, torch.Tensor) and value.dim() != 0:  # a 1-element tensor is a list of one id
+        raise TypeError(f"a stream id must be an int, got a {value.dim()}-d tensor")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"a stream id must be an int, got {type(value).__name__}") from None
+
+
+def _stream_ids(value, name: str) -> tuple[list[int], bool]:
+    """``(ids, batched)``: one id, or an iterable of ids (a list, a tuple, a 1-d tensor), as plain ints."""
+    if isinstance(value, bool):
+        _stream_id(value)  # raises, naming the bool
+    try:
+        return [_stream_id(value)], False
+    except TypeError:
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+            raise TypeError(f"{name} must be a stream id or a list of ids, got {type(value).__name__}") from None
+    return [_stream_id(v) for v in value], True
 
 
 def _check_cache_frames(dst_frame: torch.Tensor, cache_frames: int) -> None:

@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import re
 
 import torch
 
@@ -186,7 +187,7 @@ def validate_manifest(manifest: dict, manifest_file: str) -> MemoryConfig:
     stored: dict[str, set[tuple[int, int]]] = {"device": set(), "host": set()}
     for sid_text, rec in streams.items():
         where = f"streams[{sid_text!r}]"
-        if not sid_text.isdigit() or not 0 <= int(sid_text) < next_stream:
+        if not re.fullmatch(r"0|[1-9][0-9]{0,18}", sid_text) or not int(sid_text) < next_stream:
             fields.fail(where, f"must be a stream id in [0, next_stream={next_stream})")
         sid = int(sid_text)
         if not isinstance(rec, dict) or set(rec) != STREAM_KEYS:
@@ -205,6 +206,9 @@ def validate_manifest(manifest: dict, manifest_file: str) -> MemoryConfig:
             fields.fail(f"{where}.kv_code", f"has {len(codes)} entries for {num_frames} frames")
         for frame, code in enumerate(codes):
             if code < 0:
+                if config.storage == "kv" and frame >= max(config.sink_frames, first_retrievable):
+                    fields.fail(f"{where}.kv_code[{frame}]", "is -1 but the frame is retrievable: its K/V must be stored "
+                                "(only sink frames and frames below first_retrievable have none)")
                 continue
             seg, slot = code >> SEGMENT_SHIFT, code & SLOT_MASK
             if config.storage != "kv" or seg >= len(segments) or slot >= segments[seg]:
@@ -224,6 +228,7 @@ def validate_manifest(manifest: dict, manifest_file: str) -> MemoryConfig:
         fields.fail("streams", f"use {len(used_pages)} pages, the config has {n_pages}")
 
     fifo = fields.get(manifest, "fifo", "", dict)
+    queues: dict[str, list[tuple[int, int]]] = {}
     if set(fifo) != {"device", "host"}:
         fields.fail("fifo", f"must have the keys ['device', 'host'], got {sorted(fifo)}")
     for tier in ("device", "host"):
@@ -236,6 +241,18 @@ def validate_manifest(manifest: dict, manifest_file: str) -> MemoryConfig:
             entries.append(tuple(item))
         if len(set(entries)) != len(entries) or set(entries) != stored[tier]:
             fields.fail(f"fifo.{tier}", f"must list each frame stored in the {tier} tier exactly once")
+        queues[tier] = entries
+    # Eviction goes oldest first: within a stream, frames queue in frame order, and its host frames are older
+    # than its device frames. A queue out of that order would drop newer frames before older ones.
+    newest_host: dict[int, int] = {}
+    for tier in ("host", "device"):
+        last: dict[int, int] = {}
+        for i, (sid, frame) in enumerate(queues[tier]):
+            if frame <= last.get(sid, -1) or (tier == "device" and frame <= newest_host.get(sid, -1)):
+                fields.fail(f"fifo.{tier}[{i}]", f"= [{sid}, {frame}] is out of age order for stream {sid}")
+            last[sid] = frame
+        if tier == "host":
+            newest_host = last
     return config
 
 

@@ -62,9 +62,11 @@ class KVTiers:
         scale = lrag_ext.kv_pool_scale_empty(pool) if pool.dtype == torch.float8_e4m3fn else None
         return Segment(pool=pool, allocator=lrag_ext.SlotAllocator(slots), scale=scale)
 
+    def _new_host_segment(self, slots: int) -> Segment:
+        return self._new_segment(slots, torch.device("cpu"), self.config.pin_host and self.device.type == "cuda")
+
     def add_host_segment(self, slots: int) -> None:
-        self.segments.append(self._new_segment(slots, torch.device("cpu"),
-                                               self.config.pin_host and self.device.type == "cuda"))
+        self.segments.append(self._new_host_segment(slots))
 
     def limit(self) -> int | None:
         """Frames the tiers can hold in all (None: unbounded)."""
@@ -98,9 +100,16 @@ class KVTiers:
         that storing them allocates nothing: a failed allocation then happens before the memory changes."""
         n_device = min(n_new, self.config.device_frames)
         moves = max(0, n_device - self.segments[0].allocator.num_free)  # device frames displaced to the host
-        need = (n_new - n_device) + moves
-        while sum(seg.allocator.num_free for seg in self.segments[1:]) < need and self.grow_host():
-            pass
+        need = (n_new - n_device) + moves - sum(seg.allocator.num_free for seg in self.segments[1:])
+        count = len(self.segments)
+        new = []
+        while need > 0:
+            sizes = fmt.host_segment_sizes(self.config.host_frames, count + len(new))
+            if len(sizes) < count + len(new):  # the host tier is at its limit
+                break
+            new.append(self._new_host_segment(sizes[-1]))
+            need -= sizes[-1]
+        self.segments += new  # all allocated, or none added
 
     # ------------------------------------------------------------------------------------------ allocation
     def _take_free(self, tier: str, stream: int) -> int | None:

@@ -214,6 +214,12 @@ def test_resume_errors(data, tmp_path, capsys):
     bad = tmp_path / "bad_opt.pt"
     torch.save(ck, bad)
     assert f"--resume '{bad}': " in _refused(["--data", str(data), "--out", str(out), "--resume", str(bad)], capsys)
+    ck = torch.load(last, weights_only=True)  # moments of the wrong shape: used to fail at the first step
+    first = next(iter(ck["optimizer"]["state"]))
+    ck["optimizer"]["state"][first]["exp_avg"] = torch.zeros(3)
+    torch.save(ck, bad)
+    assert "optimizer state 'exp_avg' has shape [3]" in _refused(
+        ["--data", str(data), "--out", str(out), "--resume", str(bad), "--epochs", "2"] + base[4:8], capsys)
     assert sorted(os.listdir(out)) == before
 
 

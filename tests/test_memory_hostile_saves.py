@@ -63,6 +63,9 @@ EDITS = [
     ("next-stream-low", lambda m: m.update(next_stream=1), "streams['1']"),
     ("next-stream-str", lambda m: m.update(next_stream="2"), "next_stream"),
     ("stream-id-neg", lambda m: m["streams"].update({"-1": m["streams"].pop("1")}), "streams['-1']"),
+    ("stream-id-arabic-digit", lambda m: m["streams"].update({"\u0661": m["streams"]["1"]}), "streams['\u0661']"),
+    ("stream-id-superscript", lambda m: m["streams"].update({"\u00b2": m["streams"].pop("1")}), "streams['\u00b2']"),
+    ("stream-id-leading-zero", lambda m: m["streams"].update({"01": m["streams"].pop("1")}), "streams['01']"),
     ("first-retrievable-neg", lambda m: m["streams"]["0"].update(first_retrievable=-1), "first_retrievable"),
     ("first-retrievable-beyond", lambda m: m["streams"]["0"].update(first_retrievable=10 ** 6), "first_retrievable"),
     ("first-retrievable-above-stored", lambda m: m["streams"]["0"].update(first_retrievable=14), "kv_code"),
@@ -72,6 +75,12 @@ EDITS = [
     ("code-shared", lambda m: set_code(m, first_stored(m) + 1, m["streams"]["0"]["kv_code"][first_stored(m)]),
      "already used"),
     ("code-sink", lambda m: set_code(m, 0, m["streams"]["0"]["kv_code"][first_stored(m)]), "kv_code[0]"),
+    ("code-retrievable-missing", lambda m: (set_code(m, first_stored(m) + 1, -1),
+                                            m["fifo"]["device"].remove([0, first_stored(m) + 1])
+                                            if [0, first_stored(m) + 1] in m["fifo"]["device"]
+                                            else m["fifo"]["host"].remove([0, first_stored(m) + 1])),
+     f"kv_code["),
+    ("fifo-age-order", lambda m: m["fifo"]["host"].reverse(), "out of age order"),
     ("code-list-short", lambda m: m["streams"]["0"]["kv_code"].pop(), "kv_code"),
     ("device-segment", lambda m: m["segments"].__setitem__(0, 10 ** 9), "segments[0]"),
     ("host-segment-huge", lambda m: m["segments"].append(10 ** 9), "segments"),

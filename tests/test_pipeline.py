@@ -127,3 +127,25 @@ def test_memory_records_are_read_only_when_used(setup, monkeypatch):
     strip = lambda recs: [{k: v for k, v in r.items() if k != "retrieval_s"} for r in recs]  # noqa: E731
     assert strip(lazy.memory_log) == strip(eager.memory_log) == strip([r for r in eager_records if r is not None])
     assert torch.equal(lazy.latents, eager.latents)
+
+
+def test_a_kept_block_record_reads_its_own_run(setup):
+    """A BlockResult kept from an interrupted run and read after the pipeline ran again describes its own run (the
+    record is bound to that run's memory, not to whatever memory the pipeline holds when it is read)."""
+    model, io = setup
+    pipe = Pipeline(model, embed=LookupEmbedder(io["output_latents"][0], io["descriptors"], tol=float("inf")))
+    args = dict(noise=io["init_noise"][:, :27], renoise=io["renoise"][:9])
+    kept = []
+
+    def keep_then_stop(blk):
+        kept.append(blk)
+        if blk.index == 8:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pipe.generate(io["text_embeds"], 27, callback=keep_then_stop, **args)
+    pipe.generate(io["text_embeds"], 24, generator=torch.Generator().manual_seed(5))
+    late = [blk.memory_record for blk in kept if blk._record is not None]
+    full = Pipeline(model, embed=LookupEmbedder(io["output_latents"][0], io["descriptors"], tol=float("inf")))
+    strip = lambda recs: [{k: v for k, v in r.items() if k != "retrieval_s"} for r in recs]  # noqa: E731
+    assert strip(late) == strip(full.generate(io["text_embeds"], 27, **args).memory_log)

@@ -592,3 +592,54 @@ def test_kv_layout_errors():
         KVLayout(num_layers=1, tokens_per_frame=1, num_heads=1, head_dim=3)
     with pytest.raises(ValueError, match="KVLayout.num_layers must be an int >= 1"):
         KVLayout(num_layers=0, tokens_per_frame=1, num_heads=1, head_dim=2)
+
+
+# --- found in review ------------------------------------------------------------------------------------------------
+
+def test_stream_ids_are_converted_once_at_entry():
+    """0-d tensors hash by identity: [tensor(0), tensor(0)] passed the distinct check and the call changed the
+    memory before failing. Ids are now plain ints from the first line of every method."""
+    cfg = kv_config()
+    mem = RetrievalMemory(cfg)
+    g = torch.Generator().manual_seed(0)
+    s = mem.add_stream()
+    emb, k, v = random_block(g, cfg, 2)
+    before = snapshot(mem)
+    with pytest.raises(ValueError, match="distinct"):
+        mem.append([torch.tensor(0), torch.tensor(0)], emb[None].expand(2, -1, -1), k=k[:, None].expand(-1, 2, -1, -1, -1, -1),
+                   v=v[:, None].expand(-1, 2, -1, -1, -1, -1))
+    assert_unchanged(before, mem)
+    mem.append(torch.tensor(s), emb, k=k, v=v)             # a 0-d tensor id is that int
+    mem.append(torch.tensor([s]), emb[None], k=k[:, None], v=v[:, None])  # a 1-d tensor is a list of ids
+    assert mem.num_frames(s) == 4 and mem.retrieve(torch.tensor(s)).streams == [s]
+    with pytest.raises(TypeError, match="a stream id must be an int"):
+        mem.retrieve([0.5])
+
+
+def test_failed_host_growth_leaves_no_segment(monkeypatch):
+    """The host tier is grown before the first mutation; if one of several new segments fails to allocate, none
+    is added (the failed call changes nothing)."""
+    from lrag_ext.memory_tiers import KVTiers
+
+    cfg = kv_config(device_frames=2)
+    mem = RetrievalMemory(cfg)
+    g = torch.Generator().manual_seed(0)
+    s = mem.add_stream()
+    emb, k, v = random_block(g, cfg, 40)  # 39 stored frames: 37 to the host tier, three new segments
+    real = KVTiers._new_segment
+    calls = []
+
+    def failing(self, slots, device, pin):
+        calls.append(slots)
+        if len(calls) == 2:
+            raise RuntimeError("simulated out of memory")
+        return real(self, slots, device, pin)
+
+    monkeypatch.setattr(KVTiers, "_new_segment", failing)
+    before = snapshot(mem)
+    with pytest.raises(RuntimeError, match="simulated out of memory"):
+        mem.append(s, emb, k=k, v=v)
+    assert_unchanged(before, mem)
+    monkeypatch.setattr(KVTiers, "_new_segment", real)
+    mem.append(s, emb, k=k, v=v)
+    assert mem.num_frames(s) == 40

@@ -234,6 +234,17 @@ def _optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.
     return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
 
 
+def _check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Every per-parameter state tensor of a loaded optimizer (AdamW's moments) has its parameter's shape: a
+    mismatch would only fail at the first step, after the run started writing."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for name, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape != p.shape:
+                    raise ValueError(f"its optimizer state {name!r} has shape {list(value.shape)} for a parameter "
+                                     f"of shape {list(p.shape)}")
+
+
 def _resume(args: argparse.Namespace, device: torch.device, scaler: torch.amp.GradScaler,
             frame_shape: tuple[int, int, int]) -> dict:
     """The :class:`Prepared` fields ``--resume`` gives: config, model, optimizer (and ``scaler``'s state), the
@@ -263,6 +274,7 @@ def _resume(args: argparse.Namespace, device: torch.device, scaler: torch.amp.Gr
         model.load_state_dict(ckpt["model"], strict=True)
         optimizer = _optimizer(model, args)
         optimizer.load_state_dict(ckpt["optimizer"])
+        _check_optimizer_state(optimizer)
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         state = dict(config=config, model=model, optimizer=optimizer, start_epoch=int(ckpt["epoch"]) + 1,

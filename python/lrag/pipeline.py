@@ -223,7 +223,7 @@ class Pipeline:
             timings["total"] = time.perf_counter() - t_block
             record = None
             if plan is not None:
-                record = _Lazy(functools.partial(self._record, b, s, cache.mem_positions.clone(), streams,
+                record = _Lazy(functools.partial(self._record, self.memory, b, s, cache.mem_positions.clone(), streams,
                                                  self._retrievals - 1, timings["retrieval"]))
             if callback is not None:
                 callback(BlockResult(b, s, x0, timings, record))
@@ -254,11 +254,12 @@ class Pipeline:
         cache.set_memory_positions(positions)
         return plan
 
-    def _record(self, b: int, s: int, positions: torch.Tensor, streams: list[int], log_index: int,
+    @staticmethod
+    def _record(memory, b: int, s: int, positions: torch.Tensor, streams: list[int], log_index: int,
                 retrieval_s: float) -> dict:
         """Block ``b``'s log record (the reference's fields, one list per stream) from the memory's log record
         ``log_index``; reads the selection on the host."""
-        logs = [self.memory.log(st, start=log_index)[0] for st in streams]
+        logs = [memory.log(st, start=log_index)[0] for st in streams]
         return {
             "block": b,
             "query_frame": s,                    # the reference logs the block start, not the query frame s-1

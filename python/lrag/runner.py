@@ -85,7 +85,8 @@ def _check_common(args) -> None:
 
 def _retrieval(args, num_frames: int) -> RetrievalConfig:
     return RetrievalConfig(k=args.top_k, recent_exclude=args.recent_exclude, memory_position=args.memory_position,
-                           device_frames=args.device_frames, host_frames=args.host_frames, storage=args.storage,
+                           device_frames=min(args.device_frames, num_frames), host_frames=args.host_frames,
+                           storage=args.storage,
                            max_frames=max(4096, num_frames))
 
 

@@ -288,6 +288,7 @@ class KVCache:
             cfg = self.cfg
             shape = (self.batch, cfg.sink + self.memory_slots + cfg.window) + tuple(k_new.shape[2:])
             bufs = self._attn[layer] = (k_new.new_empty(shape), v_new.new_empty(shape))
+            self._prefix.pop(layer, None)  # a new buffer holds no prefix yet
         return bufs
 
     def commit(self, new_k: list[torch.Tensor], new_v: list[torch.Tensor], plan: _Plan) -> None:
