@@ -209,8 +209,8 @@ class RetrievalMemory:
             for s, st, count in zip(streams, states, new_pages):
                 if count:
                     st.pages += list(self._page_alloc.allocate(count, s))
-            flat = torch.tensor([st.pages[f // ps] * ps + f % ps for st in states
-                                 for f in range(st.num_frames, st.num_frames + n)], dtype=torch.int64)
+            flat = torch.tensor([self._flat(st, f) for st in states for f in range(st.num_frames, st.num_frames + n)],
+                                dtype=torch.int64)
             flat = self._to_device(flat)
             self._pages.view(-1, self.config.embed_dim)[flat] = embeddings.flatten(0, 1).to(
                 self.device, self.config.embed_dtype)
@@ -224,8 +224,7 @@ class RetrievalMemory:
                 self._store_kv(streams, states, kv_frames, n, k, v)
             self._index.set_stream(streams, first_page, [st.pages[i:] for st, i in zip(states, first_page)],
                                    [self._eligible(st) for st in states],
-                                   [st.pages[(st.num_frames - 1) // ps] * ps + (st.num_frames - 1) % ps
-                                    for st in states])
+                                   [self._flat(st, st.num_frames - 1) for st in states])
             self._sync_index()
 
     # --------------------------------------------------------------------------------------------- retrieve
@@ -472,24 +471,8 @@ class RetrievalMemory:
                 config = dataclasses.replace(config, device=torch.device(device))
             except (TypeError, ValueError, RuntimeError) as err:
                 raise ValueError(f"device {device!r} is not a valid device for the loaded memory: {err}") from None
-        tensor_file = os.path.join(path, "tensors.safetensors")
-        files = manifest.get("files")
-        want = files.get("tensors.safetensors") if isinstance(files, dict) else None
-        if not isinstance(want, dict) or not isinstance(want.get("bytes"), int) or not isinstance(want.get("sha256"), str):
-            raise ValueError(f"{manifest_file}: field files['tensors.safetensors'] must hold bytes and sha256")
-        size = fmt.check_regular_file(tensor_file)
-        if size != want["bytes"]:
-            raise ValueError(f"{tensor_file} has {size} bytes, the manifest says {want['bytes']}: the file is "
-                             "truncated or altered")
-        if fmt.sha256_file(tensor_file) != want["sha256"]:
-            raise ValueError(f"{tensor_file} does not match its SHA-256 in the manifest: the file is altered")
-        import safetensors.torch  # noqa: PLC0415
-        try:
-            tensors = safetensors.torch.load_file(tensor_file)
-        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for a bad header
-            raise ValueError(f"{tensor_file} is not a readable safetensors file: {err}") from None
-        fmt.validate_tensors(tensors, manifest, config, tensor_file)
-        _check_fits(config, manifest["segments"], manifest_file)
+        tensors = fmt.read_tensors(path, manifest, config)
+        fmt.check_fits(config, manifest["segments"], manifest_file)
         mem = cls(config)
         for size in manifest["segments"][1:]:
             mem._tiers.add_host_segment(size)
@@ -511,10 +494,8 @@ class RetrievalMemory:
                                                  scales[row] if scales is not None else None)
             mem._streams[sid] = st
             mem._index.add(sid)
-            ps = config.page_size
-            last = st.num_frames - 1
             mem._index.set_stream([sid], [0], [st.pages], [mem._eligible(st)],
-                                  [st.pages[last // ps] * ps + last % ps if st.num_frames else 0])
+                                  [mem._flat(st, st.num_frames - 1) if st.num_frames else 0])
             mem._index.set_codes([(sid, f, c) for f, c in enumerate(st.kv_code) if c >= 0])
         if mem._tiers is not None:
             mem._tiers.fifo = {tier: collections.deque(tuple(x) for x in manifest["fifo"][tier])
@@ -544,6 +525,11 @@ class RetrievalMemory:
                                  f"tier full) after retrieve(); retrieve again")
             states.append(st)
         return states
+
+    def _flat(self, st: _Stream, frame: int) -> int:
+        """Row of ``frame`` of a stream in the embedding pages viewed as ``[pages * page_size, D]``."""
+        ps = self.config.page_size
+        return st.pages[frame // ps] * ps + frame % ps
 
     def _eligible(self, st: _Stream) -> tuple[int, int]:
         lo, hi = self.policy.eligible_range(st.num_frames)
@@ -709,22 +695,3 @@ def _check_cache_frames(dst_frame: torch.Tensor, cache_frames: int) -> None:
         b, j = (int(x) for x in repeated.nonzero()[0])
         raise ValueError(f"dst_frame[{b}] names cache frame {int(ordered[b, j])} twice: each rank needs its own frame")
 
-
-def _check_fits(config: MemoryConfig, segments: list[int], manifest_file: str) -> None:
-    """Refuses a saved memory whose K/V tiers would not fit in the memory of the target (an edited ``device_frames``
-    or host segments must give a clear error, not an allocator failure or a machine brought to swap)."""
-    if config.storage != "kv":
-        return
-    L, T, H, Dh = config.kv_layout.frame_shape
-    frame_bytes = L * 2 * T * H * Dh * torch.empty((), dtype=config.dtype).element_size()
-    host_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    device = torch.device(config.device)
-    device_total, where = host_total, "host memory"
-    if device.type == "cuda" and torch.cuda.is_available():
-        device_total, where = torch.cuda.mem_get_info(device)[1], f"{device}"
-    for name, slots, total, place in (("config.device_frames", segments[0], device_total, where),
-                                      ("segments (host tier)", sum(segments[1:]), host_total, "host memory")):
-        if slots * frame_bytes > total:
-            raise ValueError(f"{manifest_file}: field {name} asks for {slots} K/V slots of {frame_bytes} bytes "
-                             f"({slots * frame_bytes / 2**30:.1f} GiB), more than the {total / 2**30:.1f} GiB of "
-                             f"{place}")

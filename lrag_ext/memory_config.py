@@ -36,6 +36,11 @@ class KVLayout:
         if self.head_dim % 2:
             raise ValueError(f"KVLayout.head_dim must be even (RoPE pairs), got {self.head_dim}")
 
+    def frame_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes of one frame's K/V slot ``[num_layers, 2, tokens_per_frame, num_heads, head_dim]`` in ``dtype``."""
+        return (self.num_layers * 2 * self.tokens_per_frame * self.num_heads * self.head_dim
+                * torch.empty((), dtype=dtype).element_size())
+
     @property
     def frame_shape(self) -> tuple[int, int, int, int]:
         """Shape of one frame's K (or V) across layers as :meth:`RetrievalMemory.append` takes it, minus the frame

@@ -277,3 +277,43 @@ def validate_tensors(tensors: dict, manifest: dict, config: MemoryConfig, tensor
         if tuple(t.shape) != shape or t.dtype != dtype:
             raise FormatError(f"{tensor_file}: tensor {name} is {t.dtype} {list(t.shape)}, the manifest needs "
                               f"{dtype} {list(shape)}")
+
+
+def read_tensors(path: str, manifest: dict, config: MemoryConfig) -> dict[str, torch.Tensor]:
+    """The tensors of ``path/tensors.safetensors`` after checking its size and SHA-256 against the (validated)
+    manifest, and its names, shapes and dtypes (:func:`validate_tensors`)."""
+    manifest_file = os.path.join(path, "manifest.json")
+    tensor_file = os.path.join(path, "tensors.safetensors")
+    files = manifest.get("files")
+    want = files.get("tensors.safetensors") if isinstance(files, dict) else None
+    if not isinstance(want, dict) or not isinstance(want.get("bytes"), int) or not isinstance(want.get("sha256"), str):
+        raise FormatError(f"{manifest_file}: field files['tensors.safetensors'] must hold bytes and sha256")
+    size = check_regular_file(tensor_file)
+    if size != want["bytes"]:
+        raise FormatError(f"{tensor_file} has {size} bytes, the manifest says {want['bytes']}: the file is "
+                          "truncated or altered")
+    if sha256_file(tensor_file) != want["sha256"]:
+        raise FormatError(f"{tensor_file} does not match its SHA-256 in the manifest: the file is altered")
+    import safetensors.torch  # noqa: PLC0415 - only loading needs it
+    try:
+        tensors = safetensors.torch.load_file(tensor_file)
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for a bad header
+        raise FormatError(f"{tensor_file} is not a readable safetensors file: {err}") from None
+    validate_tensors(tensors, manifest, config, tensor_file)
+    return tensors
+
+
+def check_fits(config: MemoryConfig, segments: list[int], manifest_file: str) -> None:
+    """Refuses a saved memory whose K/V tiers would not fit in the memory of the target (an edited ``device_frames``
+    or host segments must give a clear error, not an allocator failure or a machine brought to swap)."""
+    if config.storage != "kv":
+        return
+    frame_bytes = config.kv_layout.frame_bytes(config.dtype)
+    device = torch.device(config.device)
+    for name, slots, place in (("config.device_frames", segments[0], device),
+                               ("segments (host tier)", sum(segments[1:]), torch.device("cpu"))):
+        total = state_dicts.device_memory(place, available=False)
+        if total is not None and slots * frame_bytes > total:
+            raise FormatError(f"{manifest_file}: field {name} asks for {slots} K/V slots of {frame_bytes} bytes "
+                              f"({slots * frame_bytes / 2**30:.1f} GiB), more than the {total / 2**30:.1f} GiB of "
+                              f"{'host memory' if place.type == 'cpu' else place}")

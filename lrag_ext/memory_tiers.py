@@ -87,13 +87,18 @@ class KVTiers:
         return (seg_index << SEGMENT_SHIFT) | slot
 
     # ---------------------------------------------------------------------------------------------- growth
+    def _next_host_size(self, count: int) -> int | None:
+        """Slots of the host segment that would follow ``count`` segments (the device one included), or None when
+        the host tier is at its limit."""
+        sizes = fmt.host_segment_sizes(self.config.host_frames, count)
+        return sizes[-1] if len(sizes) == count else None
+
     def grow_host(self) -> bool:
         """Adds a host segment (doubling size, capped by host_frames); False when the host tier is at its limit."""
-        sizes = fmt.host_segment_sizes(self.config.host_frames, len(self.segments))
-        if len(sizes) < len(self.segments):  # the next segment would exceed host_frames
-            return False
-        self.add_host_segment(sizes[-1])
-        return True
+        size = self._next_host_size(len(self.segments))
+        if size is not None:
+            self.add_host_segment(size)
+        return size is not None
 
     def reserve(self, n_new: int) -> None:
         """Grows the host tier now (allowed by its limit) to the free slots storing ``n_new`` frames may need, so
@@ -101,14 +106,10 @@ class KVTiers:
         n_device = min(n_new, self.config.device_frames)
         moves = max(0, n_device - self.segments[0].allocator.num_free)  # device frames displaced to the host
         need = (n_new - n_device) + moves - sum(seg.allocator.num_free for seg in self.segments[1:])
-        count = len(self.segments)
         new = []
-        while need > 0:
-            sizes = fmt.host_segment_sizes(self.config.host_frames, count + len(new))
-            if len(sizes) < count + len(new):  # the host tier is at its limit
-                break
-            new.append(self._new_host_segment(sizes[-1]))
-            need -= sizes[-1]
+        while need > 0 and (size := self._next_host_size(len(self.segments) + len(new))) is not None:
+            new.append(self._new_host_segment(size))
+            need -= size
         self.segments += new  # all allocated, or none added
 
     # ------------------------------------------------------------------------------------------ allocation

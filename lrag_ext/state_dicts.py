@@ -374,3 +374,25 @@ def parse_device(value: str, option: str = "--device") -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"{option} {value}: there are only {torch.cuda.device_count()} CUDA devices")
     return device
+
+
+def device_memory(device: torch.device, available: bool = True) -> int | None:
+    """Bytes of memory on ``device``: free now (``available``: ``MemAvailable`` of /proc/meminfo for the host,
+    ``cudaMemGetInfo`` for a GPU) or in total; None when the host does not say."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info(device)
+        return free if available else total
+    if available:
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass
+    try:
+        pages = os.sysconf("SC_AVPHYS_PAGES" if available else "SC_PHYS_PAGES")
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None

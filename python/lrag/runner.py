@@ -27,7 +27,8 @@ from lrag.config import RetrievalConfig, WanConfig, wan_1_3b
 from lrag_ext.positions import check_policy
 from lrag.generate import ModeRun, Progress, blocks_for_seconds, run_mode, write_outputs
 from lrag.pipeline import Pipeline
-from lrag_ext.state_dicts import InputFileError, check_output_dir, check_regular_file, error_summary, parse_device
+from lrag_ext.state_dicts import (InputFileError, check_output_dir, check_regular_file, device_memory, error_summary,
+                                  parse_device)
 
 DEMO_PROMPT = "a red fox running through a snowy forest, cinematic"
 VAE_SPATIAL = 8              # Wan VAE: 8x spatial compression
@@ -140,23 +141,6 @@ def run_memory_needs(cfg: WanConfig, num_frames: int, dtype: torch.dtype, device
     return {"host": host, "device": dev}
 
 
-def _available_bytes(place: str, device: torch.device) -> int | None:
-    """Free memory now: ``MemAvailable`` of /proc/meminfo for the host, ``cudaMemGetInfo`` for a GPU."""
-    if place == "device":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 def _check_resources(args, cfg: WanConfig, num_blocks: int, modes: list[str], embed_dim: int,
                      model_params: int) -> None:
     """Refuses a run whose buffers (:func:`run_memory_needs`) exceed the memory available, before any is
@@ -165,7 +149,7 @@ def _check_resources(args, cfg: WanConfig, num_blocks: int, modes: list[str], em
     frames = num_blocks * cfg.frames_per_block
     needs = run_memory_needs(cfg, frames, dtype, device, modes, _retrieval(args, frames), embed_dim, model_params)
     for place, parts in needs.items():
-        need, have = sum(parts.values()), _available_bytes(place, device)
+        need, have = sum(parts.values()), device_memory(device if place == "device" else "cpu")
         if have is None or need <= have:
             continue
         where = "host memory" if place == "host" else f"memory on {device}"
