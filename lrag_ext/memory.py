@@ -39,7 +39,7 @@ import torch
 import lrag_ext
 from lrag_ext import memory_format as fmt
 from lrag_ext.memory_config import KVLayout, MemoryConfig
-from lrag_ext.memory_index import DeviceIndex
+from lrag_ext.memory_index import DeviceIndex, to_device
 from lrag_ext.memory_tiers import SEGMENT_SHIFT, SLOT_MASK, KVTiers
 from lrag_ext.positions import memory_positions
 
@@ -537,9 +537,7 @@ class RetrievalMemory:
         return lo, max(lo, hi)
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cpu":
-            return t
-        return t.pin_memory().to(self.device, non_blocking=True)
+        return to_device(t, self.device)
 
     def _positions(self, plan: RetrievalPlan, positions) -> torch.Tensor:
         """RoPE deltas of the plan's frames: their positions under ``positions`` (:mod:`lrag_ext.positions`), the

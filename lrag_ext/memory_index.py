@@ -144,7 +144,11 @@ class DeviceIndex:
         return torch.where((ids < 0) | (ids >= self.cols), torch.full_like(codes, -1), codes)
 
 
-def _dev(values, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-    """A small host list as a tensor on ``device`` (one host->device copy)."""
-    t = torch.tensor(values, dtype=dtype)
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device``: itself on the CPU, else one pinned, non-blocking host->device copy."""
     return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
+
+
+def _dev(values, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """A small host list as a tensor on ``device``."""
+    return to_device(torch.tensor(values, dtype=dtype), device)
