@@ -135,7 +135,8 @@ def test_forward_commits_block_kv(model, cfg):
         model(x, torch.zeros(1, 3), cache, update_cache=True)
     k, v = cache.block_kv()
     assert k.shape == (cfg.num_layers, 1, 3, cfg.tokens_per_frame, cfg.num_heads, cfg.head_dim) == v.shape
-    assert cache.num_frames == 3 and torch.equal(cache.k[:, :, :3], k)
+    assert cache.num_frames == 3 and torch.equal(cache.k[:, :, :1], k[:, :, :1])   # frame 0 is the sink
+    assert k.untyped_storage().data_ptr() == cache.k.untyped_storage().data_ptr()   # a view, not a copy
 
 
 def test_memory_position_is_applied(model, cfg):
@@ -213,3 +214,71 @@ def test_rope_tables_are_built_once_per_positions():
     for i in range(20):
         rope.apply(x, torch.tensor([i, i + 1, i + 2]))
     assert len(rope._factors) <= 8
+
+
+def _frame_kv(cfg, ids, layer, sign=1.0):
+    """Dummy un-roped K (V: sign -1) ``[1, n, T, H, d]`` whose every value identifies (frame id, layer, token)."""
+    T, H, d = cfg.tokens_per_frame, cfg.num_heads, cfg.head_dim
+    token = torch.arange(T, dtype=torch.float32).reshape(1, 1, T, 1, 1) / 1000
+    base = torch.tensor(ids, dtype=torch.float32).reshape(1, -1, 1, 1, 1) + 100 * layer + token
+    return sign * (base + torch.linspace(0, 0.5, H * d).reshape(1, 1, 1, H, d)).expand(1, len(ids), T, H, d)
+
+
+@pytest.mark.parametrize("window, sink, F, slots, mode, sizes", [
+    (12, 1, 3, 6, "window", [3]),            # the reference schedule
+    (12, 1, 3, 0, "absolute", [3]),          # native
+    (12, 1, 3, 6, "window", [3, 2, 1, 3]),   # blocks not aligned to the ring: wrapping runs, block_kv copies
+    (7, 2, 2, 1, "window", [2, 1]),
+    (5, 0, 1, 0, "absolute", [1]),           # no sink, frame-wise
+    (9, 3, 4, 2, "window", [4, 3]),
+])
+def test_ring_cache_matches_a_cache_that_keeps_everything(window, sink, F, slots, mode, sizes):
+    """Oracle: every frame's K/V kept in a list and the attended set rebuilt by concatenation. The ring cache's
+    keys/values (general and per-block paths, roped and not, first and second forward of a block) and block_kv
+    equal it exactly over 40 blocks, with memory frames set on some blocks."""
+    cfg = WanConfig(num_layers=2, dim=16, num_heads=2, ffn_dim=16, text_dim=8, text_len=4, in_dim=4, out_dim=4,
+                    latent_height=4, latent_width=2, frames_per_block=F, window=window, sink=sink)
+    cache = CausalWanModel(cfg).new_cache(1, mode, memory_slots=slots)
+    rope = Rope3D(cfg.head_dim, cfg.grid, 256)
+    gen = torch.Generator().manual_seed(window * 100 + sink * 10 + F)
+    local_budget = window - sink - slots if slots else window - sink
+    for step in range(40):
+        n = sizes[step % len(sizes)]
+        m = int(torch.randint(0, slots + 1, (), generator=gen)) if slots and step % 3 else 0
+        if m:
+            mem = torch.randn(cfg.num_layers, m, cfg.tokens_per_frame, cfg.num_heads, cfg.head_dim, generator=gen)
+            cache.set_memory(mem, -mem, torch.randint(0, 50, (m,), generator=gen))
+        else:
+            cache.clear_memory()
+        N = cache.num_frames
+        window_ids = list(range(min(sink, N))) + list(range(max(sink, N - (window - sink)), N))
+        assert cache.frame_ids == window_ids
+        total = window_ids + list(range(N, N + n))
+        n_sink = min(sink, len(total))
+        n_local = min(len(total) - n_sink, window - sink, local_budget)
+        attended = total[:n_sink], total[len(total) - n_local:]
+        plan = cache.plan(n)
+        for layer in range(cfg.num_layers):
+            want = [torch.cat([_frame_kv(cfg, attended[0], layer, sign), mem_part,
+                               _frame_kv(cfg, attended[1], layer, sign)], dim=1)
+                    for sign, mem_part in ((1.0, cache.mem_k[layer, :, :m]), (-1.0, cache.mem_v[layer, :, :m]))]
+            new_k, new_v = _frame_kv(cfg, total[-n:], layer), _frame_kv(cfg, total[-n:], layer, -1.0)
+            k, v, pos = cache.attention_kv(layer, new_k, new_v, plan)
+            assert torch.equal(k, want[0]) and torch.equal(v, want[1])
+            for _ in range(2):   # the second forward reuses the block's roped prefix
+                rk, rv = cache.roped_attention_kv(layer, new_k, new_v, plan, rope)
+                assert torch.equal(rk, rope.apply(want[0], pos)) and torch.equal(rv, want[1])
+        cache.commit([_frame_kv(cfg, total[-n:], layer) for layer in range(cfg.num_layers)],
+                     [_frame_kv(cfg, total[-n:], layer, -1.0) for layer in range(cfg.num_layers)], plan)
+        bk, bv = cache.block_kv()
+        assert torch.equal(bk, torch.stack([_frame_kv(cfg, total[-n:], layer) for layer in range(cfg.num_layers)]))
+        assert torch.equal(bv, -bk)
+        if sizes == [F]:   # aligned blocks: views of the cache, never copies
+            assert bk.untyped_storage().data_ptr() == cache.k.untyped_storage().data_ptr()
+    stale = cache.plan(sizes[0])
+    cache.commit([_frame_kv(cfg, list(range(cache.num_frames, cache.num_frames + sizes[0])), layer)
+                  for layer in range(cfg.num_layers)] * 1, [_frame_kv(cfg, [0] * sizes[0], 0)] * cfg.num_layers,
+                 stale)
+    with pytest.raises(ValueError, match="plan of this cache's current state"):
+        cache.commit([_frame_kv(cfg, [0] * sizes[0], 0)] * cfg.num_layers,
+                     [_frame_kv(cfg, [0] * sizes[0], 0)] * cfg.num_layers, stale)

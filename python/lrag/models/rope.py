@@ -85,14 +85,18 @@ class Rope3D:
         t = t.unsqueeze(-2).expand(*t.shape[:-1], T, t.shape[-1])                            # [..., F, T, ct]
         return torch.cat([t, self.spatial.expand(*t.shape[:-1], -1)], dim=-1).unsqueeze(-2)
 
-    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, positions: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rotates ``x`` ``[B, F, T, H, d]`` with frame ``i`` at temporal position ``positions[i]`` (``[F]``), or
         ``positions[b, i]`` per stream (``[B, F]``).
 
-        Returns a tensor of ``x``'s shape and dtype (contiguous).
+        Returns a tensor of ``x``'s shape and dtype (contiguous), or writes it into ``out`` (same shape, any
+        strides, e.g. a slice of an attention buffer) and returns ``out``: the float64 product is then rounded
+        straight into the destination, one copy fewer than ``out.copy_(apply(x))`` and the same bits.
         """
         B, F, T, H, d = x.shape
+        if out is not None and out.shape != x.shape:
+            raise ValueError(f"out must have x's shape {tuple(x.shape)}, got {tuple(out.shape)}")
         self.to(x.device)
         xc = torch.view_as_complex(x.to(torch.float64).reshape(B, F, T, H, d // 2, 2))
-        out = torch.view_as_real(xc * self.cached_factors(positions)).flatten(-2)
-        return out.to(x.dtype)
+        rotated = torch.view_as_real(xc * self.cached_factors(positions)).flatten(-2)
+        return rotated.to(x.dtype) if out is None else out.copy_(rotated)

@@ -102,9 +102,19 @@ class _Plan:
 class KVCache:
     """Self-attention cache of one generation (all layers), plus the memory slots and the text context.
 
-    Layout (per layer, un-roped): committed frames ``k[l]`` ``[B, window, T, H, d]`` in slot order
-    ``[sink | most recent]`` (``frame_ids`` gives their global indices), and memory slots ``mem_k[l]``
-    ``[B, memory_slots, T, H, d]`` holding ``mem_count`` retrieved frames at temporal ``mem_positions``.
+    Layout (per layer, un-roped K and V), chosen so that nothing is shifted or re-copied as the window slides:
+
+    - ``k[l]``, ``v[l]`` ``[B, sink + ring, T, H, d]``: the sink frames at ``[0, sink)`` and every committed frame
+      ``g`` at ring slot ``sink + g % ring``, ``ring = ceil((window - sink) / F) * F`` (``F`` = frames per block).
+      A commit writes only the block's own frames; the frames of the window (``frame_ids``, in slot order
+      ``[sink | most recent]``) are read in that order from the sink slots and at most two ring runs. A block of
+      ``F`` frames starting at a multiple of ``F`` occupies consecutive ring slots, so :meth:`block_kv` is a view.
+    - memory slots ``mem_k[l]`` ``[B, memory_slots, T, H, d]`` holding ``mem_count`` retrieved frames at temporal
+      ``mem_positions``.
+    - per layer, the keys (roped) and values attention reads, ``[B, sink + memory_slots + window, T, H, d]`` in
+      the order ``[sink | memory | local]`` (the order of the reference, which fixes the float sums of
+      attention): written once per block for the committed part, and per forward for the block's own frames.
+
     Created by :meth:`CausalWanModel.new_cache`.
     """
 
@@ -121,7 +131,8 @@ class KVCache:
         self.position_mode = position_mode
         self.memory_slots = memory_slots
         self.local_budget = cfg.window - cfg.sink - memory_slots if memory_slots else cfg.window - cfg.sink
-        shape = (cfg.num_layers, batch, cfg.window, cfg.tokens_per_frame, cfg.num_heads, cfg.head_dim)
+        self.ring = -(-(cfg.window - cfg.sink) // cfg.frames_per_block) * cfg.frames_per_block
+        shape = (cfg.num_layers, batch, cfg.sink + self.ring, cfg.tokens_per_frame, cfg.num_heads, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         mshape = (cfg.num_layers, batch, memory_slots, cfg.tokens_per_frame, cfg.num_heads, cfg.head_dim)
@@ -131,8 +142,7 @@ class KVCache:
         self.frame_ids: list[int] = []
         self.num_frames = 0
         self.text: TextContext | None = None
-        self.last_block_k: torch.Tensor | None = None
-        self.last_block_v: torch.Tensor | None = None
+        self._last_block: tuple[int, int] | None = None   # (first frame, frames) of the last commit
         self._mem_version = 0                    # bumped by set_memory / clear_memory
         self._prefix: dict = {}                  # layer -> keys of the current block's prefix in its buffers
         self._attn: dict = {}                    # layer -> (roped keys, values) buffers attention reads
@@ -205,10 +215,43 @@ class KVCache:
         self._mem_version += 1
 
     def block_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V ``[layers, B, F, T, H, d]`` (un-roped) of the last committed block (its t = 0 context rerun)."""
-        if self.last_block_k is None:
+        """K, V ``[layers, B, F, T, H, d]`` (un-roped) of the last committed block (its t = 0 context rerun).
+
+        Views of the cache when the block's ring slots are consecutive (always for blocks of ``frames_per_block``
+        frames), a copy otherwise; valid until the next commit."""
+        if self._last_block is None:
             raise RuntimeError("no block has been committed to this cache yet")
-        return self.last_block_k, self.last_block_v
+        first, n = self._last_block
+        runs = self._ring_runs(first, n)
+        if len(runs) == 1:
+            slot = runs[0][0]
+            return self.k[:, :, slot:slot + n], self.v[:, :, slot:slot + n]
+        return tuple(torch.cat([store[:, :, slot:slot + length] for slot, _, length in runs], dim=2)
+                     for store in (self.k, self.v))
+
+    def _ring_runs(self, first: int, count: int) -> list[tuple[int, int, int]]:
+        """``(cache slot, offset, length)`` runs of consecutive slots holding frames ``first .. first + count - 1``
+        in the ring (one run, or two where the ring wraps)."""
+        runs, offset = [], 0
+        while offset < count:
+            start = (first + offset) % self.ring
+            length = min(count - offset, self.ring - start)
+            runs.append((self.cfg.sink + start, offset, length))
+            offset += length
+        return runs
+
+    def _committed(self, store: torch.Tensor, layer: int, start: int, stop: int) -> list[torch.Tensor]:
+        """Views ``[B, n, T, H, d]`` of committed frames ``frame_ids[start:stop]`` of ``layer``, in slot order (sink
+        frames from their slots, the rest from at most two ring runs)."""
+        n_sink = min(self.cfg.sink, len(self.frame_ids))
+        parts = []
+        if start < n_sink:
+            parts.append(store[layer, :, start:min(stop, n_sink)])
+            start = n_sink
+        if start < stop:
+            parts += [store[layer, :, slot:slot + length]
+                      for slot, _, length in self._ring_runs(self.frame_ids[start], stop - start)]
+        return parts
 
     def plan(self, num_new: int) -> _Plan:
         """Frames attended by a block of ``num_new`` frames following the committed ones."""
@@ -233,13 +276,14 @@ class KVCache:
                      keep_start=keep_start, keep_ids=ids[:n_sink] + ids[keep_start:])
 
     def attention_kv(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, plan: _Plan):
-        """Un-roped keys, values ``[B, Nk, T, H, d]`` and key positions ``[B, Nk]`` for ``layer``."""
-        full_k = torch.cat([self.k[layer, :, :plan.n_committed], k_new], dim=1)
-        full_v = torch.cat([self.v[layer, :, :plan.n_committed], v_new], dim=1)
-        m = self.mem_count
-        keys = [full_k[:, :plan.n_sink], self.mem_k[layer, :, :m], full_k[:, plan.local_start:]]
-        vals = [full_v[:, :plan.n_sink], self.mem_v[layer, :, :m], full_v[:, plan.local_start:]]
-        return torch.cat(keys, dim=1), torch.cat(vals, dim=1), self._positions(plan, plan.local_pos)
+        """Un-roped keys, values ``[B, Nk, T, H, d]`` and key positions ``[B, Nk]`` for ``layer`` (copies: the
+        general path, for blocks that overlap the sink; :meth:`roped_attention_kv` is the per-block one)."""
+        n_c, m = plan.n_committed, self.mem_count
+        out = []
+        for store, mem, new in ((self.k, self.mem_k, k_new), (self.v, self.mem_v, v_new)):
+            full = torch.cat(self._committed(store, layer, 0, n_c) + [new], dim=1)
+            out.append(torch.cat([full[:, :plan.n_sink], mem[layer, :, :m], full[:, plan.local_start:]], dim=1))
+        return out[0], out[1], self._positions(plan, plan.local_pos)
 
     def _positions(self, plan: _Plan, local_pos: torch.Tensor) -> torch.Tensor:
         """``[B, n_sink + m + len(local_pos)]`` positions of ``[sink | memory | local]`` keys."""
@@ -258,27 +302,38 @@ class KVCache:
             # the block overlaps the sink (first block) or is not wholly attended: rope everything
             keys, vals, pos = self.attention_kv(layer, k_new, v_new, plan)
             return rope.apply(keys, pos), vals
-        n_c, m, F = plan.n_committed, self.mem_count, k_new.shape[1]
+        n_c, F = plan.n_committed, k_new.shape[1]
         key = (self.num_frames, F, self._mem_version)
         if self._prefix_key != key:
             self._prefix, self._prefix_key = {}, key
         buf_k, buf_v = self._attention_buffers(layer, k_new, v_new)
         if layer not in self._prefix:
-            # [sink | memory | committed local] keys roped and values, written once per block into the layer's
-            # attention buffers; every forward of the block then writes only its own frames behind them.
-            ck, cv = self.k[layer, :, :n_c], self.v[layer, :, :n_c]
-            keys = torch.cat([ck[:, :plan.n_sink], self.mem_k[layer, :, :m], ck[:, plan.local_start:]], dim=1)
-            P = keys.shape[1]
-            buf_k[:, :P] = rope.apply(keys, self._positions(plan, plan.local_pos[:n_c - plan.local_start]))
+            # [sink | memory | committed local]: roped keys and values written part by part (no concatenation)
+            # once per block into the layer's attention buffers; every forward of the block then writes only its
+            # own frames behind them.
             offset = 0
-            for part in (cv[:, :plan.n_sink], self.mem_v[layer, :, :m], cv[:, plan.local_start:]):
-                buf_v[:, offset:offset + part.shape[1]] = part
-                offset += part.shape[1]
-            self._prefix[layer] = P
+            for k, v, positions in self._prefix_parts(layer, plan):
+                n = k.shape[1]
+                rope.apply(k, positions, out=buf_k[:, offset:offset + n])
+                buf_v[:, offset:offset + n] = v
+                offset += n
+            self._prefix[layer] = offset
         P = self._prefix[layer]
-        buf_k[:, P:P + F] = rope.apply(k_new, plan.local_pos[n_c - plan.local_start:])
+        rope.apply(k_new, plan.local_pos[n_c - plan.local_start:], out=buf_k[:, P:P + F])
         buf_v[:, P:P + F] = v_new
         return buf_k[:, :P + F], buf_v[:, :P + F]
+
+    def _prefix_parts(self, layer: int, plan: _Plan) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(k, v, positions)`` views of the committed keys ``[sink | memory | committed local]`` of ``layer`` in
+        attention order (empty parts left out), for a plan whose sink and local frames are all committed."""
+        n_c, m, start = plan.n_committed, self.mem_count, plan.local_start
+        parts = [(self.k[layer, :, :plan.n_sink], self.v[layer, :, :plan.n_sink], plan.sink_pos),
+                 (self.mem_k[layer, :, :m], self.mem_v[layer, :, :m], self.mem_positions)]
+        if n_c > start:
+            local = plan.local_pos[:n_c - start]
+            parts += [(self.k[layer, :, slot:slot + n], self.v[layer, :, slot:slot + n], local[offset:offset + n])
+                      for slot, offset, n in self._ring_runs(self.frame_ids[start], n_c - start)]
+        return [part for part in parts if part[0].shape[1]]
 
     def _attention_buffers(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor):
         """The layer's preallocated ``[B, sink + memory_slots + window, T, H, d]`` roped-key and value buffers that
@@ -292,16 +347,23 @@ class KVCache:
         return bufs
 
     def commit(self, new_k: list[torch.Tensor], new_v: list[torch.Tensor], plan: _Plan) -> None:
-        """Writes the block's K/V (one ``[B, F, T, H, d]`` per layer), evicting the oldest non-sink frames."""
-        n_keep = len(plan.keep_ids)
+        """Writes the block's K/V (one ``[B, F, T, H, d]`` per layer, from :meth:`plan` of this state) into its
+        ring slots, and the sink slots for frames ``< sink``. Frames leaving the window are dropped from
+        ``frame_ids`` only: nothing else is moved or copied."""
+        first, n = self.num_frames, new_k[0].shape[1]
+        if plan.n_committed != len(self.frame_ids) or plan.keep_ids[-1] != first + n - 1:
+            raise ValueError("commit needs the plan of this cache's current state and the block it was made for")
+        runs = self._ring_runs(first, n)
+        n_sink = max(0, min(self.cfg.sink - first, n))
         for layer, (k_new, v_new) in enumerate(zip(new_k, new_v)):
             for store, new in ((self.k, k_new), (self.v, v_new)):
-                full = torch.cat([store[layer, :, :plan.n_committed], new], dim=1)
-                store[layer, :, :n_keep] = torch.cat([full[:, :plan.n_sink], full[:, plan.keep_start:]], dim=1)
+                for slot, offset, length in runs:
+                    store[layer, :, slot:slot + length] = new[:, offset:offset + length]
+                if n_sink:
+                    store[layer, :, first:first + n_sink] = new[:, :n_sink]
         self.frame_ids = plan.keep_ids
-        self.num_frames += new_k[0].shape[1]
-        self.last_block_k = torch.stack(new_k)
-        self.last_block_v = torch.stack(new_v)
+        self.num_frames += n
+        self._last_block = (first, n)
 
 
 class _AttentionProjections(nn.Module):
