@@ -104,8 +104,9 @@ class KVCache:
 
     Layout (per layer, un-roped K and V), chosen so that nothing is shifted or re-copied as the window slides:
 
-    - ``k[l]``, ``v[l]`` ``[B, sink + ring, T, H, d]``: the sink frames at ``[0, sink)`` and every committed frame
-      ``g`` at ring slot ``sink + g % ring``, ``ring = ceil((window - sink) / F) * F`` (``F`` = frames per block).
+    - ``k[l]``, ``v[l]`` ``[B, ring + sink, T, H, d]``: every committed frame ``g`` at ring slot ``g % ring``,
+      ``ring = ceil((window - sink) / F) * F`` (``F`` = frames per block), and the sink frames also at
+      ``[ring, ring + sink)``, where they stay.
       A commit writes only the block's own frames; the frames of the window (``frame_ids``, in slot order
       ``[sink | most recent]``) are read in that order from the sink slots and at most two ring runs. A block of
       ``F`` frames starting at a multiple of ``F`` occupies consecutive ring slots, so :meth:`block_kv` is a view.
@@ -132,7 +133,7 @@ class KVCache:
         self.memory_slots = memory_slots
         self.local_budget = cfg.window - cfg.sink - memory_slots if memory_slots else cfg.window - cfg.sink
         self.ring = -(-(cfg.window - cfg.sink) // cfg.frames_per_block) * cfg.frames_per_block
-        shape = (cfg.num_layers, batch, cfg.sink + self.ring, cfg.tokens_per_frame, cfg.num_heads, cfg.head_dim)
+        shape = (cfg.num_layers, batch, self.ring + cfg.sink, cfg.tokens_per_frame, cfg.num_heads, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         mshape = (cfg.num_layers, batch, memory_slots, cfg.tokens_per_frame, cfg.num_heads, cfg.head_dim)
@@ -236,7 +237,7 @@ class KVCache:
         while offset < count:
             start = (first + offset) % self.ring
             length = min(count - offset, self.ring - start)
-            runs.append((self.cfg.sink + start, offset, length))
+            runs.append((start, offset, length))
             offset += length
         return runs
 
@@ -246,7 +247,7 @@ class KVCache:
         n_sink = min(self.cfg.sink, len(self.frame_ids))
         parts = []
         if start < n_sink:
-            parts.append(store[layer, :, start:min(stop, n_sink)])
+            parts.append(store[layer, :, self.ring + start:self.ring + min(stop, n_sink)])
             start = n_sink
         if start < stop:
             parts += [store[layer, :, slot:slot + length]
@@ -327,7 +328,8 @@ class KVCache:
         """``(k, v, positions)`` views of the committed keys ``[sink | memory | committed local]`` of ``layer`` in
         attention order (empty parts left out), for a plan whose sink and local frames are all committed."""
         n_c, m, start = plan.n_committed, self.mem_count, plan.local_start
-        parts = [(self.k[layer, :, :plan.n_sink], self.v[layer, :, :plan.n_sink], plan.sink_pos),
+        sink = slice(self.ring, self.ring + plan.n_sink)
+        parts = [(self.k[layer, :, sink], self.v[layer, :, sink], plan.sink_pos),
                  (self.mem_k[layer, :, :m], self.mem_v[layer, :, :m], self.mem_positions)]
         if n_c > start:
             local = plan.local_pos[:n_c - start]
@@ -348,7 +350,7 @@ class KVCache:
 
     def commit(self, new_k: list[torch.Tensor], new_v: list[torch.Tensor], plan: _Plan) -> None:
         """Writes the block's K/V (one ``[B, F, T, H, d]`` per layer, from :meth:`plan` of this state) into its
-        ring slots, and the sink slots for frames ``< sink``. Frames leaving the window are dropped from
+        ring slots, and frames ``< sink`` also in the sink slots. Frames leaving the window are dropped from
         ``frame_ids`` only: nothing else is moved or copied."""
         first, n = self.num_frames, new_k[0].shape[1]
         if plan.n_committed != len(self.frame_ids) or plan.keep_ids[-1] != first + n - 1:
@@ -360,7 +362,7 @@ class KVCache:
                 for slot, offset, length in runs:
                     store[layer, :, slot:slot + length] = new[:, offset:offset + length]
                 if n_sink:
-                    store[layer, :, first:first + n_sink] = new[:, :n_sink]
+                    store[layer, :, self.ring + first:self.ring + first + n_sink] = new[:, :n_sink]
         self.frame_ids = plan.keep_ids
         self.num_frames += n
         self._last_block = (first, n)
