@@ -14,6 +14,7 @@ from lrag_ext.ops import (cosine_topk, embed_head, gather_kv, kv_pool_empty, kv_
 SlotAllocator = _C.SlotAllocator
 
 from lrag_ext.memory import RetrievalMemory, RetrievalPlan  # noqa: E402
+from lrag_ext.memory_log import RetrievalRecord  # noqa: E402
 from lrag_ext.memory_config import KVLayout, MemoryConfig  # noqa: E402
 from lrag_ext.policy import RetrievalPolicy  # noqa: E402
 
@@ -26,6 +27,6 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["KVLayout", "MemoryConfig", "RetrievalMemory", "RetrievalPlan", "RetrievalPolicy", "SlotAllocator",
-           "build_info", "cosine_topk", "embed_head", "gather_kv", "kv_pool_empty", "kv_pool_scale_empty", "ops",
-           "pooled_embed", "reference", "write_kv"]
+__all__ = ["KVLayout", "MemoryConfig", "RetrievalMemory", "RetrievalPlan", "RetrievalPolicy", "RetrievalRecord",
+           "SlotAllocator", "build_info", "cosine_topk", "embed_head", "gather_kv", "kv_pool_empty",
+           "kv_pool_scale_empty", "ops", "pooled_embed", "reference", "write_kv"]

@@ -40,10 +40,12 @@ import lrag_ext
 from lrag_ext import memory_format as fmt
 from lrag_ext.memory_config import KVLayout, MemoryConfig
 from lrag_ext.memory_index import DeviceIndex, to_device
+from lrag_ext.memory_log import RetrievalRecord
 from lrag_ext.memory_tiers import SEGMENT_SHIFT, SLOT_MASK, KVTiers
 from lrag_ext.positions import memory_positions
 
-__all__ = ["KVLayout", "MemoryConfig", "RetrievalMemory", "RetrievalPlan"]  # the config classes re-exported
+# Re-exported here: the config classes and the log record.
+__all__ = ["KVLayout", "MemoryConfig", "RetrievalMemory", "RetrievalPlan", "RetrievalRecord"]
 
 _KV_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what write_kv takes as new K/V
 _memory_tokens = itertools.count()  # identifies the memory a plan came from
@@ -87,7 +89,7 @@ class _Stream:
     pages: list[int] = field(default_factory=list)          # logical page -> physical embedding page
     kv_code: list[int] = field(default_factory=list)        # frame -> segment << 32 | slot, or -1
     first_retrievable: int = 0                               # frames below lost their K/V to the host limit
-    log: list[dict] = field(default_factory=list)
+    log: list[RetrievalRecord] = field(default_factory=list)
 
 
 class RetrievalMemory:
@@ -241,7 +243,8 @@ class RetrievalMemory:
                 ``n - 1``, the last clean frame of the previous block, as the reference does).
 
         Returns:
-            A :class:`RetrievalPlan`; a log record per stream is added (materialised lazily by :meth:`log`).
+            A :class:`RetrievalPlan`; a :class:`RetrievalRecord` per stream is added to the log (its selection
+            read from the plan only when someone reads it: :meth:`log`, :meth:`records`).
 
         Raises:
             KeyError: unknown stream. ValueError: a stream with no frames when ``queries`` is None, a repeated
@@ -275,12 +278,11 @@ class RetrievalMemory:
                                  _memory_token=self._token, _states=states, _eligible_lo=[r[0] for r in ranges],
                                  _rows=rows)
             elapsed_ms = (time.perf_counter() - start) * 1e3
-            for b, (s, st) in enumerate(zip(streams, states)):
-                st.log.append(dict(_plan=plan, _row=b, block=len(st.log), query_frame=st.num_frames,
-                                   query_descriptor_frame=st.num_frames - 1,
-                                   num_evicted=self.policy.num_evicted(st.num_frames),
-                                   num_eligible=ranges[b][1] - ranges[b][0], k_sel=plan.counts[b],
-                                   timings_ms=dict(retrieve=elapsed_ms)))
+            for b, st in enumerate(states):
+                st.log.append(RetrievalRecord.from_plan(
+                    plan, b, self.policy.sink_frames, block=len(st.log), query_frame=st.num_frames,
+                    query_descriptor_frame=st.num_frames - 1, num_evicted=self.policy.num_evicted(st.num_frames),
+                    num_eligible=ranges[b][1] - ranges[b][0], timings_ms=dict(retrieve=elapsed_ms)))
             return plan
 
     # ----------------------------------------------------------------------------------------------- gather
@@ -359,8 +361,8 @@ class RetrievalMemory:
                     event.record(stream)
             elapsed_ms = (time.perf_counter() - start) * 1e3
             for st in states:
-                if st.log and st.log[-1].get("_plan") is plan:
-                    st.log[-1]["timings_ms"]["gather"] = elapsed_ms
+                if st.log and st.log[-1].belongs_to(plan):
+                    st.log[-1]._set_timing("gather", elapsed_ms)
             return event
 
     def latents(self, plan: RetrievalPlan) -> torch.Tensor:
@@ -378,29 +380,21 @@ class RetrievalMemory:
 
     # ------------------------------------------------------------------------------------------------- log
     def log(self, stream: int, start: int = 0) -> list[dict]:
-        """Per-block retrieval records of ``stream`` with the reference's fields: ``query_frame`` (the block start
-        s, as the reference logs it), ``query_descriptor_frame`` (s - 1, the frame actually used as the query),
-        ``num_evicted``, ``num_eligible``, ``k_sel``, ``selected_pool_indices`` (frame - sink),
-        ``selected_global_frames``, ``selected_similarities``, plus ``block`` and ``timings_ms``. ``start`` selects
-        ``records[start:]`` (``-1``: the newest only). Reading a record copies its selection to the host (one
-        synchronisation per unread plan)."""
+        """Per-block retrieval records of ``stream`` as new plain dicts (:meth:`RetrievalRecord.to_dict`) with the
+        reference's fields: ``query_frame`` (the block start s, as the reference logs it),
+        ``query_descriptor_frame`` (s - 1, the frame actually used as the query), ``num_evicted``, ``num_eligible``,
+        ``k_sel``, ``selected_pool_indices`` (frame - sink), ``selected_global_frames``, ``selected_similarities``,
+        plus ``block`` and ``timings_ms``. ``start`` selects ``records[start:]`` (``-1``: the newest only). Reading
+        a record copies its selection to the host (one synchronisation per record not read before); the dicts are
+        the caller's (changing them does not change the log). :meth:`records` gives the typed records."""
         with self._lock:
-            st = self._stream(stream)
-            out = []
-            for rec in st.log[start:]:
-                self._materialise(rec)
-                out.append({k: v for k, v in rec.items() if not k.startswith("_")})
-            return out
+            return [rec.to_dict() for rec in self.records(stream, start)]
 
-    def _materialise(self, rec: dict) -> None:
-        plan = rec.pop("_plan", None)
-        if plan is None:
-            return
-        b, n = rec.pop("_row"), rec["k_sel"]
-        ids = plan.ids[b, :n].tolist()
-        rec["selected_global_frames"] = ids
-        rec["selected_pool_indices"] = [i - self.policy.sink_frames for i in ids]
-        rec["selected_similarities"] = plan.scores[b, :n].tolist()
+    def records(self, stream: int, start: int = 0) -> list[RetrievalRecord]:
+        """The log of ``stream`` as the memory's own (immutable) :class:`RetrievalRecord` objects, ``records[start:]``.
+        Nothing is read from the device until a record's selection is (see :class:`RetrievalRecord`)."""
+        with self._lock:
+            return self._stream(stream).log[start:]
 
     # ------------------------------------------------------------------------------------------ save / load
     def save(self, path: str) -> None:
@@ -419,10 +413,8 @@ class RetrievalMemory:
                 tensors["latent_pages"] = self._latents.cpu().contiguous()
             streams = {}
             for sid, st in self._streams.items():
-                for rec in st.log:
-                    self._materialise(rec)
                 streams[str(sid)] = dict(num_frames=st.num_frames, pages=list(st.pages), kv_code=list(st.kv_code),
-                                         first_retrievable=st.first_retrievable, log=[dict(r) for r in st.log])
+                                         first_retrievable=st.first_retrievable, log=[r.to_dict() for r in st.log])
                 stored = [self._tiers.frame(c) for c in st.kv_code if c >= 0]
                 if stored:
                     tensors[f"kv/{sid}"] = torch.stack([kv.cpu() for kv, _ in stored])
@@ -479,7 +471,8 @@ class RetrievalMemory:
         mem._next_stream = manifest["next_stream"]
         for sid_text, rec in manifest["streams"].items():
             sid = int(sid_text)
-            st = _Stream(num_frames=rec["num_frames"], first_retrievable=rec["first_retrievable"], log=rec["log"])
+            st = _Stream(num_frames=rec["num_frames"], first_retrievable=rec["first_retrievable"],
+                         log=[RetrievalRecord.from_dict(entry) for entry in rec["log"]])
             st.pages = list(mem._page_alloc.allocate(len(rec["pages"]), sid))
             # Physical pages and slots are reassigned; logical ids (what retrieval returns) are unchanged.
             if rec["pages"]:

@@ -8,9 +8,10 @@ A saved memory is a folder with two regular files:
   [stored, L, 2]`` float32 for float8 pools);
 - ``manifest.json``: format and version, the config, ``next_stream``, per stream ``num_frames``, ``pages`` (logical
   page -> physical page), ``kv_code`` (frame -> ``segment << 32 | slot`` or -1), ``first_retrievable`` and the
-  log; ``segments`` (slots per K/V segment), ``fifo`` (the eviction queues, oldest first), ``files`` (size and
-  SHA-256 of the tensor file) and, from version 2, ``manifest_sha256``: the SHA-256 of the canonical JSON
-  (sorted keys, no whitespace) of the manifest without that field, so an edited manifest is refused.
+  log (one :meth:`lrag_ext.RetrievalRecord.to_dict` per record); ``segments`` (slots per K/V segment), ``fifo``
+  (the eviction queues, oldest first), ``files`` (size and SHA-256 of the tensor file) and, from version 2,
+  ``manifest_sha256``: the SHA-256 of the canonical JSON (sorted keys, no whitespace) of the manifest without that
+  field, so an edited manifest is refused.
 
 Every failure is a ``ValueError`` naming the file and the field. Only regular files are opened (a FIFO or a device
 would block or never end; a symlink could point out of the folder), with size limits.
@@ -27,6 +28,7 @@ import torch
 
 from lrag_ext import state_dicts
 from lrag_ext.memory_config import MemoryConfig
+from lrag_ext.memory_log import RetrievalRecord
 
 FORMAT = "lrag_ext.RetrievalMemory"
 VERSION = 2                 # 2: manifest_sha256 added (version 1 folders still load, validated but unchecksummed)
@@ -34,8 +36,6 @@ READABLE_VERSIONS = (1, 2)
 SEGMENT_SHIFT = 32          # a frame's K/V location code is segment << 32 | slot (or -1: not stored)
 SLOT_MASK = (1 << SEGMENT_SHIFT) - 1
 MAX_MANIFEST_BYTES = 1 << 28  # 256 MiB: ~50 bytes per frame and ~300 per block, far beyond any real video
-LOG_KEYS = frozenset({"block", "query_frame", "query_descriptor_frame", "num_evicted", "num_eligible", "k_sel",
-                      "timings_ms", "selected_pool_indices", "selected_global_frames", "selected_similarities"})
 STREAM_KEYS = frozenset({"num_frames", "pages", "kv_code", "first_retrievable", "log"})
 
 
@@ -222,8 +222,10 @@ def validate_manifest(manifest: dict, manifest_file: str) -> MemoryConfig:
             stored["device" if seg == 0 else "host"].add((sid, frame))
         log = fields.get(rec, "log", where, list)
         for i, entry in enumerate(log):
-            if not isinstance(entry, dict) or not set(entry) <= LOG_KEYS:
-                fields.fail(f"{where}.log[{i}]", f"must be an object with keys among {sorted(LOG_KEYS)}")
+            try:
+                RetrievalRecord.from_dict(entry)  # what the loader builds from it
+            except (TypeError, ValueError) as err:
+                fields.fail(f"{where}.log[{i}]", f"is invalid: {err}")
     if len(used_pages) > n_pages:
         fields.fail("streams", f"use {len(used_pages)} pages, the config has {n_pages}")
 
