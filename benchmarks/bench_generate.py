@@ -13,9 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lrag.config import RetrievalConfig, WanConfig
+from lrag.config import WanConfig
 from lrag.models.wan import CausalWanModel
 from lrag.pipeline import Pipeline
+from lrag_ext import MemoryConfig
 
 BLOCKS = 40
 
@@ -32,7 +33,7 @@ def test_generate_tiny(benchmark, mode):
     model = tiny_model()
     cfg = model.cfg
     text = torch.randn(1, cfg.text_len, cfg.text_dim, generator=torch.Generator().manual_seed(1))
-    pipe = Pipeline(model, retrieval=RetrievalConfig())
+    pipe = Pipeline(model, retrieval=MemoryConfig())
     results = []
 
     def run():

@@ -97,7 +97,7 @@ try:                                                      # lrag as installed (o
 except ImportError:                                       # ... or from this checkout
     sys.path.insert(0, os.path.join(REPO, "python"))
 
-from lrag.config import RetrievalConfig, WanConfig  # noqa: E402
+from lrag.config import WanConfig  # noqa: E402
 from lrag.demo import seeded_init_  # noqa: E402
 from lrag.models.wan import CausalWanModel  # noqa: E402
 from lrag.pipeline import Pipeline  # noqa: E402
@@ -481,6 +481,15 @@ class Census(TorchFunctionMode):
         return out
 
 
+def _pipeline_retrieval():
+    """K and R in the retrieval config the code state's ``Pipeline`` takes: an ``lrag_ext.MemoryConfig`` (issue 12
+    on) or, before, ``lrag.config.RetrievalConfig`` (``k``)."""
+    if "MemoryConfig" in str(inspect.signature(Pipeline.__init__).parameters["retrieval"].annotation):
+        return lrag_ext.MemoryConfig(top_k=K, recent_exclude=R)
+    from lrag.config import RetrievalConfig  # noqa: PLC0415  (older code states)
+    return RetrievalConfig(k=K, recent_exclude=R)
+
+
 # ----------------------------------------------------------------------------------------- part 1: memory
 def _memory_config(geometry: str, max_frames: int) -> lrag_ext.MemoryConfig:
     L, T, H, Dh, device_frames, host_frames = GEOMETRIES[geometry]
@@ -719,7 +728,7 @@ class _BlockMarks:
 def run_generator(cfg: WanConfig, blocks: int, streams: int = 1, warmup: bool = True) -> dict:
     model = seeded_init_(CausalWanModel(cfg), 11).eval()
     text = torch.randn((streams, cfg.text_len, cfg.text_dim), generator=torch.Generator().manual_seed(1))
-    pipe = Pipeline(model, retrieval=RetrievalConfig(k=K, recent_exclude=R))
+    pipe = Pipeline(model, retrieval=_pipeline_retrieval())
     frames = blocks * cfg.frames_per_block
 
     def generate(callback=None):
@@ -743,7 +752,7 @@ def run_generator(cfg: WanConfig, blocks: int, streams: int = 1, warmup: bool = 
     census = Census()
     cmarks = _BlockMarks(blocks, census=census)
     with census:                      # a fresh Pipeline, so that its host tables (scheduler) are tagged host
-        pipe = Pipeline(model, retrieval=RetrievalConfig(k=K, recent_exclude=R))
+        pipe = Pipeline(model, retrieval=_pipeline_retrieval())
         census.active = True
         cmarks.open()
         generate(cmarks)

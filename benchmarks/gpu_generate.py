@@ -15,9 +15,10 @@ import argparse
 
 import torch
 
-from lrag.config import RetrievalConfig, wan_1_3b
+from lrag.config import wan_1_3b
 from lrag.models.wan import CausalWanModel
 from lrag.pipeline import Pipeline
+from lrag_ext import MemoryConfig
 
 
 def main():
@@ -32,7 +33,7 @@ def main():
         model = CausalWanModel(cfg).to(torch.bfloat16).eval()
     blocks = int(round(args.seconds * 4 / cfg.frames_per_block))
     text = torch.randn(1, cfg.text_len, cfg.text_dim, device="cuda", dtype=torch.bfloat16)
-    pipe = Pipeline(model, retrieval=RetrievalConfig(device_frames=args.device_frames, host_frames=args.host_frames))
+    pipe = Pipeline(model, retrieval=MemoryConfig(device_frames=args.device_frames, host_frames=args.host_frames))
     rows = []
 
     def on_block(block):

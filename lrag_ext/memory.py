@@ -106,6 +106,7 @@ class RetrievalMemory:
     def __init__(self, config: MemoryConfig):
         if not isinstance(config, MemoryConfig):
             raise TypeError(f"config must be a MemoryConfig, got {type(config).__name__}")
+        config.check_complete()
         self.config = config
         self.policy = config.policy
         self.device = torch.device(config.device)
@@ -287,7 +288,7 @@ class RetrievalMemory:
 
     # ----------------------------------------------------------------------------------------------- gather
     def gather(self, plan: RetrievalPlan, dst_k: torch.Tensor, dst_v: torch.Tensor,
-               dst_frame: torch.Tensor | None = None, positions: str | torch.Tensor = "sink",
+               dst_frame: torch.Tensor | None = None, positions: int | str | torch.Tensor | None = None,
                stream: "torch.cuda.Stream | None" = None) -> "torch.cuda.Event | None":
         """Writes the K/V of the plan's selected frames into the memory slots of an attention cache.
 
@@ -306,7 +307,8 @@ class RetrievalMemory:
                 :mod:`lrag_ext.positions`: ``"sink"`` (= ``0``: un-roped K, for attention that applies RoPE by
                 position itself, as the reference and our generator), an int, ``"absolute"`` (frame index),
                 ``"ordered"`` (in temporal order just before the local window, which starts at
-                ``sink + top_k``), or a ``[B, top_k]`` int64 tensor.
+                ``sink + top_k``), or a ``[B, top_k]`` int64 tensor; ``None`` (the default):
+                ``config.memory_position``.
             stream: a CUDA stream to run the copies on (prefetch). The call then returns an event recorded
                 after the copies: the consumer must ``torch.cuda.current_stream().wait_event(event)`` before
                 reading ``dst_k``/``dst_v``, and must not write the memory's storage from another stream meanwhile.
@@ -344,7 +346,7 @@ class RetrievalMemory:
             self._check_tensor(dst_frame, "dst_frame", (B, K), dtype=torch.int64)
             if dst_frame.device.type == "cpu":
                 _check_cache_frames(dst_frame, cache_frames)
-            delta = self._positions(plan, positions)
+            delta = self._positions(plan, self.config.memory_position if positions is None else positions)
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 # Locations are looked up now, not at retrieve time: appends in between may have moved frames.
                 codes = self._index.codes_of(plan._rows, plan.ids)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from lrag_ext.policy import RetrievalPolicy
+from lrag_ext.positions import check_policy
 
 STORAGE_MODES = ("kv", "latent", "embedding")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -52,12 +53,17 @@ class KVLayout:
 class MemoryConfig:
     """Configuration of a :class:`RetrievalMemory` (defaults: the reference release's retrieval policy).
 
+    The one retrieval configuration: :class:`lrag.Pipeline` takes it too, filling in the fields its backbone
+    determines (``sink_frames``, ``window_frames``, ``embed_dim``, ``kv_layout``, ``latent_shape``, ``device``,
+    ``dtype``; see :func:`lrag.config.memory_config_for`). So the geometry fields may be left unset (``None``)
+    here; :class:`RetrievalMemory` requires the one its ``storage`` needs (:meth:`check_complete`).
+
     Attributes:
         top_k, recent_exclude, sink_frames, window_frames: the retrieval policy (:class:`RetrievalPolicy`).
         embed_dim: embedding size D.
         storage: ``"kv"`` | ``"latent"`` | ``"embedding"`` (what is kept per frame besides its embedding).
-        kv_layout: K/V geometry; required for ``storage="kv"``.
-        latent_shape: ``(C, H, W)`` of one latent frame; required for ``storage="latent"``.
+        kv_layout: K/V geometry; required for ``storage="kv"`` by the memory.
+        latent_shape: ``(C, H, W)`` of one latent frame; required for ``storage="latent"`` by the memory.
         device: where embeddings, latents and the device K/V tier live.
         dtype: storage dtype of K/V and latents: float32, float16, bfloat16, or (K/V only) float8_e4m3fn, which
             halves the bytes of bf16 with one float32 scale per (frame, layer, K/V), dequantised by the gather.
@@ -68,6 +74,11 @@ class MemoryConfig:
         host_frames: K/V slots in pinned host memory at most (``None``: unbounded); allocated lazily.
         pin_host: pin the host tier (only meaningful when ``device`` is a GPU, where the gather reads the host tier
             in place: ``False`` there requires ``host_frames=0``).
+        memory_position: the temporal RoPE position policy of retrieved frames (:mod:`lrag_ext.positions`): an
+            int (all at that position; ``0`` = ``"sink"``, the sink's phase, the reference's choice),
+            ``"absolute"`` (their global frame index) or ``"ordered"`` (in temporal order just before the local
+            window). :meth:`RetrievalMemory.gather` rotates K to it when called without ``positions``; the
+            generator hands it to its cache (its attention applies RoPE by position).
     """
 
     top_k: int = 6
@@ -86,14 +97,17 @@ class MemoryConfig:
     device_frames: int = 64
     host_frames: int | None = None
     pin_host: bool = True
+    memory_position: int | str = 0
 
     def __post_init__(self):
         self.policy  # validates the policy fields
+        check_policy(self.memory_position, "memory_position")
         if self.storage not in STORAGE_MODES:
             raise ValueError(f"storage must be one of {STORAGE_MODES}, got {self.storage!r}")
-        if self.storage == "kv" and not isinstance(self.kv_layout, KVLayout):
-            raise ValueError("storage='kv' needs kv_layout=KVLayout(num_layers, tokens_per_frame, num_heads, head_dim)")
-        if self.storage == "latent":
+        if self.storage == "kv" and self.kv_layout is not None and not isinstance(self.kv_layout, KVLayout):
+            raise ValueError(f"storage='kv' needs kv_layout=KVLayout(num_layers, tokens_per_frame, num_heads, "
+                             f"head_dim), got {type(self.kv_layout).__name__}")
+        if self.storage == "latent" and self.latent_shape is not None:
             if (not isinstance(self.latent_shape, tuple) or len(self.latent_shape) != 3
                     or not all(isinstance(s, int) and s >= 1 for s in self.latent_shape)):
                 raise ValueError(f"storage='latent' needs latent_shape=(C, H, W) of ints >= 1, got {self.latent_shape!r}")
@@ -119,6 +133,14 @@ class MemoryConfig:
         if self.storage == "kv" and device.type == "cuda" and not self.pin_host and self.host_frames != 0:
             raise ValueError("pin_host=False on a CUDA device needs host_frames=0: the CUDA gather reads the host "
                              "tier in place, which only pinned memory allows")
+
+    def check_complete(self) -> None:
+        """Raises ``ValueError`` unless the geometry field ``storage`` needs is set: ``kv_layout`` for ``"kv"``,
+        ``latent_shape`` for ``"latent"`` (a memory cannot be built without it; the generator fills both in)."""
+        if self.storage == "kv" and self.kv_layout is None:
+            raise ValueError("storage='kv' needs kv_layout=KVLayout(num_layers, tokens_per_frame, num_heads, head_dim)")
+        if self.storage == "latent" and self.latent_shape is None:
+            raise ValueError("storage='latent' needs latent_shape=(C, H, W) of ints >= 1, got None")
 
     @property
     def policy(self) -> RetrievalPolicy:

@@ -160,6 +160,7 @@ def validate_manifest(manifest: dict, manifest_file: str) -> MemoryConfig:
     raw_config = fields.get(manifest, "config", "", dict)
     try:
         config = MemoryConfig.from_dict(raw_config)
+        config.check_complete()
         torch.device(config.device)
     except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as err:
         fields.fail("config", f"is not a valid MemoryConfig: {err}")

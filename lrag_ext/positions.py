@@ -5,8 +5,9 @@ A consumer uses it one of two ways:
 - its attention applies RoPE by position (our generator, ``lrag.models.wan``): it gathers K un-roped (delta 0,
   ``RetrievalMemory.gather(..., positions=0)``) and hands :func:`memory_positions` to its cache;
 - its attention takes keys already roped (a cache of post-RoPE K, as most released inference code keeps): it
-  gathers with ``RetrievalMemory.gather(..., positions=policy)``, which rotates each stored (un-roped) K to its
-  position with the ``gather_kv`` kernel (RoPE delta = position).
+  gathers with ``RetrievalMemory.gather(..., positions=policy)`` (or without ``positions``: the memory's
+  ``MemoryConfig.memory_position``), which rotates each stored (un-roped) K to its position with the ``gather_kv``
+  kernel (RoPE delta = position).
 
 Policies (``first_local`` is the temporal position of the local window's first frame; in a full window with ``K``
 memory slots after ``sink`` sink frames, ``sink + K``):

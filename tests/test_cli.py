@@ -66,11 +66,11 @@ def test_demo_writes_every_artefact(demo_run):
 def test_demo_log_and_video_match_a_direct_pipeline_run(demo_run):
     # the oracle: the same seeded demo pieces driven through the Pipeline API directly
     from lrag import demo
-    from lrag.config import RetrievalConfig
     from lrag.pipeline import Pipeline
+    from lrag_ext import MemoryConfig
 
     cfg = demo.demo_config(8)
-    pipe = Pipeline(demo.demo_model(cfg), retrieval=RetrievalConfig(k=6, recent_exclude=5),
+    pipe = Pipeline(demo.demo_model(cfg), retrieval=MemoryConfig(top_k=6, recent_exclude=5),
                     embed=demo.demo_embedder(cfg).embed)
     res = pipe.generate(demo.demo_text(cli_prompt(), cfg), 3 * DEMO_BLOCKS, generator=torch.Generator().manual_seed(0),
                         mode="rag")
@@ -242,9 +242,9 @@ def _error(argv, capsys) -> str:
     (["--top-k", "0"], "--top-k must be >= 1"),
     (["--top-k", "11"], "--top-k must be <= window - sink - 1 = 10"),
     (["--recent-exclude", "-1"], "--recent-exclude must be >= 0"),
-    (["--device-frames", "-1"], "--device-frames must be >= 0"),
-    (["--device-frames", "0", "--host-frames", "0"], "leave the retrieval memory no room"),
-    (["--host-frames", "-2"], "--host-frames must be >= 0"),
+    (["--device-frames", "-1"], "--device-frames must be an int >= 0, got -1"),
+    (["--device-frames", "0", "--host-frames", "0"], "storage='kv' needs --device-frames + --host-frames >= 1"),
+    (["--host-frames", "-2"], "--host-frames must be None or an int >= 0, got -2"),
     (["--memory-position", "sideways"], "--memory-position must be an int >= 0, one of 'sink', 'ordered', 'absolute'"),
     (["--mode", "native", "--seconds", "300"], "native mode uses absolute RoPE positions, at most 1024 frames"),
     (["--mode", "turbo"], "argument --mode: invalid choice"),
@@ -434,10 +434,11 @@ def test_real_run_too_large_for_memory(tmp_path, capsys):
 
 
 def test_run_memory_needs_counts_every_buffer():
-    from lrag.config import RetrievalConfig, wan_1_3b
+    from lrag.config import wan_1_3b
     from lrag.runner import kv_estimate, run_memory_needs
+    from lrag_ext import MemoryConfig
     cfg, frames = wan_1_3b(), 120
-    r = RetrievalConfig(device_frames=64, max_frames=4096)
+    r = MemoryConfig(device_frames=64, max_frames=4096)
     need = run_memory_needs(cfg, frames, torch.bfloat16, torch.device("cuda"), ["rag"], r, 1024, 1_418_996_800)
     frame = 16 * 60 * 104
     per_kv = 30 * 2 * 1560 * 1536 * 2

@@ -79,7 +79,7 @@ EDITS = [
                                             m["fifo"]["device"].remove([0, first_stored(m) + 1])
                                             if [0, first_stored(m) + 1] in m["fifo"]["device"]
                                             else m["fifo"]["host"].remove([0, first_stored(m) + 1])),
-     f"kv_code["),
+     "kv_code["),
     ("fifo-age-order", lambda m: m["fifo"]["host"].reverse(), "out of age order"),
     ("code-list-short", lambda m: m["streams"]["0"]["kv_code"].pop(), "kv_code"),
     ("device-segment", lambda m: m["segments"].__setitem__(0, 10 ** 9), "segments[0]"),
@@ -99,6 +99,12 @@ EDITS = [
     ("config-unknown-key", lambda m: m["config"].update(surprise=1), "config"),
     ("config-layout", lambda m: m["config"]["kv_layout"].pop("head_dim"), "config"),
     ("config-top-k", lambda m: m["config"].update(top_k=0), "config"),
+    ("config-layout-none", lambda m: m["config"].update(kv_layout=None), "config is not a valid MemoryConfig: "
+                                                                        "storage='kv' needs kv_layout"),
+    ("config-memory-position", lambda m: m["config"].update(memory_position="sideways"),
+     "config is not a valid MemoryConfig: memory_position must be"),
+    ("config-memory-position-bool", lambda m: m["config"].update(memory_position=True), "memory_position"),
+    ("config-memory-position-list", lambda m: m["config"].update(memory_position=[1]), "memory_position"),
     ("config-type", lambda m: m.update(config=[1, 2]), "config"),
     ("config-max-frames", lambda m: m["config"].update(max_frames=10 ** 12), "embedding_pages"),
     ("config-device-frames", lambda m: (m["config"].update(device_frames=10 ** 9),

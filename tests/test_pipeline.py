@@ -9,9 +9,10 @@ from safetensors.torch import load_file
 
 from conftest import fixture_path
 from lrag.checkpoint import load_generator
-from lrag.config import RetrievalConfig, tiny_from_run_json
+from lrag.config import tiny_from_run_json
 from lrag.models.wan import CausalWanModel
 from lrag.pipeline import Pipeline, mean_descriptor
+from lrag_ext import MemoryConfig
 from test_wan_parity import LookupEmbedder
 
 
@@ -39,7 +40,7 @@ def test_batch_of_two_streams_matches_reference(setup):
 
 def test_drawn_noise_is_reproducible(setup):
     model, io = setup
-    pipe = Pipeline(model, embed=mean_descriptor, retrieval=RetrievalConfig(k=2, recent_exclude=0))
+    pipe = Pipeline(model, embed=mean_descriptor, retrieval=MemoryConfig(top_k=2, recent_exclude=0))
     runs = [pipe.generate(io["text_embeds"], 6, generator=torch.Generator().manual_seed(s)).latents for s in (3, 3, 4)]
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
 
@@ -65,7 +66,7 @@ def test_memory_position_policies(setup, policy, block6):
     # the frames differ from the recorded ones except for policy 0.
     model, io = setup
     pipe = Pipeline(model, embed=LookupEmbedder(io["output_latents"][0], io["descriptors"], tol=float("inf")),
-                    retrieval=RetrievalConfig(memory_position=policy))
+                    retrieval=MemoryConfig(memory_position=policy))
     res = pipe.generate(io["text_embeds"], 27, noise=io["init_noise"][:, :27], renoise=io["renoise"][:9])
     assert [rec["block"] for rec in res.memory_log] == [6, 7, 8]
     assert res.memory_log[0]["memory_positions"] == [block6]
@@ -82,14 +83,11 @@ def test_memory_position_policies(setup, policy, block6):
 
 
 def test_retrieval_config_errors():
-    with pytest.raises(ValueError, match="memory_position"):
-        RetrievalConfig(memory_position="sideways")
-    with pytest.raises(ValueError, match="memory_position"):
-        RetrievalConfig(memory_position=True)
-    with pytest.raises(ValueError, match="memory_position"):
-        RetrievalConfig(memory_position=-1)
-    with pytest.raises(ValueError, match="k must be"):
-        RetrievalConfig(k=0)
+    for bad in ("sideways", True, -1, 1.5, None):
+        with pytest.raises(ValueError, match="memory_position must be an int >= 0"):
+            MemoryConfig(memory_position=bad)
+    with pytest.raises(ValueError, match="top_k must be"):
+        MemoryConfig(top_k=0)
 
 
 def test_mode_and_position_overrides(setup):
@@ -97,7 +95,7 @@ def test_mode_and_position_overrides(setup):
     # native on window-relative positions: both run, retrieve where expected and differ from the defaults
     model, io = setup
     args = dict(noise=io["init_noise"][:, :24], renoise=io["renoise"][:8])
-    pipe = Pipeline(model, retrieval=RetrievalConfig(memory_position="absolute"))
+    pipe = Pipeline(model, retrieval=MemoryConfig(memory_position="absolute"))
     res = pipe.generate(io["text_embeds"], 24, mode="rag", position_mode="absolute", **args)
     assert [rec["block"] for rec in res.memory_log] == [6, 7]
     assert res.memory_log[0]["memory_positions"] == [[1]]

@@ -570,7 +570,7 @@ def test_pageable_host_tier_on_a_gpu_is_refused_at_configuration():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(storage="disk"), "storage must be one of"),
-    (dict(storage="kv", kv_layout=None), "storage='kv' needs kv_layout"),
+    (dict(storage="kv", kv_layout=(2, 3, 2, 8)), "storage='kv' needs kv_layout"),
     (dict(storage="latent", latent_shape=(2, 3)), "storage='latent' needs latent_shape"),
     (dict(embed_dim=0), "embed_dim must be an int >= 1"),
     (dict(page_size=0), "page_size must be an int >= 1"),
@@ -585,6 +585,16 @@ def test_config_errors(kwargs, match):
     base.update(kwargs)
     with pytest.raises(ValueError, match=match):
         MemoryConfig(**base)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(storage="kv", kv_layout=None), "storage='kv' needs kv_layout"),
+    (dict(storage="latent", latent_shape=None), "storage='latent' needs latent_shape"),
+])
+def test_a_memory_needs_the_geometry_of_its_storage(kwargs, match):
+    cfg = MemoryConfig(**{**dict(storage="kv", kv_layout=LAYOUT, embed_dim=6), **kwargs})  # a config may leave it
+    with pytest.raises(ValueError, match=match):
+        RetrievalMemory(cfg)
 
 
 def test_kv_layout_errors():

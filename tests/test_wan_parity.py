@@ -18,6 +18,7 @@ from lrag.checkpoint import load_generator
 from lrag.config import tiny_from_run_json
 from lrag.models.wan import CausalWanModel
 from lrag.pipeline import Pipeline
+from lrag_ext import MemoryConfig
 
 ATOL = 1e-4
 
@@ -184,11 +185,9 @@ def test_rag_output_does_not_depend_on_the_memory_tier(rag, rag_result, device_f
     # All K/V in host slots, a 2-frame device tier (frames move device -> host every block), and a bounded host tier
     # grown in two segments (16 + 7 slots; with the 3 device slots exactly the 26 non-sink frames of 9 blocks) must
     # all give the reference's bits.
-    from lrag.config import RetrievalConfig
-
     run, model, io = rag
     pipe = Pipeline(model, embed=LookupEmbedder(io["output_latents"][0], io["descriptors"]),
-                    retrieval=RetrievalConfig(device_frames=device_frames, host_frames=host_frames))
+                    retrieval=MemoryConfig(device_frames=device_frames, host_frames=host_frames))
     res = pipe.generate(io["text_embeds"], run["num_output_frames"], mode="rag", noise=io["init_noise"],
                         renoise=io["renoise"])
     assert torch.equal(res.latents, rag_result[0].latents)
@@ -202,12 +201,10 @@ def test_rag_output_does_not_depend_on_the_memory_tier(rag, rag_result, device_f
 def test_latent_memory_mode_is_deterministic_and_retrieves(rag, rag_result):
     # "latent" storage keeps latents only and recomputes the retrieved frames' K/V with a t = 0 forward: not the
     # reference's numbers, but the same retrieval schedule, a finite video, and the same bits twice.
-    from lrag.config import RetrievalConfig
-
     run, model, io = rag
     outs = []
     for _ in range(2):
-        pipe = Pipeline(model, retrieval=RetrievalConfig(storage="latent"))   # spatial-mean embedder
+        pipe = Pipeline(model, retrieval=MemoryConfig(storage="latent"))   # spatial-mean embedder
         res = pipe.generate(io["text_embeds"], run["num_output_frames"], mode="rag", noise=io["init_noise"],
                             renoise=io["renoise"])
         outs.append(res)

@@ -1,12 +1,16 @@
-"""Geometry and cache policy of the causal Wan backbone (nothing else in :mod:`lrag` hard-codes a size)."""
+"""Geometry and cache policy of the causal Wan backbone (nothing else in :mod:`lrag` hard-codes a size), and the
+retrieval memory's configuration derived from it (:func:`memory_config_for`)."""
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import warnings
 from dataclasses import dataclass
 
-from lrag_ext.positions import check_policy
+import torch
+
+from lrag_ext.memory_config import KVLayout, MemoryConfig
 from lrag_ext.state_dicts import naming_file, read_json_object
 
 
@@ -159,38 +163,67 @@ def _entry(obj: dict, key: str, types):
 
 
 
-@dataclass(frozen=True)
-class RetrievalConfig:
-    """The LongLive-RAG retrieval schedule: ``k`` frames retrieved per block, the ``recent_exclude`` most recently
-    evicted frames never retrieved.
+GENERATOR_STORAGE = ("kv", "latent")      # the MemoryConfig.storage modes the generator can attend to
 
-    ``device_frames`` / ``host_frames`` / ``max_frames`` size the :class:`lrag_ext.RetrievalMemory` tiers: K/V of
-    up to ``device_frames`` frames on the model's device, older ones in (pinned) host memory up to ``host_frames``
-    (``None``: unbounded), embeddings of up to ``max_frames`` frames over all streams.
 
-    ``storage`` is ``"kv"`` (keep every frame's K/V, as the reference) or ``"latent"`` (keep only its latent and
-    recompute the retrieved frames' K/V with one t = 0 forward per block: orders of magnitude less memory, not the
-    reference's numbers).
+def memory_config_for(cfg: WanConfig, retrieval: MemoryConfig | None, embed_dim: int | None,
+                      device: str | torch.device, dtype: torch.dtype) -> MemoryConfig:
+    """The configuration of the generator's retrieval memory: ``retrieval`` (the user's choices: ``top_k``,
+    ``recent_exclude``, ``memory_position``, ``storage``, the tiers, ...; default ``MemoryConfig()``) with the
+    fields the backbone determines filled in: ``sink_frames`` / ``window_frames`` = the
+    model's ``sink`` / ``window``; ``kv_layout`` from its layers, tokens per frame, heads, head size and RoPE theta;
+    ``latent_shape`` = ``(in_dim, latent_height, latent_width)``; ``device`` / ``dtype`` = the model's (K/V and
+    latents are stored in the model's dtype); ``embed_dim`` = the embedder's output size (``None``: keep
+    ``retrieval.embed_dim``, to check the rest before the embedder has run).
 
-    ``memory_position`` is the temporal RoPE position policy of the retrieved frames (:mod:`lrag_ext.positions`):
-    an int (all at that position; 0 = ``"sink"``, the sink's phase, the reference's choice), ``"absolute"`` (their
-    global frame index, for absolute-RoPE caches) or ``"ordered"`` (in temporal order, on the positions just
-    before the local window's first frame, clamped at 0).
+    Conflicts: a model-derived field left at its ``MemoryConfig`` default counts as unset and is filled in; one set
+    to any other value must equal the backbone's, else this raises. A plain dataclass cannot tell an explicit
+    default from an omitted one, so an explicit default is filled in silently, but a deliberate non-default value
+    (say ``sink_frames=2`` for a ``sink=1`` backbone, or ``dtype=torch.float8_e4m3fn``) is never silently replaced.
+    ``device="cuda"`` matches any CUDA device.
+
+    Raises:
+        TypeError: ``retrieval`` is not a :class:`lrag_ext.MemoryConfig`.
+        ValueError: ``storage="embedding"`` (the generator attends to stored K/V or latents), or a model-derived
+            field that conflicts with the backbone (naming the field).
     """
+    retrieval = MemoryConfig() if retrieval is None else retrieval
+    if not isinstance(retrieval, MemoryConfig):
+        raise TypeError(f"retrieval must be an lrag_ext.MemoryConfig, got {type(retrieval).__name__}")
+    if retrieval.storage not in GENERATOR_STORAGE:
+        raise ValueError(f"MemoryConfig.storage must be one of {GENERATOR_STORAGE} for the generator (it attends to "
+                         f"the retrieved frames' K/V), got {retrieval.storage!r}")
+    derived = dict(sink_frames=cfg.sink, window_frames=cfg.window,
+                   embed_dim=retrieval.embed_dim if embed_dim is None else embed_dim,
+                   kv_layout=KVLayout(num_layers=cfg.num_layers, tokens_per_frame=cfg.tokens_per_frame,
+                                      num_heads=cfg.num_heads, head_dim=cfg.head_dim, rope_theta=cfg.rope_theta),
+                   latent_shape=(cfg.in_dim, cfg.latent_height, cfg.latent_width), device=torch.device(device),
+                   dtype=dtype)
+    defaults = {f.name: f.default for f in dataclasses.fields(MemoryConfig)}
+    for name, want in derived.items():
+        have = getattr(retrieval, name)
+        if have == defaults[name] or _same_value(have, want):
+            continue
+        source = "embedder" if name == "embed_dim" else "backbone"
+        raise ValueError(f"MemoryConfig.{name}={have!r} conflicts with the {source}'s {want!r}: the generator "
+                         f"derives {name} from its {source}; leave it at its default ({defaults[name]!r})")
+    return dataclasses.replace(retrieval, **derived)
 
-    k: int = 6
-    recent_exclude: int = 5
-    memory_position: int | str = 0
-    device_frames: int = 64
-    host_frames: int | None = None
-    max_frames: int = 4096
-    storage: str = "kv"
 
-    def __post_init__(self) -> None:
-        check_policy(self.memory_position, "RetrievalConfig.memory_position")
-        if self.k < 1:
-            raise ValueError(f"RetrievalConfig.k must be >= 1, got {self.k}")
-        if self.storage not in ("kv", "latent"):
-            raise ValueError(f"RetrievalConfig.storage must be 'kv' or 'latent', got {self.storage!r}")
-        if self.recent_exclude < 0:
-            raise ValueError(f"RetrievalConfig.recent_exclude must be >= 0, got {self.recent_exclude}")
+def _same_value(have, want) -> bool:
+    """Whether a user's model-derived field agrees with the backbone's (a device without index matches any)."""
+    if isinstance(want, torch.device):
+        have = torch.device(have)
+        return have.type == want.type and have.index in (None, want.index)
+    return have == want
+
+
+def RetrievalConfig(k: int = 6, recent_exclude: int = 5, memory_position: int | str = 0,  # noqa: N802
+                    device_frames: int = 64, host_frames: int | None = None, max_frames: int = 4096,
+                    storage: str = "kv") -> MemoryConfig:
+    """Deprecated: the generator takes :class:`lrag_ext.MemoryConfig`. Returns the equivalent one (``k`` is
+    ``top_k``; the other arguments keep their names), after a ``DeprecationWarning``."""
+    warnings.warn("lrag.RetrievalConfig is deprecated: pass lrag_ext.MemoryConfig(top_k=..., recent_exclude=..., "
+                  "memory_position=..., ...) to Pipeline(retrieval=...)", DeprecationWarning, stacklevel=2)
+    return MemoryConfig(top_k=k, recent_exclude=recent_exclude, memory_position=memory_position,
+                        device_frames=device_frames, host_frames=host_frames, max_frames=max_frames, storage=storage)

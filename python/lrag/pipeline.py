@@ -5,7 +5,7 @@ Per block of ``F`` frames starting at frame ``s`` (see docs/generator.md):
 1. ``rag`` mode: query = embedding of frame ``s - 1`` (the last frame appended to the memory);
    :meth:`lrag_ext.RetrievalMemory.retrieve` selects up to K frames for all streams in one search, and
    :meth:`~lrag_ext.RetrievalMemory.gather` writes their K/V straight into the cache's memory slots, once per
-   block (temporal RoPE positions by ``RetrievalConfig.memory_position``: 0, as the reference, by default; the
+   block (temporal RoPE positions by ``MemoryConfig.memory_position``: 0, as the reference, by default; the
    model applies RoPE by position at attention time).
 2. Denoise: for each warped timestep ``t_j``: flow = model(x, t_j); x0 = x - sigma(t_j) flow (float64); unless
    last, x = (1 - sigma_{j+1}) x0 + sigma_{j+1} eps (float32, eps from ``renoise`` or the generator).
@@ -25,7 +25,7 @@ import torch
 import lrag_ext
 from lrag_ext.positions import memory_positions, needs_ids
 from lrag_ext.reference import mean_descriptor  # the fallback embedder: spatial mean [N, C, H, W] -> [N, C]
-from lrag.config import RetrievalConfig
+from lrag.config import memory_config_for
 from lrag.models.wan import CausalWanModel
 from lrag.scheduler import FlowMatchScheduler
 
@@ -78,37 +78,40 @@ class Pipeline:
         denoising_steps: nominal steps, warped through the scheduler table ([1000, 750, 500, 250]).
         scheduler: defaults to ``FlowMatchScheduler(shift=5.0)``.
         context_noise: timestep of the context rerun (0).
-        retrieval: K, R, the memory frames' temporal position and the memory tiers for ``rag`` mode.
+        retrieval: the retrieval memory's :class:`lrag_ext.MemoryConfig` for ``rag`` mode (default
+            ``MemoryConfig()``): ``top_k``, ``recent_exclude``, ``memory_position``, ``storage`` (``"kv"`` or
+            ``"latent"``), the tiers (``device_frames``, ``host_frames``, ``max_frames``, ...). The fields the
+            backbone determines (``sink_frames``, ``window_frames``, ``kv_layout``, ``latent_shape``, ``device``,
+            ``dtype``, and ``embed_dim`` from the embedder) are filled in by :func:`lrag.config.memory_config_for`:
+            leave them at their defaults; a non-default value that disagrees with the model is a ``ValueError``.
         embed: ``[N, C, H, W] -> [N, D]`` frame embedder for retrieval (default: spatial mean).
 
-    ``rag`` mode keeps its retrieval memory (an :class:`lrag_ext.RetrievalMemory`, one memory stream per batch
-    element) in :attr:`memory` after :meth:`generate`, for inspection or :meth:`~lrag_ext.RetrievalMemory.save`.
+    :attr:`retrieval` holds the config with the backbone's fields filled in (``embed_dim`` as given: the
+    embedder's output size is known at the first block). ``rag`` mode keeps its retrieval memory (an
+    :class:`lrag_ext.RetrievalMemory`, one memory stream per batch element; its ``config`` is complete) in
+    :attr:`memory` after :meth:`generate`, for inspection or :meth:`~lrag_ext.RetrievalMemory.save`.
+
+    Raises:
+        TypeError, ValueError: as :func:`lrag.config.memory_config_for` (``storage="embedding"``, a field that
+            conflicts with the backbone).
     """
 
     def __init__(self, model: CausalWanModel, denoising_steps: Sequence[int] = (1000, 750, 500, 250),
                  scheduler: FlowMatchScheduler | None = None, context_noise: float = 0.0,
-                 retrieval: RetrievalConfig | None = None, embed: Embedder | None = None):
+                 retrieval: lrag_ext.MemoryConfig | None = None, embed: Embedder | None = None):
         self.model = model
         self.cfg = model.cfg
         self.scheduler = scheduler or FlowMatchScheduler(5.0)
         self.timesteps = self.scheduler.warp(list(denoising_steps))          # float32 [S]
         self.context_noise = float(context_noise)
-        self.retrieval = retrieval or RetrievalConfig()
+        self.retrieval = memory_config_for(self.cfg, retrieval, None, model.device, model.dtype)
         self.embed = embed or mean_descriptor
         self.memory: lrag_ext.RetrievalMemory | None = None
 
     def _new_memory(self, embed_dim: int) -> lrag_ext.RetrievalMemory:
-        """The retrieval memory of one generation: the policy from the model config and ``retrieval``, K/V in the
-        backbone's layout and dtype."""
-        cfg, r = self.cfg, self.retrieval
-        layout = lrag_ext.KVLayout(num_layers=cfg.num_layers, tokens_per_frame=cfg.tokens_per_frame,
-                                   num_heads=cfg.num_heads, head_dim=cfg.head_dim, rope_theta=cfg.rope_theta)
-        return lrag_ext.RetrievalMemory(lrag_ext.MemoryConfig(
-            top_k=r.k, recent_exclude=r.recent_exclude, sink_frames=cfg.sink, window_frames=cfg.window,
-            embed_dim=embed_dim, storage=r.storage, kv_layout=layout,
-            latent_shape=(cfg.in_dim, cfg.latent_height, cfg.latent_width), device=self.model.device,
-            dtype=self.model.dtype, max_frames=r.max_frames, device_frames=r.device_frames,
-            host_frames=r.host_frames))
+        """The retrieval memory of one generation: :attr:`retrieval` with the embedder's ``embed_dim``."""
+        return lrag_ext.RetrievalMemory(memory_config_for(self.cfg, self.retrieval, embed_dim, self.model.device,
+                                                          self.model.dtype))
 
     def _check(self, text, num_frames, mode, noise, renoise, B):
         cfg, F = self.cfg, self.cfg.frames_per_block
@@ -162,7 +165,7 @@ class Pipeline:
         noise = noise.to(device=device, dtype=dtype)
         rag = mode == "rag"
         cache = model.new_cache(B, position_mode or ("window" if rag else "absolute"),
-                                memory_slots=self.retrieval.k if rag else 0)
+                                memory_slots=self.retrieval.top_k if rag else 0)
         model.set_text(cache, text_embeddings)
         self.memory = None          # created at the first append, when the embedding size is known
         self._retrievals = 0        # retrieve calls on it: the index of each block's record in the memory's log
@@ -249,7 +252,8 @@ class Pipeline:
             return plan
         mem_k, mem_v = cache.memory_buffers()
         slots = torch.arange(plan.ids.shape[1], device=mem_k.device).expand(len(streams), -1)
-        # K goes in un-roped (delta 0): the model applies RoPE by position at attention time.
+        # K goes in un-roped (delta 0, not the config's memory_position): the model applies RoPE by position at
+        # attention time, at the positions _memory_positions gives the cache.
         self.memory.gather(plan, mem_k, mem_v, dst_frame=slots, positions="sink")
         cache.set_memory_positions(positions)
         return plan

@@ -15,6 +15,7 @@ will allocate (:func:`run_memory_needs`) against the memory available.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -23,8 +24,8 @@ from typing import Callable, Optional
 import torch
 
 from lrag.errors import UsageError
-from lrag.config import RetrievalConfig, WanConfig, wan_1_3b
-from lrag_ext.positions import check_policy
+from lrag.config import WanConfig, wan_1_3b
+from lrag_ext.memory_config import MemoryConfig
 from lrag.generate import ModeRun, Progress, blocks_for_seconds, run_mode, write_outputs
 from lrag.pipeline import Pipeline
 from lrag_ext.state_dicts import (InputFileError, check_output_dir, check_regular_file, device_memory, error_summary,
@@ -37,6 +38,9 @@ BACKBONE_SCHEDULE = {"self-forcing": dict(frames_per_block=3, window=12, sink=1)
                      "causal-forcing": dict(frames_per_block=3, window=12, sink=1),
                      "longlive": dict(frames_per_block=3, window=12, sink=1)}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# The MemoryConfig fields the options set: a config error names the option instead of the field.
+MEMORY_OPTIONS = {"top_k": "--top-k", "recent_exclude": "--recent-exclude", "memory_position": "--memory-position",
+                  "device_frames": "--device-frames", "host_frames": "--host-frames"}
 
 
 @dataclass
@@ -68,27 +72,23 @@ def _check_common(args) -> None:
     _device_dtype(args)
     if not 0 <= args.seed < 2 ** 64:
         raise UsageError(f"--seed must be in [0, 2**64), got {args.seed}")
-    if args.top_k < 1:
-        raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
-    if args.device_frames < 0:
-        raise UsageError(f"--device-frames must be >= 0, got {args.device_frames}")
-    if args.recent_exclude < 0:
-        raise UsageError(f"--recent-exclude must be >= 0, got {args.recent_exclude}")
-    if args.host_frames is not None and args.host_frames < 0:
-        raise UsageError(f"--host-frames must be >= 0, got {args.host_frames}")
-    if args.device_frames == 0 and args.host_frames == 0:
-        raise UsageError("--device-frames 0 and --host-frames 0 leave the retrieval memory no room for K/V")
+    _retrieval(args)
+
+
+def _retrieval(args, num_frames: int | None = None) -> MemoryConfig:
+    """The retrieval memory's configuration from the options; ``num_frames`` (the run's) caps ``--device-frames``
+    and raises ``max_frames``. An invalid one (checked by ``MemoryConfig`` itself) is a :class:`UsageError` naming
+    the options."""
+    device_frames, max_frames = args.device_frames, 4096
+    if num_frames is not None:
+        device_frames, max_frames = min(device_frames, num_frames), max(max_frames, num_frames)
     try:
-        check_policy(args.memory_position, "--memory-position")
+        return MemoryConfig(top_k=args.top_k, recent_exclude=args.recent_exclude, memory_position=args.memory_position,
+                            device_frames=device_frames, host_frames=args.host_frames, storage=args.storage,
+                            max_frames=max_frames)
     except ValueError as e:
-        raise UsageError(str(e)) from None
-
-
-def _retrieval(args, num_frames: int) -> RetrievalConfig:
-    return RetrievalConfig(k=args.top_k, recent_exclude=args.recent_exclude, memory_position=args.memory_position,
-                           device_frames=min(args.device_frames, num_frames), host_frames=args.host_frames,
-                           storage=args.storage,
-                           max_frames=max(4096, num_frames))
+        fields = r"\b(" + "|".join(MEMORY_OPTIONS) + r")\b"
+        raise UsageError(re.sub(fields, lambda m: MEMORY_OPTIONS[m.group(1)], str(e))) from None
 
 
 def kv_estimate(cfg: WanConfig, num_frames: int, dtype: torch.dtype, device_frames: int,
@@ -112,7 +112,7 @@ def kv_estimate(cfg: WanConfig, num_frames: int, dtype: torch.dtype, device_fram
 
 
 def run_memory_needs(cfg: WanConfig, num_frames: int, dtype: torch.dtype, device: torch.device, modes: list[str],
-                     retrieval: RetrievalConfig, embed_dim: int, model_params: int) -> dict[str, dict[str, int]]:
+                     retrieval: MemoryConfig, embed_dim: int, model_params: int) -> dict[str, dict[str, int]]:
     """Bytes a run will allocate, per place (``"host"``, ``"device"``; the same place on a CPU run) and buffer.
 
     The buffers: the model's parameters; the initial noise (float32, drawn on the host) and, on the device, its
@@ -123,7 +123,8 @@ def run_memory_needs(cfg: WanConfig, num_frames: int, dtype: torch.dtype, device
     """
     size = torch.finfo(dtype).bits // 8
     frame = cfg.in_dim * cfg.latent_height * cfg.latent_width
-    pages = -(-max(retrieval.max_frames, num_frames) // 16) * 16        # MemoryConfig.page_size: 16 frames a page
+    ps = retrieval.page_size
+    pages = -(-max(retrieval.max_frames, num_frames) // ps) * ps
     dev = {"model": model_params * size, "latents": 2 * num_frames * frame * size}
     host = {"noise": num_frames * frame * 4}
     if "rag" in modes:
