@@ -113,8 +113,9 @@ def test_memory_records_are_read_only_when_used(setup, monkeypatch):
 
     model, io = setup
     reads = []
-    original = RetrievalMemory.log
-    monkeypatch.setattr(RetrievalMemory, "log", lambda self, *a, **kw: reads.append(1) or original(self, *a, **kw))
+    original = RetrievalMemory.records
+    monkeypatch.setattr(RetrievalMemory, "records",
+                        lambda self, *a, **kw: reads.append(1) or original(self, *a, **kw))
     args = dict(noise=io["init_noise"][:, :27], renoise=io["renoise"][:9])
     pipe = Pipeline(model, embed=LookupEmbedder(io["output_latents"][0], io["descriptors"]))
     reads_at_block = []

@@ -242,7 +242,9 @@ class Pipeline:
             return None
         plan = self.memory.retrieve(streams)
         self._retrievals += 1
-        m = plan.counts[0]                   # every stream holds the same number of frames
+        # Streams can differ when a bounded host tier dropped frames (oldest first: stream 0's); the cache's
+        # memory slots hold the same number m for every stream, so each attends to its m most similar frames.
+        m = min(plan.counts)
         if m == 0:
             return None
         positions = self._memory_positions(cache, plan, m)
@@ -263,7 +265,7 @@ class Pipeline:
                 retrieval_s: float) -> dict:
         """Block ``b``'s log record (the reference's fields, one list per stream) from the memory's log record
         ``log_index``; reads the selection on the host."""
-        logs = [memory.log(st, start=log_index)[0] for st in streams]
+        logs = [memory.records(st, start=log_index)[0].to_dict() for st in streams]
         return {
             "block": b,
             "query_frame": s,                    # the reference logs the block start, not the query frame s-1
