@@ -85,7 +85,7 @@ class TextContext:
     v: list[torch.Tensor]
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Plan:
     """Which frames one forward attends to, shared by all layers (indices into committed + new frames)."""
 
@@ -146,6 +146,7 @@ class KVCache:
         self._last_block: tuple[int, int] | None = None   # (first frame, frames) of the last commit
         self._mem_version = 0                    # bumped by set_memory / clear_memory
         self._prefix: dict = {}                  # layer -> keys of the current block's prefix in its buffers
+        self._plan_cache: tuple | None = None    # ((num_frames, num_new), _Plan) of the current block
         self._attn: dict = {}                    # layer -> (roped keys, values) buffers attention reads
         self._prefix_key: tuple | None = None
 
@@ -255,10 +256,18 @@ class KVCache:
         return parts
 
     def plan(self, num_new: int) -> _Plan:
-        """Frames attended by a block of ``num_new`` frames following the committed ones."""
+        """Frames attended by a block of ``num_new`` frames following the committed ones (made once per block and
+        size: every forward of a block uses the same plan, until the next commit)."""
         cfg = self.cfg
         if not 1 <= num_new <= cfg.window - cfg.sink:
             raise ValueError(f"a block must have 1..{cfg.window - cfg.sink} frames, got {num_new}")
+        key = (self.num_frames, num_new)
+        if self._plan_cache is None or self._plan_cache[0] != key:
+            self._plan_cache = (key, self._make_plan(num_new))
+        return self._plan_cache[1]
+
+    def _make_plan(self, num_new: int) -> _Plan:
+        cfg = self.cfg
         n_c = len(self.frame_ids)
         total = n_c + num_new
         ids = self.frame_ids + list(range(self.num_frames, self.num_frames + num_new))
