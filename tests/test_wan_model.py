@@ -216,38 +216,43 @@ def test_rope_tables_are_built_once_per_positions():
     assert len(rope._factors) <= 8
 
 
-def _frame_kv(cfg, ids, layer, sign=1.0):
-    """Dummy un-roped K (V: sign -1) ``[1, n, T, H, d]`` whose every value identifies (frame id, layer, token)."""
+def _frame_kv(cfg, ids, layer, sign=1.0, batch=1):
+    """Dummy un-roped K (V: sign -1) ``[batch, n, T, H, d]`` whose every value identifies (stream, frame id, layer,
+    token)."""
     T, H, d = cfg.tokens_per_frame, cfg.num_heads, cfg.head_dim
     token = torch.arange(T, dtype=torch.float32).reshape(1, 1, T, 1, 1) / 1000
-    base = torch.tensor(ids, dtype=torch.float32).reshape(1, -1, 1, 1, 1) + 100 * layer + token
-    return sign * (base + torch.linspace(0, 0.5, H * d).reshape(1, 1, 1, H, d)).expand(1, len(ids), T, H, d)
+    stream = 1000 * torch.arange(batch, dtype=torch.float32).reshape(batch, 1, 1, 1, 1)
+    base = torch.tensor(ids, dtype=torch.float32).reshape(1, -1, 1, 1, 1) + 100 * layer + token + stream
+    return sign * (base + torch.linspace(0, 0.5, H * d).reshape(1, 1, 1, H, d)).expand(batch, len(ids), T, H, d)
 
 
-@pytest.mark.parametrize("window, sink, F, slots, mode, sizes", [
-    (12, 1, 3, 6, "window", [3]),            # the reference schedule
-    (12, 1, 3, 0, "absolute", [3]),          # native
-    (12, 1, 3, 6, "window", [3, 2, 1, 3]),   # blocks not aligned to the ring: wrapping runs, block_kv copies
-    (7, 2, 2, 1, "window", [2, 1]),
-    (5, 0, 1, 0, "absolute", [1]),           # no sink, frame-wise
-    (9, 3, 4, 2, "window", [4, 3]),
+@pytest.mark.parametrize("window, sink, F, slots, mode, sizes, batch, heads, dim", [
+    (12, 1, 3, 6, "window", [3], 1, 2, 16),            # the reference schedule
+    (12, 1, 3, 0, "absolute", [3], 2, 1, 6),            # native; 2 streams, 1 head, head_dim 6 (RoPE tail path)
+    (12, 1, 3, 6, "window", [3, 2, 1, 3], 1, 2, 16),    # blocks not aligned to the ring: wrapping runs, copies
+    (7, 2, 2, 1, "window", [2, 1], 3, 3, 12),
+    (5, 0, 1, 0, "absolute", [1], 1, 2, 16),            # no sink, frame-wise
+    (9, 3, 4, 2, "window", [4, 3], 2, 2, 20),           # sink > half a block, head_dim 10
+    (4, 1, 3, 0, "window", [3], 2, 2, 16),              # ring = one block
 ])
-def test_ring_cache_matches_a_cache_that_keeps_everything(window, sink, F, slots, mode, sizes):
+def test_ring_cache_matches_a_cache_that_keeps_everything(window, sink, F, slots, mode, sizes, batch, heads, dim):
     """Oracle: every frame's K/V kept in a list and the attended set rebuilt by concatenation. The ring cache's
     keys/values (general and per-block paths, roped and not, first and second forward of a block) and block_kv
-    equal it exactly over 40 blocks, with memory frames set on some blocks."""
-    cfg = WanConfig(num_layers=2, dim=16, num_heads=2, ffn_dim=16, text_dim=8, text_len=4, in_dim=4, out_dim=4,
+    equal it exactly over 40 blocks, with memory frames set on some blocks; refused commits change nothing."""
+    cfg = WanConfig(num_layers=2, dim=dim, num_heads=heads, ffn_dim=16, text_dim=8, text_len=4, in_dim=4, out_dim=4,
                     latent_height=4, latent_width=2, frames_per_block=F, window=window, sink=sink)
-    cache = CausalWanModel(cfg).new_cache(1, mode, memory_slots=slots)
+    cache = CausalWanModel(cfg).new_cache(batch, mode, memory_slots=slots)
     rope = Rope3D(cfg.head_dim, cfg.grid, 256)
     gen = torch.Generator().manual_seed(window * 100 + sink * 10 + F)
     local_budget = window - sink - slots if slots else window - sink
+    kv = lambda ids, layer, sign=1.0: _frame_kv(cfg, ids, layer, sign, batch)  # noqa: E731
     for step in range(40):
         n = sizes[step % len(sizes)]
         m = int(torch.randint(0, slots + 1, (), generator=gen)) if slots and step % 3 else 0
         if m:
-            mem = torch.randn(cfg.num_layers, m, cfg.tokens_per_frame, cfg.num_heads, cfg.head_dim, generator=gen)
-            cache.set_memory(mem, -mem, torch.randint(0, 50, (m,), generator=gen))
+            mem = torch.randn(cfg.num_layers, batch, m, cfg.tokens_per_frame, cfg.num_heads, cfg.head_dim,
+                              generator=gen)
+            cache.set_memory(mem, -mem, torch.randint(0, 50, (batch, m), generator=gen))
         else:
             cache.clear_memory()
         N = cache.num_frames
@@ -259,26 +264,48 @@ def test_ring_cache_matches_a_cache_that_keeps_everything(window, sink, F, slots
         attended = total[:n_sink], total[len(total) - n_local:]
         plan = cache.plan(n)
         for layer in range(cfg.num_layers):
-            want = [torch.cat([_frame_kv(cfg, attended[0], layer, sign), mem_part,
-                               _frame_kv(cfg, attended[1], layer, sign)], dim=1)
+            want = [torch.cat([kv(attended[0], layer, sign), mem_part, kv(attended[1], layer, sign)], dim=1)
                     for sign, mem_part in ((1.0, cache.mem_k[layer, :, :m]), (-1.0, cache.mem_v[layer, :, :m]))]
-            new_k, new_v = _frame_kv(cfg, total[-n:], layer), _frame_kv(cfg, total[-n:], layer, -1.0)
+            new_k, new_v = kv(total[-n:], layer), kv(total[-n:], layer, -1.0)
             k, v, pos = cache.attention_kv(layer, new_k, new_v, plan)
             assert torch.equal(k, want[0]) and torch.equal(v, want[1])
             for _ in range(2):   # the second forward reuses the block's roped prefix
                 rk, rv = cache.roped_attention_kv(layer, new_k, new_v, plan, rope)
                 assert torch.equal(rk, rope.apply(want[0], pos)) and torch.equal(rv, want[1])
-        cache.commit([_frame_kv(cfg, total[-n:], layer) for layer in range(cfg.num_layers)],
-                     [_frame_kv(cfg, total[-n:], layer, -1.0) for layer in range(cfg.num_layers)], plan)
+        block = [kv(total[-n:], layer) for layer in range(cfg.num_layers)]
+        before = (cache.k.clone(), cache.v.clone(), list(cache.frame_ids), cache.num_frames)
+        for bad_k, match in ((block[:1], "one K and one V per layer"),
+                             ([block[0], block[1][:, :, :1]], "commit needs K/V")):
+            with pytest.raises(ValueError, match=match):
+                cache.commit(bad_k, [-t for t in bad_k], plan)
+            assert torch.equal(cache.k, before[0]) and torch.equal(cache.v, before[1])
+            assert (cache.frame_ids, cache.num_frames) == (before[2], before[3])
+        cache.commit(block, [-t for t in block], plan)
         bk, bv = cache.block_kv()
-        assert torch.equal(bk, torch.stack([_frame_kv(cfg, total[-n:], layer) for layer in range(cfg.num_layers)]))
-        assert torch.equal(bv, -bk)
+        assert torch.equal(bk, torch.stack(block)) and torch.equal(bv, -bk)
         if sizes == [F]:   # aligned blocks: views of the cache, never copies
             assert bk.untyped_storage().data_ptr() == cache.k.untyped_storage().data_ptr()
     stale = cache.plan(sizes[0])
-    cache.commit([_frame_kv(cfg, list(range(cache.num_frames, cache.num_frames + sizes[0])), layer)
-                  for layer in range(cfg.num_layers)] * 1, [_frame_kv(cfg, [0] * sizes[0], 0)] * cfg.num_layers,
-                 stale)
+    block = [kv(list(range(cache.num_frames, cache.num_frames + sizes[0])), layer) for layer in range(cfg.num_layers)]
+    cache.commit(block, block, stale)
+    before = (cache.k.clone(), list(cache.frame_ids))
     with pytest.raises(ValueError, match="plan of this cache's current state"):
-        cache.commit([_frame_kv(cfg, [0] * sizes[0], 0)] * cfg.num_layers,
-                     [_frame_kv(cfg, [0] * sizes[0], 0)] * cfg.num_layers, stale)
+        cache.commit(block, block, stale)
+    assert torch.equal(cache.k, before[0]) and cache.frame_ids == before[1]
+
+
+def test_rope_into_a_buffer_of_another_dtype_rounds_like_the_activations():
+    """apply(x, out=) equals out.copy_(apply(x)) bit for bit, also when out's dtype differs (a bf16 cache's keys
+    written into a float32 attention buffer are rounded to bf16 first, as before the buffers existed)."""
+    rope = Rope3D(12, (2, 2), max_positions=64)
+    x = torch.randn(2, 3, 4, 2, 12)
+    pos = torch.tensor([[0, 5, 9], [1, 2, 3]])
+    for x_dtype, out_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                               (torch.float32, torch.float16)):
+        xd = x.to(x_dtype)
+        out = torch.full((2, 5, 4, 2, 12), float("nan"), dtype=out_dtype)
+        assert rope.apply(xd, pos, out=out[:, 1:4]) is not None
+        assert torch.equal(out[:, 1:4], rope.apply(xd, pos).to(out_dtype))
+        assert out[:, 0].isnan().all() and out[:, 4].isnan().all()
+    with pytest.raises(ValueError, match="out must have x's shape"):
+        rope.apply(x, pos, out=torch.empty(2, 3, 4, 2, 10))

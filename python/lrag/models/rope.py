@@ -90,8 +90,8 @@ class Rope3D:
         ``positions[b, i]`` per stream (``[B, F]``).
 
         Returns a tensor of ``x``'s shape and dtype (contiguous), or writes it into ``out`` (same shape, any
-        strides, e.g. a slice of an attention buffer) and returns ``out``: the float64 product is then rounded
-        straight into the destination, one copy fewer than ``out.copy_(apply(x))`` and the same bits.
+        strides, e.g. a slice of an attention buffer) and returns ``out``: the same bits as
+        ``out.copy_(apply(x))`` (rounded to ``x``'s dtype first), one copy fewer when ``out`` has ``x``'s dtype.
         """
         B, F, T, H, d = x.shape
         if out is not None and out.shape != x.shape:
@@ -99,4 +99,7 @@ class Rope3D:
         self.to(x.device)
         xc = torch.view_as_complex(x.to(torch.float64).reshape(B, F, T, H, d // 2, 2))
         rotated = torch.view_as_real(xc * self.cached_factors(positions)).flatten(-2)
-        return rotated.to(x.dtype) if out is None else out.copy_(rotated)
+        if out is None:
+            return rotated.to(x.dtype)
+        # rounding float64 -> bf16 -> float32 is not float64 -> float32: keep x's rounding when out differs
+        return out.copy_(rotated if out.dtype == x.dtype else rotated.to(x.dtype))

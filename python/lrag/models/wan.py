@@ -95,8 +95,7 @@ class _Plan:
     sink_pos: torch.Tensor
     local_pos: torch.Tensor
     query_pos: torch.Tensor
-    keep_start: int        # after a commit the cache keeps full[:, :n_sink] + full[:, keep_start:]
-    keep_ids: list[int]
+    keep_ids: list[int]    # the window after a commit: full[:, :n_sink] + the last window - sink frames
 
 
 class KVCache:
@@ -220,7 +219,8 @@ class KVCache:
         """K, V ``[layers, B, F, T, H, d]`` (un-roped) of the last committed block (its t = 0 context rerun).
 
         Views of the cache when the block's ring slots are consecutive (always for blocks of ``frames_per_block``
-        frames), a copy otherwise; valid until the next commit."""
+        frames), a copy otherwise: read them (e.g. ``RetrievalMemory.append`` copies them) before the next commit,
+        and never write into them (that would change the cache's window)."""
         if self._last_block is None:
             raise RuntimeError("no block has been committed to this cache yet")
         first, n = self._last_block
@@ -283,7 +283,7 @@ class KVCache:
         as_t = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
         return _Plan(n_committed=n_c, n_sink=n_sink, local_start=local_start, sink_pos=as_t(pos[:n_sink]),
                      local_pos=as_t(pos[local_start:]), query_pos=as_t(pos[total - num_new:]),
-                     keep_start=keep_start, keep_ids=ids[:n_sink] + ids[keep_start:])
+                     keep_ids=ids[:n_sink] + ids[keep_start:])
 
     def attention_kv(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, plan: _Plan):
         """Un-roped keys, values ``[B, Nk, T, H, d]`` and key positions ``[B, Nk]`` for ``layer`` (copies: the
@@ -361,7 +361,13 @@ class KVCache:
         """Writes the block's K/V (one ``[B, F, T, H, d]`` per layer, from :meth:`plan` of this state) into its
         ring slots, and frames ``< sink`` also in the sink slots. Frames leaving the window are dropped from
         ``frame_ids`` only: nothing else is moved or copied."""
+        L, B, _, T, H, d = self.k.shape
+        if not len(new_k) == len(new_v) == L:
+            raise ValueError(f"commit needs one K and one V per layer ({L}), got {len(new_k)} and {len(new_v)}")
         first, n = self.num_frames, new_k[0].shape[1]
+        if any(tuple(t.shape) != (B, n, T, H, d) for t in (*new_k, *new_v)):
+            raise ValueError(f"commit needs K/V of [B={B}, n={n}, T={T}, H={H}, d={d}] in every layer, got "
+                             f"{sorted({tuple(t.shape) for t in (*new_k, *new_v)})}")
         if plan.n_committed != len(self.frame_ids) or plan.keep_ids[-1] != first + n - 1:
             raise ValueError("commit needs the plan of this cache's current state and the block it was made for")
         runs = self._ring_runs(first, n)
