@@ -55,8 +55,10 @@ def test_pipeline_memory_has_the_backbones_geometry_and_the_users_choices(model,
                         sink_frames=2, window_frames=9, kv_layout=layout, latent_shape=(16, 8, 8),
                         device=torch.device("cpu"), dtype=torch.float32, embed_dim=5)
     assert pipe.memory.config == want
-    # the pipeline's own config: the same, but the embedder's size is only known at the first block
-    assert pipe.retrieval == dataclasses.replace(want, embed_dim=user.embed_dim)
+    # the pipeline's own config: the geometry filled in; device, dtype and the embedder's size are taken when a
+    # generation builds its memory
+    assert pipe.retrieval == dataclasses.replace(want, embed_dim=user.embed_dim, device=user.device,
+                                                 dtype=user.dtype)
     assert pipe.memory.policy.sink_frames == 2 and pipe.memory.policy.window_frames == 9
 
 
@@ -67,13 +69,32 @@ def test_latent_storage_gets_the_latent_shape(model, text):
     assert (cfg.storage, cfg.latent_shape, cfg.embed_dim, cfg.dtype) == ("latent", (16, 8, 8), 16, torch.float32)
 
 
-def test_default_valued_model_fields_are_filled_in(model):
+def test_default_valued_model_fields_are_filled_in(model, text):
     # sink_frames=1, window_frames=12, dtype=bfloat16, device="cpu", embed_dim=1024 are MemoryConfig's defaults:
     # indistinguishable from unset, so they are replaced by the backbone's values
     pipe = Pipeline(model, retrieval=MemoryConfig(sink_frames=1, window_frames=12, dtype=torch.bfloat16,
                                                   device="cpu"))
-    assert (pipe.retrieval.sink_frames, pipe.retrieval.window_frames, pipe.retrieval.dtype) == (2, 9, torch.float32)
+    assert (pipe.retrieval.sink_frames, pipe.retrieval.window_frames) == (2, 9)
+    generate(pipe, text, 3)
+    assert (pipe.memory.config.dtype, pipe.memory.config.embed_dim) == (torch.float32, 16)
     assert memory_config_for(CFG, pipe.retrieval, 5, "cpu", torch.float32).embed_dim == 5
+
+
+def test_the_memory_follows_the_model_as_it_is_when_generating(text):
+    """The model may be cast after the pipeline is built (its memory then stores the new dtype), and a float64
+    model, which no memory can store, still generates natively; in rag mode it is refused before any block."""
+    model = demo_model(CFG)
+    pipe = Pipeline(model, retrieval=MemoryConfig(top_k=2, recent_exclude=1))
+    model.to(torch.bfloat16)
+    res = generate(pipe, text.bfloat16())
+    assert pipe.memory.config.dtype == torch.bfloat16 and [r["block"] for r in res.memory_log] == [4, 5]
+    model.to(torch.float64)
+    native = pipe.generate(text.double(), 6, generator=torch.Generator().manual_seed(2), mode="native")
+    assert native.latents.dtype == torch.float64 and torch.isfinite(native.latents).all()
+    blocks = []
+    with pytest.raises(ValueError, match="dtype must be float32, float16, bfloat16"):
+        pipe.generate(text.double(), 6, mode="rag", callback=blocks.append)
+    assert blocks == []
 
 
 @pytest.mark.parametrize("field, value", [
@@ -81,10 +102,17 @@ def test_default_valued_model_fields_are_filled_in(model):
     ("kv_layout", KVLayout(num_layers=2, tokens_per_frame=16, num_heads=2, head_dim=32)),   # rope_theta 1e4
     ("latent_shape", (16, 8, 4)),
 ])
-def test_a_conflicting_model_field_is_refused_at_construction(model, field, value):
+def test_a_conflicting_model_field_is_refused_before_any_block(model, text, field, value):
     extra = dict(storage="latent") if field == "latent_shape" else {}
-    with pytest.raises(ValueError, match=f"MemoryConfig.{field}=.* conflicts with the backbone's"):
-        Pipeline(model, retrieval=MemoryConfig(**{field: value}, **extra))
+    match = f"MemoryConfig.{field}=.* conflicts with the backbone's"
+    if field in ("dtype", "device"):   # taken from the model when generating: checked when generate starts
+        pipe, blocks = Pipeline(model, retrieval=MemoryConfig(**{field: value}, **extra)), []
+        with pytest.raises(ValueError, match=match):
+            pipe.generate(text, 3, mode="rag", callback=blocks.append)
+        assert blocks == []
+    else:
+        with pytest.raises(ValueError, match=match):
+            Pipeline(model, retrieval=MemoryConfig(**{field: value}, **extra))
 
 
 def test_agreeing_non_default_model_fields_are_accepted(model):

@@ -166,15 +166,16 @@ def _entry(obj: dict, key: str, types):
 GENERATOR_STORAGE = ("kv", "latent")      # the MemoryConfig.storage modes the generator can attend to
 
 
-def memory_config_for(cfg: WanConfig, retrieval: MemoryConfig | None, embed_dim: int | None,
-                      device: str | torch.device, dtype: torch.dtype) -> MemoryConfig:
+def memory_config_for(cfg: WanConfig, retrieval: MemoryConfig | None, embed_dim: int | None = None,
+                      device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> MemoryConfig:
     """The configuration of the generator's retrieval memory: ``retrieval`` (the user's choices: ``top_k``,
     ``recent_exclude``, ``memory_position``, ``storage``, the tiers, ...; default ``MemoryConfig()``) with the
     fields the backbone determines filled in: ``sink_frames`` / ``window_frames`` = the
     model's ``sink`` / ``window``; ``kv_layout`` from its layers, tokens per frame, heads, head size and RoPE theta;
     ``latent_shape`` = ``(in_dim, latent_height, latent_width)``; ``device`` / ``dtype`` = the model's (K/V and
-    latents are stored in the model's dtype); ``embed_dim`` = the embedder's output size (``None``: keep
-    ``retrieval.embed_dim``, to check the rest before the embedder has run).
+    latents are stored in the model's dtype); ``embed_dim`` = the embedder's output size. ``embed_dim``,
+    ``device`` or ``dtype`` ``None``: that field is kept as given and not checked (not known yet: the pipeline
+    fills them in when it builds the memory, from the model as it is then and the embedder's output).
 
     Conflicts: a model-derived field left at its ``MemoryConfig`` default counts as unset and is filled in; one set
     to any other value must equal the backbone's, else this raises. A plain dataclass cannot tell an explicit
@@ -194,11 +195,12 @@ def memory_config_for(cfg: WanConfig, retrieval: MemoryConfig | None, embed_dim:
         raise ValueError(f"MemoryConfig.storage must be one of {GENERATOR_STORAGE} for the generator (it attends to "
                          f"the retrieved frames' K/V), got {retrieval.storage!r}")
     derived = dict(sink_frames=cfg.sink, window_frames=cfg.window,
-                   embed_dim=retrieval.embed_dim if embed_dim is None else embed_dim,
                    kv_layout=KVLayout(num_layers=cfg.num_layers, tokens_per_frame=cfg.tokens_per_frame,
                                       num_heads=cfg.num_heads, head_dim=cfg.head_dim, rope_theta=cfg.rope_theta),
-                   latent_shape=(cfg.in_dim, cfg.latent_height, cfg.latent_width), device=torch.device(device),
-                   dtype=dtype)
+                   latent_shape=(cfg.in_dim, cfg.latent_height, cfg.latent_width))
+    for name, value in (("embed_dim", embed_dim), ("device", device), ("dtype", dtype)):
+        if value is not None:
+            derived[name] = torch.device(value) if name == "device" else value
     defaults = {f.name: f.default for f in dataclasses.fields(MemoryConfig)}
     for name, want in derived.items():
         have = getattr(retrieval, name)

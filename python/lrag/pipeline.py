@@ -86,8 +86,11 @@ class Pipeline:
             leave them at their defaults; a non-default value that disagrees with the model is a ``ValueError``.
         embed: ``[N, C, H, W] -> [N, D]`` frame embedder for retrieval (default: spatial mean).
 
-    :attr:`retrieval` holds the config with the backbone's fields filled in (``embed_dim`` as given: the
-    embedder's output size is known at the first block). ``rag`` mode keeps its retrieval memory (an
+    :attr:`retrieval` holds the config with the backbone's geometry filled in (``sink_frames``,
+    ``window_frames``, ``kv_layout``, ``latent_shape``); ``device``, ``dtype`` and ``embed_dim`` stay as given and
+    are taken from the model and the embedder when a ``rag`` generation builds its memory (so the model may be
+    moved or cast after the pipeline is built; a conflicting non-default value is refused when ``generate``
+    starts, before any block). ``rag`` mode keeps its retrieval memory (an
     :class:`lrag_ext.RetrievalMemory`, one memory stream per batch element; its ``config`` is complete) in
     :attr:`memory` after :meth:`generate`, for inspection or :meth:`~lrag_ext.RetrievalMemory.save`.
 
@@ -104,14 +107,13 @@ class Pipeline:
         self.scheduler = scheduler or FlowMatchScheduler(5.0)
         self.timesteps = self.scheduler.warp(list(denoising_steps))          # float32 [S]
         self.context_noise = float(context_noise)
-        self.retrieval = memory_config_for(self.cfg, retrieval, None, model.device, model.dtype)
+        self.retrieval = memory_config_for(self.cfg, retrieval)
         self.embed = embed or mean_descriptor
         self.memory: lrag_ext.RetrievalMemory | None = None
 
-    def _new_memory(self, embed_dim: int) -> lrag_ext.RetrievalMemory:
-        """The retrieval memory of one generation: :attr:`retrieval` with the embedder's ``embed_dim``."""
-        return lrag_ext.RetrievalMemory(memory_config_for(self.cfg, self.retrieval, embed_dim, self.model.device,
-                                                          self.model.dtype))
+    def _memory_config(self, embed_dim: int | None = None) -> lrag_ext.MemoryConfig:
+        """:attr:`retrieval` completed from the model as it is now (device, dtype) and the embedder's size."""
+        return memory_config_for(self.cfg, self.retrieval, embed_dim, self.model.device, self.model.dtype)
 
     def _check(self, text, num_frames, mode, noise, renoise, B):
         cfg, F = self.cfg, self.cfg.frames_per_block
@@ -164,6 +166,8 @@ class Pipeline:
             noise = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu")
         noise = noise.to(device=device, dtype=dtype)
         rag = mode == "rag"
+        if rag:
+            self._memory_config()   # a device/dtype conflict is refused now, not after the first block
         cache = model.new_cache(B, position_mode or ("window" if rag else "absolute"),
                                 memory_slots=self.retrieval.top_k if rag else 0)
         model.set_text(cache, text_embeddings)
@@ -215,7 +219,7 @@ class Pipeline:
                 k, v = cache.block_kv()
                 embs = self.embed(x0.flatten(0, 1)).unflatten(0, (B, F))     # one embedder call for all streams
                 if self.memory is None:
-                    self.memory = self._new_memory(embs.shape[-1])
+                    self.memory = lrag_ext.RetrievalMemory(self._memory_config(embs.shape[-1]))
                     streams = [self.memory.add_stream() for _ in range(B)]
                 if self.retrieval.storage == "kv":      # one append for all streams: one write_kv per segment
                     self.memory.append(streams, embs, k=k, v=v)
