@@ -14,6 +14,7 @@ a mapping, so no caller can confuse the two: ``record["k_sel"]`` raises a ``Type
 """
 from __future__ import annotations
 
+import sys
 import types
 import weakref
 from collections.abc import Mapping
@@ -226,7 +227,13 @@ def _is_int(value) -> bool:
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """An int or float (not a bool) that float() can hold: a JSON integer beyond ~1.8e308 would overflow."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, float) or abs(value) <= _FLOAT_MAX
+
+
+_FLOAT_MAX = int(sys.float_info.max)
 
 
 def _check(name: str, value, is_ok, what: str) -> None:
