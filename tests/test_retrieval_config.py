@@ -275,3 +275,21 @@ def test_a_save_with_an_invalid_memory_position_is_refused(tmp_path, bad):
     _edit_manifest(path, lambda c: c.update(memory_position=bad))
     with pytest.raises(ValueError, match="field config is not a valid MemoryConfig: memory_position must be"):
         RetrievalMemory.load(path)
+
+
+def test_streams_with_different_counts_attend_to_the_smallest():
+    """A bounded host tier drops the oldest frames (stream 0's first in a batched append), so streams can have
+    different numbers of retrievable frames; every stream's memory slots then hold the smallest count (no slot left
+    with a previous block's frame), which the block record's memory_positions shows."""
+    cfg = lrag.WanConfig(num_layers=1, dim=16, num_heads=2, ffn_dim=16, text_dim=8, text_len=4, in_dim=4, out_dim=4,
+                         latent_height=4, latent_width=4, frames_per_block=3, window=6, sink=1)
+    torch.manual_seed(0)
+    model = lrag.models.wan.CausalWanModel(cfg).eval()
+    pipe = Pipeline(model, retrieval=MemoryConfig(top_k=2, recent_exclude=0, device_frames=10, host_frames=12))
+    res = pipe.generate(torch.randn(3, 3, 8), 30, generator=torch.Generator().manual_seed(2))
+    unequal = 0
+    for rec in res.memory_log:
+        k_sel = [len(frames) for frames in rec["selected_global_frames"]]
+        unequal += len(set(k_sel)) > 1
+        assert [len(p) for p in rec["memory_positions"]] == [min(k_sel)] * 3
+    assert unequal > 0 and torch.isfinite(res.latents).all()
