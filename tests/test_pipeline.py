@@ -148,3 +148,31 @@ def test_a_kept_block_record_reads_its_own_run(setup):
     full = Pipeline(model, embed=LookupEmbedder(io["output_latents"][0], io["descriptors"], tol=float("inf")))
     strip = lambda recs: [{k: v for k, v in r.items() if k != "retrieval_s"} for r in recs]  # noqa: E731
     assert strip(late) == strip(full.generate(io["text_embeds"], 27, **args).memory_log)
+
+
+@pytest.mark.parametrize("mode", ["rag", "native"])
+def test_a_run_continued_from_its_own_prefix_reproduces_itself(setup, mode):
+    """Oracle: the run itself. Given its first P generated frames as `prefix` (and the same noise), a generation
+    must reproduce every later frame and every retrieval exactly (the prefix blocks go through retrieval, the context
+    rerun and the memory like generated ones); another prefix changes what follows, and is kept as given."""
+    model, io = setup
+    args = dict(noise=io["init_noise"][:, :27], renoise=io["renoise"][:9], mode=mode)
+    strip = lambda log: [{k: v for k, v in r.items() if k != "retrieval_s"} for r in log]  # noqa: E731
+    full = Pipeline(model).generate(io["text_embeds"], 27, **args)
+    for P in (3, 12, 21, 27):
+        cont = Pipeline(model).generate(io["text_embeds"], 27, prefix=full.latents[:, :P].clone(), **args)
+        assert torch.equal(cont.latents, full.latents), P
+        assert strip(cont.memory_log) == strip(full.memory_log)
+    other = full.latents[:, :12].flip(1).contiguous()
+    cont = Pipeline(model).generate(io["text_embeds"], 27, prefix=other, **args)
+    assert torch.equal(cont.latents[:, :12], other) and not torch.equal(cont.latents[:, 12:], full.latents[:, 12:])
+
+
+def test_bad_prefix_is_refused_by_name(setup):
+    model, io = setup
+    pipe = Pipeline(model)
+    good = torch.zeros(1, 6, 16, 8, 8)
+    for bad in (good[:, :4], torch.zeros(1, 30, 16, 8, 8), good[..., :4], good.long(), good[0], [1.0]):
+        with pytest.raises(ValueError, match="prefix must be a float"):
+            pipe.generate(io["text_embeds"], 27, noise=io["init_noise"][:, :27], prefix=bad)
+    assert pipe.memory is None

@@ -115,7 +115,7 @@ class Pipeline:
         """:attr:`retrieval` completed from the model as it is now (device, dtype) and the embedder's size."""
         return memory_config_for(self.cfg, self.retrieval, embed_dim, self.model.device, self.model.dtype)
 
-    def _check(self, text, num_frames, mode, noise, renoise, B):
+    def _check(self, text, num_frames, mode, noise, renoise, B, prefix=None):
         cfg, F = self.cfg, self.cfg.frames_per_block
         if mode not in ("rag", "native"):
             raise ValueError(f"mode must be 'rag' or 'native', got {mode!r}")
@@ -124,6 +124,13 @@ class Pipeline:
         shape = (B, num_frames, cfg.in_dim, cfg.latent_height, cfg.latent_width)
         if noise is not None and tuple(noise.shape) != shape:
             raise ValueError(f"noise must be {list(shape)}, got {list(noise.shape)}")
+        if prefix is not None:
+            if (not isinstance(prefix, torch.Tensor) or prefix.dim() != 5 or prefix.shape[0] != B
+                    or tuple(prefix.shape[2:]) != shape[2:] or prefix.shape[1] % F or prefix.shape[1] > num_frames
+                    or not prefix.is_floating_point()):
+                raise ValueError(f"prefix must be a float [B={B}, P, {shape[2]}, {shape[3]}, {shape[4]}] tensor with P a "
+                                 f"multiple of {F} and <= num_frames={num_frames}, got "
+                                 f"{list(prefix.shape) if isinstance(prefix, torch.Tensor) else type(prefix).__name__}")
         if renoise is not None:
             need = (num_frames // F, len(self.timesteps) - 1)
             if tuple(renoise.shape[:2]) != need or renoise[0, 0].numel() != B * F * shape[2] * shape[3] * shape[4]:
@@ -134,7 +141,7 @@ class Pipeline:
     def generate(self, text_embeddings: torch.Tensor, num_frames: int, generator: torch.Generator | None = None,
                  mode: str = "rag", noise: torch.Tensor | None = None, renoise: torch.Tensor | None = None,
                  position_mode: str | None = None, callback: Callable[[BlockResult], None] | None = None,
-                 trace: bool = False, profile: bool = False) -> GenerationResult:
+                 trace: bool = False, profile: bool = False, prefix: torch.Tensor | None = None) -> GenerationResult:
         """Generates ``num_frames`` latent frames.
 
         Args:
@@ -148,7 +155,13 @@ class Pipeline:
                 order) is the noise added after denoising step ``j`` of block ``b``.
             position_mode: override the RoPE position mode (``"absolute"`` / ``"window"``).
             callback: called with a :class:`BlockResult` after every block.
-            trace: also return the input and x0 of every forward.
+            trace: also return the input and x0 of every forward (zeros for the denoising steps of prefix blocks).
+            prefix: ``[B, P, C, H, W]`` clean latents of the first ``P`` frames (a multiple of
+                ``frames_per_block``), e.g. a ground-truth start to continue from: their blocks are not denoised
+                (nor do they use ``noise[:, :P]``, ``renoise[:P // F]`` or the generator) but go through everything
+                else as generated blocks do (retrieval, the context rerun that commits their K/V, the memory), and
+                they are the first ``P`` frames of the result. A run given its own first ``P`` generated frames as
+                ``prefix`` (and the same ``noise`` / ``renoise``) reproduces itself exactly.
             profile: synchronise the device after each phase of a block, so that ``timings`` measure device time.
                 Off (the default), the loop never waits for the device: on a GPU ``timings`` then measure the
                 host's enqueue time; on the CPU they are the same either way. Memory records are read from the
@@ -159,7 +172,8 @@ class Pipeline:
         """
         model, cfg, sched = self.model, self.cfg, self.scheduler
         B, F = text_embeddings.shape[0], cfg.frames_per_block
-        self._check(text_embeddings, num_frames, mode, noise, renoise, B)
+        self._check(text_embeddings, num_frames, mode, noise, renoise, B, prefix)
+        n_prefix = 0 if prefix is None else prefix.shape[1]
         device, dtype = model.device, model.dtype
         shape = (B, num_frames, cfg.in_dim, cfg.latent_height, cfg.latent_width)
         if noise is None:
@@ -190,18 +204,21 @@ class Pipeline:
             timings["retrieval"] = time.perf_counter() - t_block
 
             t0 = time.perf_counter()
-            x = noise[:, s:s + F]
-            for j in range(steps):
-                t = torch.full((B, F), float(self.timesteps[j]), dtype=torch.float32, device=device)
-                x0 = sched.to_x0(model(x, t, cache), x, t)
-                if trace:
-                    result.x_in[b, j], result.x0[b, j] = x.cpu(), x0.cpu()
-                if j < steps - 1:
-                    eps = (renoise[b, j].reshape(x0.shape).to(device=device, dtype=dtype) if renoise is not None
-                           else torch.randn(x0.shape, generator=generator,
-                                            device=generator.device if generator else "cpu").to(device, dtype))
-                    t_next = torch.full((B, F), float(self.timesteps[j + 1]), dtype=torch.float32, device=device)
-                    x = sched.add_noise(x0, eps, t_next)
+            if s < n_prefix:       # a given clean block: nothing to denoise
+                x0 = prefix[:, s:s + F].to(device=device, dtype=dtype)
+            else:
+                x = noise[:, s:s + F]
+                for j in range(steps):
+                    t = torch.full((B, F), float(self.timesteps[j]), dtype=torch.float32, device=device)
+                    x0 = sched.to_x0(model(x, t, cache), x, t)
+                    if trace:
+                        result.x_in[b, j], result.x0[b, j] = x.cpu(), x0.cpu()
+                    if j < steps - 1:
+                        eps = (renoise[b, j].reshape(x0.shape).to(device=device, dtype=dtype) if renoise is not None
+                               else torch.randn(x0.shape, generator=generator,
+                                                device=generator.device if generator else "cpu").to(device, dtype))
+                        t_next = torch.full((B, F), float(self.timesteps[j + 1]), dtype=torch.float32, device=device)
+                        x = sched.add_noise(x0, eps, t_next)
             out[:, s:s + F] = x0
             _sync(device, profile)
             timings["denoise"] = time.perf_counter() - t0
