@@ -44,6 +44,17 @@ def cuda_code(device) -> bool:
     return device == "cuda" or getattr(device, "emulated", False)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module (``pytestmark = pytest.mark.usefixtures("one_thread")``): the tiny models'
+    ops gain nothing from more threads, and on a busy machine OpenMP spinning makes 2 threads several times slower
+    (measured: the tiny-VAE test 19 s vs 0.6 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # The emulator's schedule seed: vary it (LRAG_EMU_SEED=n) to explore other interleavings and block orders.
 EMU_SEED = int(os.environ.get("LRAG_EMU_SEED", "0"))
 

@@ -25,14 +25,7 @@ DEMO_BLOCKS = 8             # retrieval at blocks 6 and 7 (window 12, sink 1, R 
 DEMO = ["generate", "--demo", "--seconds", str(DEMO_BLOCKS * 0.75), "--demo-latent", "8", "--quiet"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the tiny models' ops gain nothing from more threads, and on a busy machine OpenMP spinning makes 2 threads
-    # several times slower (measured: the tiny-VAE test 19 s vs 0.6 s)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _read_video(path) -> np.ndarray:

@@ -307,9 +307,14 @@ class KVCache:
         The committed part of the key set (sink, memory, committed local frames) and its positions do not change
         between the forwards of one block, so it is roped once per block and reused; only the block's own frames
         are roped per forward. RoPE acts per token, so the result equals roping the whole key set at once.
+
+        A forward that records gradients (training) takes the general path too: the attention buffers are
+        written in place and reused by the next forward, so they cannot carry an autograd graph.
         """
-        if plan.n_sink > plan.n_committed or plan.local_start > plan.n_committed:
-            # the block overlaps the sink (first block) or is not wholly attended: rope everything
+        if plan.n_sink > plan.n_committed or plan.local_start > plan.n_committed or (
+                torch.is_grad_enabled() and (k_new.requires_grad or v_new.requires_grad)):
+            # the block overlaps the sink (first block), is not wholly attended, or is differentiated: rope
+            # everything
             keys, vals, pos = self.attention_kv(layer, k_new, v_new, plan)
             return rope.apply(keys, pos), vals
         n_c, F = plan.n_committed, k_new.shape[1]
