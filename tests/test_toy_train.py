@@ -13,6 +13,7 @@ import torch
 
 pytest.importorskip("safetensors")
 
+from lrag.pipeline import Pipeline  # noqa: E402
 from lrag import cli  # noqa: E402
 from lrag.checkpoint import build_generator  # noqa: E402
 from lrag.models.wan import CausalWanModel  # noqa: E402
@@ -193,44 +194,41 @@ def test_validation_is_fixed_and_uses_seeds_from_1000():
     assert 1.5 < a.baseline < 3.0        # Var(noise - x0) ~ 1 + 1.1
 
 
-def test_sampling_timesteps_and_samplers():
+def test_sampling_timesteps_and_the_euler_sampler():
     assert sample.sampling_timesteps(SCHED, 4).tolist() == pytest.approx([1000, 937.5, 833.333, 625], abs=1e-3)
+    assert sample.nominal_steps(SCHED, 4) == [1000, 750, 500, 250]
     ts = sample.sampling_timesteps(SCHED, 16)
     assert len(ts) == 16 and bool((ts[1:] < ts[:-1]).all())
     model = tiny_model(layers=1)
-    cache = model.new_cache(1, "window")
-    model.set_text(cache, sample.null_text(model, 1))
     noise = torch.randn(1, 3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    one = sample.denoise_block(model, cache, noise, ts[:1], SCHED)
-    t = torch.full((1, 3), float(ts[0]))
-    with torch.no_grad():
-        assert torch.equal(one, SCHED.to_x0(model(noise, t, cache), noise, t))      # one step: x0 of the first
-    two = sample.denoise_block(model, cache, noise, ts[[0, 8]], SCHED)
+    text = sample.null_text(model, 1)
+    # oracle: the Euler (= DDIM) update written out by hand on a fresh cache, steps 1000 and the 9th of 16
+    steps = [sample.nominal_steps(SCHED, 16)[i] for i in (0, 8)]
+    got = Pipeline(model, steps, SCHED, sampler="euler").generate(text, 3, noise=noise, mode="native",
+                                                                 position_mode="window").latents
+    cache = model.new_cache(1, "window")
+    model.set_text(cache, text)
+    t, t2 = (torch.full((1, 3), float(ts[i])) for i in (0, 8))
     with torch.no_grad():
         flow = model(noise, t, cache)
         sig = SCHED.sigma(ts[[0, 8]], torch.float64)
-        x = (noise.double() + float(sig[1] - sig[0]) * flow.double()).float()       # Euler = DDIM
-        t2 = torch.full((1, 3), float(ts[8]))
-        assert torch.equal(two, SCHED.to_x0(model(x, t2, cache), x, t2))
-    with pytest.raises(ValueError, match="sampler"):
-        sample.denoise_block(model, cache, noise, ts, SCHED, sampler="ddpm")
+        x = (noise.double() + float(sig[1] - sig[0]) * flow.double()).float()
+        assert torch.equal(got, SCHED.to_x0(model(x, t2, cache), x, t2))
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        Pipeline(model, sampler="ddpm")
 
 
 def test_rollout_continues_a_prefix():
     model = tiny_model(layers=1)
     prefix = torch.from_numpy(make_clip(7, 6)[0])[None]
     gen = lambda: torch.Generator().manual_seed(1)  # noqa: E731
-    out = sample.rollout(model, prefix, 12, steps=2, generator=gen())
+    out = sample.rollout(model, prefix, 12, steps=2, generator=gen()).latents
     assert out.shape == (1, 12, 4, 16, 16) and torch.equal(out[:, :6], prefix)
-    assert torch.equal(out, sample.rollout(model, prefix, 12, steps=2, generator=gen()))
-    # the generated blocks are those of denoising after the committed prefix
-    cache = model.new_cache(1, "window")
-    model.set_text(cache, sample.null_text(model, 1))
-    sample.commit_frames(model, cache, prefix)
-    g = gen()
-    noise = torch.randn(1, 3, 4, 16, 16, generator=g)
-    first = sample.denoise_block(model, cache, noise, sample.sampling_timesteps(SCHED, 2), SCHED)
-    assert torch.equal(out[:, 6:9], first)
+    assert torch.equal(out, sample.rollout(model, prefix, 12, steps=2, generator=gen()).latents)
+    # a rollout given its own first 9 frames continues identically (same noise): the prefix went through the cache
+    noise = torch.randn(1, 12, 4, 16, 16, generator=gen())
+    full = sample.rollout(model, prefix, 12, steps=2, noise=noise).latents
+    assert torch.equal(sample.rollout(model, full[:, :9], 12, steps=2, noise=noise).latents, full)
     with pytest.raises(ValueError, match="multiples"):
         sample.rollout(model, prefix[:, :4], 12)
 

@@ -30,6 +30,7 @@ from lrag.models.wan import CausalWanModel
 from lrag.scheduler import FlowMatchScheduler
 
 Embedder = Callable[[torch.Tensor], torch.Tensor]
+SAMPLERS = ("renoise", "euler")
 
 
 class _Lazy:
@@ -85,6 +86,10 @@ class Pipeline:
             ``dtype``, and ``embed_dim`` from the embedder) are filled in by :func:`lrag.config.memory_config_for`:
             leave them at their defaults; a non-default value that disagrees with the model is a ``ValueError``.
         embed: ``[N, C, H, W] -> [N, D]`` frame embedder for retrieval (default: spatial mean).
+        sampler: between denoising steps, ``"renoise"`` (the released few-step generators': re-noise ``x0`` to
+            the next timestep with fresh noise, ``renoise`` or the generator's) or ``"euler"`` (the deterministic
+            flow-ODE step :meth:`FlowMatchScheduler.euler_step`, for models that are not distilled, such as the
+            toy generator; it uses no re-noise).
 
     :attr:`retrieval` holds the config with the backbone's geometry filled in (``sink_frames``,
     ``window_frames``, ``kv_layout``, ``latent_shape``); ``device``, ``dtype`` and ``embed_dim`` stay as given and
@@ -101,7 +106,11 @@ class Pipeline:
 
     def __init__(self, model: CausalWanModel, denoising_steps: Sequence[int] = (1000, 750, 500, 250),
                  scheduler: FlowMatchScheduler | None = None, context_noise: float = 0.0,
-                 retrieval: lrag_ext.MemoryConfig | None = None, embed: Embedder | None = None):
+                 retrieval: lrag_ext.MemoryConfig | None = None, embed: Embedder | None = None,
+                 sampler: str = "renoise"):
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        self.sampler = sampler
         self.model = model
         self.cfg = model.cfg
         self.scheduler = scheduler or FlowMatchScheduler(5.0)
@@ -210,15 +219,20 @@ class Pipeline:
                 x = noise[:, s:s + F]
                 for j in range(steps):
                     t = torch.full((B, F), float(self.timesteps[j]), dtype=torch.float32, device=device)
-                    x0 = sched.to_x0(model(x, t, cache), x, t)
+                    flow = model(x, t, cache)
+                    x0 = sched.to_x0(flow, x, t)
                     if trace:
                         result.x_in[b, j], result.x0[b, j] = x.cpu(), x0.cpu()
-                    if j < steps - 1:
-                        eps = (renoise[b, j].reshape(x0.shape).to(device=device, dtype=dtype) if renoise is not None
-                               else torch.randn(x0.shape, generator=generator,
-                                                device=generator.device if generator else "cpu").to(device, dtype))
-                        t_next = torch.full((B, F), float(self.timesteps[j + 1]), dtype=torch.float32, device=device)
-                        x = sched.add_noise(x0, eps, t_next)
+                    if j == steps - 1:
+                        break
+                    t_next = torch.full((B, F), float(self.timesteps[j + 1]), dtype=torch.float32, device=device)
+                    if self.sampler == "euler":
+                        x = sched.euler_step(x, flow, t, t_next)
+                        continue
+                    eps = (renoise[b, j].reshape(x0.shape).to(device=device, dtype=dtype) if renoise is not None
+                           else torch.randn(x0.shape, generator=generator,
+                                            device=generator.device if generator else "cpu").to(device, dtype))
+                    x = sched.add_noise(x0, eps, t_next)
             out[:, s:s + F] = x0
             _sync(device, profile)
             timings["denoise"] = time.perf_counter() - t0

@@ -66,6 +66,19 @@ class FlowMatchScheduler:
         sigma = self.sigma(t.to(flow.device), torch.float64).reshape(*t.shape, 1, 1, 1)
         return (x_t.double() - sigma * flow.double()).to(flow.dtype)
 
+    def euler_step(self, x_t: torch.Tensor, flow: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
+        """One deterministic Euler (= DDIM) step of the flow ODE: ``x_t + (sigma(t_next) - sigma(t)) flow`` in
+        float64, returned in ``x_t``'s dtype: the sampler of a model trained with the flow-matching loss and not
+        distilled (the toy generator).
+
+        Args:
+            x_t, flow: ``[B, F, C, H, W]``.
+            t, t_next: ``[B, F]`` timesteps of this step and the next.
+        """
+        shape = (*t.shape, 1, 1, 1)
+        step = (self.sigma(t_next.to(x_t.device), torch.float64) - self.sigma(t.to(x_t.device), torch.float64))
+        return (x_t.double() + step.reshape(shape) * flow.double()).to(x_t.dtype)
+
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``(1 - sigma) x0 + sigma noise`` with the table sigma in float32 (the reference's ``add_noise``).
 
