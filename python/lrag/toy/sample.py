@@ -46,7 +46,8 @@ def sampling_timesteps(scheduler: FlowMatchScheduler, steps: int) -> torch.Tenso
 def rollout(model: CausalWanModel, prefix: torch.Tensor, num_frames: int, steps: int = 16,
             sampler: str = "euler", mode: str = "native", position_mode: str = "window",
             scheduler: Optional[FlowMatchScheduler] = None, generator: Optional[torch.Generator] = None,
-            noise: Optional[torch.Tensor] = None, retrieval=None, embed: Optional[Embedder] = None):
+            noise: Optional[torch.Tensor] = None, retrieval=None, embed: Optional[Embedder] = None,
+            callback=None):
     """Generation that continues a ground-truth prefix: :meth:`Pipeline.generate` with ``prefix``, the toy's null
     prompt, ``steps`` evenly spaced steps and ``sampler``.
 
@@ -57,6 +58,7 @@ def rollout(model: CausalWanModel, prefix: torch.Tensor, num_frames: int, steps:
             :class:`lrag_ext.MemoryConfig`, and ``embed``, the frame embedder).
         position_mode: the RoPE position mode the model was trained with (``"window"`` for the toy).
         noise: ``[B, num_frames, C, H, W]`` initial noise (default: drawn from ``generator``).
+        callback: called with each block's :class:`lrag.pipeline.BlockResult` (prefix blocks included).
 
     Returns:
         The :class:`lrag.pipeline.GenerationResult` (``latents`` ``[B, num_frames, C, H, W]``: the prefix, then
@@ -70,7 +72,7 @@ def rollout(model: CausalWanModel, prefix: torch.Tensor, num_frames: int, steps:
     pipe = Pipeline(model, nominal_steps(scheduler, steps), scheduler, retrieval=retrieval, embed=embed,
                     sampler=sampler)
     return pipe.generate(null_text(model, B), num_frames, generator=generator, mode=mode, noise=noise,
-                         position_mode=position_mode, prefix=prefix if T0 else None)
+                         position_mode=position_mode, prefix=prefix if T0 else None, callback=callback)
 
 
 def _unseen(meta: ClipMeta, frames: Sequence[int], context: Sequence[int], size: int) -> np.ndarray:
