@@ -54,6 +54,7 @@ from lrag.toy.metrics import (background_error, bootstrap_ci, colour_drift, hit_
 from lrag.toy.sample import rollout
 from lrag.toy.train import VAL_SEED, OptionError, ToyConfig, load_toy_generator
 from lrag.toy.world import ClipMeta, make_clip
+from lrag_ext.memory_format import sha256_file
 from lrag_ext.positions import check_policy
 from lrag_ext.progress import ProgressLine
 from lrag_ext.reference import mean_descriptor
@@ -500,8 +501,7 @@ def prepare(args: argparse.Namespace, model: Optional[CausalWanModel] = None,
     if model is None:
         check_regular_file(args.weights, "--weights")
         model, config = load_toy_generator(args.weights, device)
-        with open(args.weights, "rb") as f:
-            weights["sha256"] = hashlib.sha256(f.read()).hexdigest()
+        weights["sha256"] = sha256_file(args.weights)
     else:
         model = model.to(device).eval()
     digest = hashlib.sha256()

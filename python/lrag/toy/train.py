@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -51,6 +50,7 @@ from lrag.models.wan import POSITION_MODES, CausalWanModel
 from lrag.scheduler import FlowMatchScheduler
 from lrag.toy.sample import null_text, sampling_timesteps
 from lrag.toy.world import WorldConfig, make_clip, sample_windows
+from lrag_ext.memory_format import sha256_file
 from lrag_ext.progress import ProgressLine
 from lrag_ext.state_dicts import (InputFileError, check_output_dir, check_regular_file, naming_file, parse_device,
                                   state_dict_mismatch)
@@ -400,9 +400,7 @@ def export_weights(out: str, state: TrainState, command: str, validation: dict) 
     path = os.path.join(out, WEIGHTS_NAME)
     _write_safetensors(path, state.ema.state_dict(),
                        {"format": WEIGHTS_FORMAT, "config": state.config.to_dict(), "step": state.step})
-    with open(path, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-    card = {"weights": WEIGHTS_NAME, "sha256": digest, "bytes": os.path.getsize(path), "step": state.step,
+    card = {"weights": WEIGHTS_NAME, "sha256": sha256_file(path), "bytes": os.path.getsize(path), "step": state.step,
             "train_seconds": round(state.seconds, 1), "command": command, "validation": validation,
             "config": state.config.to_dict()}
     with open(os.path.join(out, CARD_NAME), "w") as f:
