@@ -253,3 +253,70 @@ def test_config_geometry():
         dataclasses.replace(cfg, window_frames=10)
     with pytest.raises(ValueError, match="position_mode"):
         dataclasses.replace(cfg, position_mode="relative")
+
+
+def _brute_force_memory_losses(model, x, t, noise, top_k, recent):
+    """:func:`block_losses` with memory slots, written out by hand: every committed frame's K/V kept, the
+    reference's retrieval by brute force (spatial-mean key with the reference's ``+ 1e-8`` norms, candidates
+    ``[sink, sink + max(0, s - window) - R)``, cosine top-k sorted descending), the selected K/V placed in the
+    memory slots at temporal position 0."""
+    cfg, F = model.cfg, model.cfg.frames_per_block
+    B, L = x.shape[:2]
+    cache = model.new_cache(B, "window", memory_slots=top_k)
+    text = sample.null_text(model, B)
+    keys = x.mean(dim=(3, 4)).double()                                         # [B, L, C]
+    keys = keys / (keys.norm(dim=-1, keepdim=True) + 1e-8)
+    ks, vs, losses, picked = [], [], torch.zeros(B, L // F), {}
+    for b in range(L // F):
+        s = b * F
+        cache.clear_memory()
+        hi = cfg.sink + max(0, s - cfg.window) - recent
+        if s and hi > cfg.sink:
+            m = min(top_k, hi - cfg.sink)
+            sims = torch.einsum("bnc,bc->bn", keys[:, cfg.sink:hi], keys[:, s - 1])
+            ids = sims.topk(m, dim=1).indices + cfg.sink                         # [B, m]
+            picked[s] = ids.tolist()
+            k_all, v_all = torch.stack(ks, 2), torch.stack(vs, 2)             # [layers, B, frames, T, H, d]
+            sel = lambda a: torch.stack([a[:, i, ids[i]] for i in range(B)], 1)  # noqa: E731
+            cache.set_memory(sel(k_all), sel(v_all), torch.zeros(B, m, dtype=torch.long))
+        x0, eps = x[:, s:s + F], noise[:, s:s + F]
+        tb = t[:, b, None].expand(B, F)
+        model.set_text(cache, text)
+        flow = model(SCHED.add_noise(x0, eps, tb), tb, cache)
+        losses[:, b] = (flow - (eps - x0)).pow(2).mean(dim=(1, 2, 3, 4))
+        model(x0, torch.zeros(B, F), cache, update_cache=True)
+        k, v = cache.block_kv()
+        ks += list(k.clone().unbind(2))
+        vs += list(v.clone().unbind(2))
+    return losses, picked
+
+
+@torch.no_grad()
+def test_training_with_memory_slots_attends_what_the_reference_retrieves():
+    """``memory_top_k > 0``: each block's loss is the one computed with the frames the reference retrieval
+    picks (brute force) in the memory slots at position 0; old frames then matter again, and without memory
+    slots they do not."""
+    from lrag_ext import MemoryConfig  # noqa: PLC0415
+    model = tiny_model(layers=1)
+    x, t, noise = fixed_batch(frames=33, seed=40)
+    want, picked = _brute_force_memory_losses(model, x, t, noise, top_k=4, recent=2)
+    assert sorted(picked) == [15, 18, 21, 24, 27, 30] and len(picked[30][0]) == 4
+    got = block_losses(model, x, t, noise, SCHED, retrieval=MemoryConfig(top_k=4, recent_exclude=2))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    old = x.clone()
+    old[:, 1:4] += 1              # frames 1-3 are candidates from block 5 (s = 15) on
+    changed = block_losses(model, old, t, noise, SCHED, retrieval=MemoryConfig(top_k=4, recent_exclude=2)) != got
+    assert changed[:, 5:].any(dim=0).all()
+    base = block_losses(model, x, t, noise, SCHED)
+    assert ((block_losses(model, old, t, noise, SCHED) != base)[:, 6:] == False).all()  # noqa: E712
+
+
+def test_memory_training_options():
+    cfg = ToyConfig(memory_top_k=6)
+    assert cfg.training_memory().top_k == 6 and cfg.training_memory().recent_exclude == 5
+    assert ToyConfig().training_memory() is None
+    assert ToyConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="memory_top_k"):
+        ToyConfig(memory_top_k=9)          # window 12 - sink 1 - block 3 = 8 at most
+    with pytest.raises(ValueError, match="memory_recent_exclude"):
+        ToyConfig(memory_recent_exclude=-1)

@@ -2,11 +2,11 @@
 
 Per block of ``F`` frames starting at frame ``s`` (see docs/generator.md):
 
-1. ``rag`` mode: query = embedding of frame ``s - 1`` (the last frame appended to the memory);
-   :meth:`lrag_ext.RetrievalMemory.retrieve` selects up to K frames for all streams in one search, and
-   :meth:`~lrag_ext.RetrievalMemory.gather` writes their K/V straight into the cache's memory slots, once per
-   block (temporal RoPE positions by ``MemoryConfig.memory_position``: 0, as the reference, by default; the
-   model applies RoPE by position at attention time).
+1. ``rag`` mode (:class:`lrag.block_memory.BlockMemory`): query = embedding of frame ``s - 1`` (the last frame
+   appended to the memory); :meth:`lrag_ext.RetrievalMemory.retrieve` selects up to K frames for all streams in
+   one search, and :meth:`~lrag_ext.RetrievalMemory.gather` writes their K/V straight into the cache's memory
+   slots, once per block (temporal RoPE positions by ``MemoryConfig.memory_position``: 0, as the reference, by
+   default; the model applies RoPE by position at attention time).
 2. Denoise: for each warped timestep ``t_j``: flow = model(x, t_j); x0 = x - sigma(t_j) flow (float64); unless
    last, x = (1 - sigma_{j+1}) x0 + sigma_{j+1} eps (float32, eps from ``renoise`` or the generator).
 3. Context rerun: one more forward on the clean x0 at t = ``context_noise`` (0) commits the block's clean,
@@ -23,13 +23,12 @@ from typing import Callable, Optional, Sequence
 import torch
 
 import lrag_ext
-from lrag_ext.positions import memory_positions, needs_ids
 from lrag_ext.reference import mean_descriptor  # the fallback embedder: spatial mean [N, C, H, W] -> [N, C]
+from lrag.block_memory import BlockMemory, Embedder
 from lrag.config import memory_config_for
 from lrag.models.wan import CausalWanModel
 from lrag.scheduler import FlowMatchScheduler
 
-Embedder = Callable[[torch.Tensor], torch.Tensor]
 SAMPLERS = ("renoise", "euler")
 
 
@@ -195,8 +194,7 @@ class Pipeline:
                                 memory_slots=self.retrieval.top_k if rag else 0)
         model.set_text(cache, text_embeddings)
         self.memory = None          # created at the first append, when the embedding size is known
-        self._retrievals = 0        # retrieve calls on it: the index of each block's record in the memory's log
-        streams: list[int] = []
+        memory = BlockMemory(model, self._memory_config, self.embed) if rag else None
         out = torch.zeros(shape, dtype=dtype, device=device)
         steps = len(self.timesteps)
         result = GenerationResult(out)
@@ -208,7 +206,7 @@ class Pipeline:
             s = b * F
             timings = {}
             t_block = time.perf_counter()
-            plan = self._retrieve(s, cache, streams) if rag else None
+            plan = memory.retrieve(s, cache) if rag else None
             _sync(device, profile)
             timings["retrieval"] = time.perf_counter() - t_block
 
@@ -247,80 +245,20 @@ class Pipeline:
 
             t0 = time.perf_counter()
             if rag:
-                k, v = cache.block_kv()
-                embs = self.embed(x0.flatten(0, 1)).unflatten(0, (B, F))     # one embedder call for all streams
-                if self.memory is None:
-                    self.memory = lrag_ext.RetrievalMemory(self._memory_config(embs.shape[-1]))
-                    streams = [self.memory.add_stream() for _ in range(B)]
-                if self.retrieval.storage == "kv":      # one append for all streams: one write_kv per segment
-                    self.memory.append(streams, embs, k=k, v=v)
-                else:
-                    self.memory.append(streams, embs, latents=x0)
+                memory.append(x0, cache)
+                self.memory = memory.memory
             _sync(device, profile)
             timings["memory"] = time.perf_counter() - t0
             timings["total"] = time.perf_counter() - t_block
             record = None
             if plan is not None:
-                record = _Lazy(functools.partial(self._record, self.memory, b, s, cache.mem_positions.clone(), streams,
-                                                 self._retrievals - 1, timings["retrieval"]))
+                record = _Lazy(functools.partial(memory.record, b, s, cache.mem_positions.clone(),
+                                                 memory.retrievals - 1, timings["retrieval"]))
             if callback is not None:
                 callback(BlockResult(b, s, x0, timings, record))
             result.blocks.append(BlockResult(b, s, None, timings, record))
         result.memory_log = [blk.memory_record for blk in result.blocks if blk._record is not None]
         return result
-
-    def _retrieve(self, s: int, cache, streams: list[int]) -> Optional["lrag_ext.RetrievalPlan"]:
-        """Retrieval for the block starting at ``s``: fills (or clears) the cache's memory slots; returns the plan,
-        or ``None`` when nothing was retrieved. No host synchronisation unless a position policy needs the ids."""
-        cache.clear_memory()
-        if s == 0:
-            return None
-        plan = self.memory.retrieve(streams)
-        self._retrievals += 1
-        # Streams can differ when a bounded host tier dropped frames (oldest first: stream 0's); the cache's
-        # memory slots hold the same number m for every stream, so each attends to its m most similar frames.
-        m = min(plan.counts)
-        if m == 0:
-            return None
-        positions = self._memory_positions(cache, plan, m)
-        if self.retrieval.storage == "latent":
-            k, v = self.model.recompute_kv(self.memory.latents(plan)[:, :m], cache)
-            cache.set_memory(k, v, positions)
-            return plan
-        mem_k, mem_v = cache.memory_buffers()
-        slots = torch.arange(plan.ids.shape[1], device=mem_k.device).expand(len(streams), -1)
-        # K goes in un-roped (delta 0, not the config's memory_position): the model applies RoPE by position at
-        # attention time, at the positions _memory_positions gives the cache.
-        self.memory.gather(plan, mem_k, mem_v, dst_frame=slots, positions="sink")
-        cache.set_memory_positions(positions)
-        return plan
-
-    @staticmethod
-    def _record(memory, b: int, s: int, positions: torch.Tensor, streams: list[int], log_index: int,
-                retrieval_s: float) -> dict:
-        """Block ``b``'s log record (the reference's fields, one list per stream) from the memory's log record
-        ``log_index``; reads the selection on the host."""
-        logs = [memory.records(st, start=log_index)[0].to_dict() for st in streams]
-        return {
-            "block": b,
-            "query_frame": s,                    # the reference logs the block start, not the query frame s-1
-            "query_embedding_frame": s - 1,
-            "num_evicted": logs[0]["num_evicted"],
-            "num_candidates": logs[0]["num_eligible"],
-            "selected_pool_indices": [rec["selected_pool_indices"] for rec in logs],
-            "selected_global_frames": [rec["selected_global_frames"] for rec in logs],
-            "selected_similarities": [rec["selected_similarities"] for rec in logs],
-            "memory_positions": positions.tolist(),
-            "retrieval_s": retrieval_s,
-        }
-
-    def _memory_positions(self, cache, plan, m: int) -> torch.Tensor:
-        """``[B, m]`` host temporal positions of the plan's first ``m`` selected frames under the configured policy
-        (:func:`lrag_ext.positions.memory_positions`; the cache keeps them on the host: they size the keys)."""
-        policy = self.retrieval.memory_position
-        ids = plan.ids[:, :m].cpu() if needs_ids(policy) else torch.zeros((len(plan.streams), m), dtype=torch.long)
-        first_local = int(cache.plan(self.cfg.frames_per_block).local_pos[0])
-        return memory_positions(policy, ids, first_local)
 
 
 def _sync(device: torch.device, profile: bool) -> None:

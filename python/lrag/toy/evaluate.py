@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 import lrag_ext
+from lrag.block_memory import config_for_streams
 from lrag.models.wan import CausalWanModel
 from lrag.pipeline import SAMPLERS
 from lrag.toy.metrics import (background_error, bootstrap_ci, colour_drift, hit_rate_chance, identity_error,
@@ -126,11 +127,9 @@ class Policy:
 
     def memory_config(self, streams: int, frames: int) -> lrag_ext.MemoryConfig:
         """The memory of one rollout batch: ``streams`` streams of ``frames`` frames, every frame on the model's
-        device (embedding pages are per stream: each stream's count is rounded up to whole pages)."""
-        page = lrag_ext.MemoryConfig.page_size
-        total = streams * -(-frames // page) * page
-        return lrag_ext.MemoryConfig(top_k=self.top_k, recent_exclude=self.recent_exclude,
-                                     memory_position=self.memory_position, max_frames=total, device_frames=total)
+        device (:func:`lrag.block_memory.config_for_streams`)."""
+        return config_for_streams(lrag_ext.MemoryConfig(top_k=self.top_k, recent_exclude=self.recent_exclude,
+                                                        memory_position=self.memory_position), streams, frames)
 
 
 REFERENCE = Policy()   # the release's policy, with its fallback descriptor (no trained embedder for the toy)

@@ -5,8 +5,9 @@
 
 A :class:`~lrag.models.wan.CausalWanModel` learns the world's frames with flow matching under the block-causal
 schedule it is sampled with: windows of ``--window-frames`` consecutive frames (each from a fresh clip) are
-walked block by block with the inference cache (window RoPE positions, sink + sliding window, **no memory
-slots**: like the paper's frozen generator it never sees retrieved frames). For each block ``[s, s + F)``:
+walked block by block with the inference cache (window RoPE positions, sink + sliding window; by default **no
+memory slots**: like the paper's frozen generator it never sees retrieved frames; ``--memory-top-k K`` trains the
+variant with K retrieved frames in its memory slots, see :func:`block_losses`). For each block ``[s, s + F)``:
 
 1. noisy forward, with gradients: ``x_t = (1 - sigma) x0 + sigma eps`` (the scheduler's ``add_noise``, table
    sigma), loss ``mean (model(x_t, t) - (eps - x0))^2``, the flow that ``to_x0`` inverts; backward at once;
@@ -41,16 +42,20 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import torch
 
-from lrag.config import WanConfig
+from lrag.block_memory import BlockMemory, config_for_streams
+from lrag.config import WanConfig, memory_config_for
 from lrag.models.wan import POSITION_MODES, CausalWanModel
 from lrag.scheduler import FlowMatchScheduler
 from lrag.toy.sample import null_text, sampling_timesteps
 from lrag.toy.world import WorldConfig, make_clip, sample_windows
+from lrag_ext.memory_config import MemoryConfig
 from lrag_ext.memory_format import sha256_file
+from lrag_ext.reference import mean_descriptor
 from lrag_ext.progress import ProgressLine
 from lrag_ext.state_dicts import (InputFileError, check_output_dir, check_regular_file, naming_file, parse_device,
                                   state_dict_mismatch)
@@ -87,6 +92,11 @@ class ToyConfig:
     window: int = 12
     sink: int = 1
     position_mode: str = "window"
+    # memory slots during training: 0 (none) trains like the paper's frozen generator, which never saw retrieved
+    # frames; K > 0 is the variant trained with K retrieved frames in its memory slots, retrieved as at inference
+    # by the reference policy (spatial-mean key, cosine top-K, recency guard R, temporal position 0)
+    memory_top_k: int = 0
+    memory_recent_exclude: int = 5
     world: WorldConfig = WorldConfig()
     # recipe
     window_frames: int = 48
@@ -110,6 +120,12 @@ class ToyConfig:
         if self.window_frames < self.frames_per_block or self.window_frames % self.frames_per_block:
             raise ValueError(f"window_frames must be a positive multiple of frames_per_block="
                              f"{self.frames_per_block}, got {self.window_frames}")
+        if not 0 <= self.memory_top_k <= self.window - self.sink - self.frames_per_block:
+            raise ValueError(f"memory_top_k must be in [0, window - sink - frames_per_block] = "
+                             f"[0, {self.window - self.sink - self.frames_per_block}] (the local window must hold "
+                             f"the block), got {self.memory_top_k}")
+        if self.memory_recent_exclude < 0:
+            raise ValueError(f"memory_recent_exclude must be >= 0, got {self.memory_recent_exclude}")
         self.wan_config()  # the backbone's own checks
 
     def wan_config(self) -> WanConfig:
@@ -119,6 +135,13 @@ class ToyConfig:
                          in_dim=self.world.channels, out_dim=self.world.channels, latent_height=self.world.size,
                          latent_width=self.world.size, frames_per_block=self.frames_per_block, window=self.window,
                          sink=self.sink)
+
+    def training_memory(self) -> Optional[MemoryConfig]:
+        """The retrieval memory blocks are trained with (``None`` without memory slots): the reference policy
+        with ``memory_top_k`` / ``memory_recent_exclude``."""
+        if not self.memory_top_k:
+            return None
+        return MemoryConfig(top_k=self.memory_top_k, recent_exclude=self.memory_recent_exclude, memory_position=0)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -145,7 +168,7 @@ class ToyConfig:
 
 
 GEOMETRY = ("num_layers", "dim", "num_heads", "ffn_dim", "freq_dim", "text_dim", "text_len", "frames_per_block",
-            "window", "sink", "position_mode", "world")
+            "window", "sink", "position_mode", "memory_top_k", "memory_recent_exclude", "world")
 
 
 class OptionError(ValueError):
@@ -166,12 +189,16 @@ def training_timesteps(scheduler: FlowMatchScheduler, shape: tuple, generator: t
 
 def block_losses(model: CausalWanModel, frames: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor,
                  scheduler: FlowMatchScheduler, position_mode: str = "window", backward: bool = False,
-                 scale: float = 1.0) -> torch.Tensor:
+                 scale: float = 1.0, retrieval: Optional[MemoryConfig] = None) -> torch.Tensor:
     """Teacher-forced flow-matching loss of every block of windows ``frames``, under the inference schedule.
 
-    Walks the windows block by block with one cache (``position_mode``, no memory slots). Block ``b`` (frames
-    ``[s, s + F)``): ``x_t = add_noise(x0, noise, t_b)``, loss ``mean (model(x_t, t_b) - (noise - x0))^2`` over the
-    block; then the t = 0 rerun of the clean ``x0`` commits it (no gradients: the cache is written in place).
+    Walks the windows block by block with one cache (``position_mode``; memory slots only with ``retrieval``).
+    Block ``b`` (frames ``[s, s + F)``): ``x_t = add_noise(x0, noise, t_b)``, loss ``mean (model(x_t, t_b) - (noise
+    - x0))^2`` over the block; then the t = 0 rerun of the clean ``x0`` commits it (no gradients: the cache is
+    written in place). With ``retrieval`` (an :class:`lrag_ext.MemoryConfig`: K, R, position) the windows are also
+    the memory, exactly as in generation (:class:`lrag.block_memory.BlockMemory`, spatial-mean key, one stream per
+    window): before each block up to K earlier clean frames are retrieved into the memory slots (no gradients
+    through them), and each committed block is appended.
 
     Args:
         frames, noise: ``[B, L, C, H, W]``, ``L`` a multiple of ``frames_per_block``.
@@ -188,13 +215,21 @@ def block_losses(model: CausalWanModel, frames: torch.Tensor, timesteps: torch.T
                          f"[B, L/{F}], got {tuple(frames.shape)}, {tuple(noise.shape)}, {tuple(timesteps.shape)}")
     device, dtype = model.device, model.dtype
     frames, noise = frames.to(device, dtype), noise.to(device, dtype)
-    cache = model.new_cache(B, position_mode, memory_slots=0)
+    cache = model.new_cache(B, position_mode, memory_slots=retrieval.top_k if retrieval else 0)
+    memory = None
+    if retrieval is not None:
+        sized = config_for_streams(retrieval, B, L)
+        memory = BlockMemory(model, lambda dim: memory_config_for(model.cfg, sized, dim, device, dtype),
+                             mean_descriptor)
     text = null_text(model, B)
     losses = torch.zeros(B, L // F)
     zeros = torch.zeros(B, F, dtype=torch.float32, device=device)
     for b in range(L // F):
         x0, eps = frames[:, b * F:(b + 1) * F], noise[:, b * F:(b + 1) * F]
         t = timesteps[:, b, None].expand(B, F).to(device)
+        if memory is not None:
+            with torch.no_grad():
+                memory.retrieve(b * F, cache)
         with torch.set_grad_enabled(backward):
             model.set_text(cache, text)              # a fresh text graph per block (each block backwards its own)
             flow = model(scheduler.add_noise(x0, eps, t), t, cache)
@@ -204,6 +239,8 @@ def block_losses(model: CausalWanModel, frames: torch.Tensor, timesteps: torch.T
         losses[:, b] = per.detach().cpu()
         with torch.no_grad():
             model(x0, zeros, cache, update_cache=True)
+            if memory is not None:
+                memory.append(x0, cache)
     return losses
 
 
@@ -236,7 +273,7 @@ class Validation:
     @torch.no_grad()
     def loss(self, model: CausalWanModel, cfg: ToyConfig, scheduler: FlowMatchScheduler) -> float:
         return float(block_losses(model, self.frames, self.timesteps, self.noise, scheduler,
-                                  cfg.position_mode).mean())
+                                  cfg.position_mode, retrieval=cfg.training_memory()).mean())
 
 
 # ------------------------------------------------------------------------------------------------- state
@@ -289,7 +326,7 @@ def train_step(state: TrainState, scheduler: FlowMatchScheduler) -> float:
     model.train()
     state.optimizer.zero_grad(set_to_none=True)
     losses = block_losses(model, frames, t, noise, scheduler, cfg.position_mode, backward=True,
-                          scale=1.0 / (cfg.batch * blocks))
+                          scale=1.0 / (cfg.batch * blocks), retrieval=cfg.training_memory())
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     state.optimizer.step()
     decay = min(cfg.ema_decay, (1 + state.step) / (10 + state.step))
@@ -444,10 +481,14 @@ _CONFIG_OPTIONS = {
     "dim": ("dim", int, "model width"),
     "heads": ("num_heads", int, "attention heads"),
     "ffn_dim": ("ffn_dim", int, "FFN width"),
+    "memory_top_k": ("memory_top_k", int, "retrieved frames in the memory slots during training (0: none, as the "
+                                          "paper's generator)"),
+    "memory_recent_exclude": ("memory_recent_exclude", int, "recency guard R of the training retrieval"),
 }
 _RANGES = {"steps": (1, None), "batch": (1, None), "warmup": (1, None), "sample_steps": (1, 1000),
            "seed": (0, 2 ** 63 - 1), "val_clips": (1, None), "layers": (1, None), "dim": (1, None),
-           "heads": (1, None), "ffn_dim": (1, None), "checkpoint_every": (1, None), "threads": (0, None)}
+           "heads": (1, None), "ffn_dim": (1, None), "checkpoint_every": (1, None), "threads": (0, None),
+           "memory_top_k": (0, None), "memory_recent_exclude": (0, None)}
 
 
 def parse_args(argv: list[str] | None = None, prog: str = PROG) -> argparse.Namespace:

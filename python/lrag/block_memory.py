@@ -1,0 +1,120 @@
+"""The retrieval side of block-autoregressive generation, shared by the generator loop (:class:`lrag.pipeline.
+Pipeline`) and training with memory slots (:mod:`lrag.toy.train`): one :class:`lrag_ext.RetrievalMemory` stream
+per batch element, queried before every block and fed with every committed block.
+
+Per block of ``F`` frames starting at frame ``s``:
+
+- :meth:`BlockMemory.retrieve` (before the block's forwards): query = the embedding of frame ``s - 1``, the last
+  frame appended; :meth:`lrag_ext.RetrievalMemory.retrieve` selects up to K frames for all streams in one search
+  and :meth:`~lrag_ext.RetrievalMemory.gather` writes their K/V straight into the cache's memory slots (or, with
+  ``storage="latent"``, their K/V are recomputed from the stored latents), at the temporal RoPE positions of
+  ``MemoryConfig.memory_position``;
+- :meth:`BlockMemory.append` (after the context rerun committed the block): the block's clean frames are embedded
+  and appended with their committed K/V (or latents) to the memory.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import torch
+
+import lrag_ext
+from lrag.models.wan import CausalWanModel
+from lrag_ext.positions import memory_positions, needs_ids
+
+Embedder = Callable[[torch.Tensor], torch.Tensor]
+
+
+def config_for_streams(config: lrag_ext.MemoryConfig, streams: int, frames: int) -> lrag_ext.MemoryConfig:
+    """``config`` sized for ``streams`` streams of ``frames`` frames each, every frame on the device (embedding
+    pages are per stream: each stream's count is rounded up to whole pages)."""
+    page = config.page_size
+    total = streams * -(-frames // page) * page
+    return dataclasses.replace(config, max_frames=total, device_frames=total)
+
+
+class BlockMemory:
+    """The retrieval memory of one generation (or one training batch of windows).
+
+    Args:
+        model: the backbone whose cache the retrieved frames go into.
+        config: a factory of the memory's complete :class:`lrag_ext.MemoryConfig` given the embedding size
+            (called once, at the first :meth:`append`, when the embedder's output size is known).
+        embed: ``[N, C, H, W] -> [N, D]`` frame embedder.
+
+    The memory itself (:attr:`memory`) exists from the first :meth:`append` on, with :attr:`streams` (one per
+    batch element).
+    """
+
+    def __init__(self, model: CausalWanModel, config: Callable[[int], lrag_ext.MemoryConfig], embed: Embedder):
+        self.model, self._config, self.embed = model, config, embed
+        self.memory: Optional[lrag_ext.RetrievalMemory] = None
+        self.streams: list[int] = []
+        self.retrievals = 0          # retrieve calls on the memory: the index of each block's record in its log
+
+    def retrieve(self, s: int, cache) -> Optional["lrag_ext.RetrievalPlan"]:
+        """Retrieval for the block starting at ``s``: fills (or clears) the cache's memory slots; returns the plan,
+        or ``None`` when nothing was retrieved. No host synchronisation unless a position policy needs the ids."""
+        cache.clear_memory()
+        if s == 0 or self.memory is None:
+            return None
+        plan = self.memory.retrieve(self.streams)
+        self.retrievals += 1
+        # Streams can differ when a bounded host tier dropped frames (oldest first: stream 0's); the cache's
+        # memory slots hold the same number m for every stream, so each attends to its m most similar frames.
+        m = min(plan.counts)
+        if m == 0:
+            return None
+        positions = self._positions(cache, plan, m)
+        if self.memory.config.storage == "latent":
+            k, v = self.model.recompute_kv(self.memory.latents(plan)[:, :m], cache)
+            cache.set_memory(k, v, positions)
+            return plan
+        mem_k, mem_v = cache.memory_buffers()
+        slots = torch.arange(plan.ids.shape[1], device=mem_k.device).expand(len(self.streams), -1)
+        # K goes in un-roped (delta 0, not the config's memory_position): the model applies RoPE by position at
+        # attention time, at the positions _positions gives the cache.
+        self.memory.gather(plan, mem_k, mem_v, dst_frame=slots, positions="sink")
+        cache.set_memory_positions(positions)
+        return plan
+
+    def append(self, x0: torch.Tensor, cache) -> None:
+        """Appends the block just committed to ``cache`` (clean frames ``x0`` ``[B, F, C, H, W]``, their K/V
+        :meth:`~lrag.models.wan.KVCache.block_kv`) to every stream, in one call (one write per segment)."""
+        B, F = x0.shape[:2]
+        embs = self.embed(x0.flatten(0, 1)).unflatten(0, (B, F))     # one embedder call for all streams
+        if self.memory is None:
+            self.memory = lrag_ext.RetrievalMemory(self._config(embs.shape[-1]))
+            self.streams = [self.memory.add_stream() for _ in range(B)]
+        if self.memory.config.storage == "kv":
+            k, v = cache.block_kv()
+            self.memory.append(self.streams, embs, k=k, v=v)
+        else:
+            self.memory.append(self.streams, embs, latents=x0)
+
+    def record(self, b: int, s: int, positions: torch.Tensor, log_index: int, retrieval_s: float) -> dict:
+        """Block ``b``'s log record (the reference's fields, one list per stream) from the memory's retrieval
+        record ``log_index`` (``retrievals - 1`` right after the block's :meth:`retrieve`); reads the selection on
+        the host. ``positions``: the cache's memory positions for the block."""
+        logs = [self.memory.records(st, start=log_index)[0].to_dict() for st in self.streams]
+        return {
+            "block": b,
+            "query_frame": s,                    # the reference logs the block start, not the query frame s-1
+            "query_embedding_frame": s - 1,
+            "num_evicted": logs[0]["num_evicted"],
+            "num_candidates": logs[0]["num_eligible"],
+            "selected_pool_indices": [rec["selected_pool_indices"] for rec in logs],
+            "selected_global_frames": [rec["selected_global_frames"] for rec in logs],
+            "selected_similarities": [rec["selected_similarities"] for rec in logs],
+            "memory_positions": positions.tolist(),
+            "retrieval_s": retrieval_s,
+        }
+
+    def _positions(self, cache, plan, m: int) -> torch.Tensor:
+        """``[B, m]`` host temporal positions of the plan's first ``m`` selected frames under the configured policy
+        (:func:`lrag_ext.positions.memory_positions`; the cache keeps them on the host: they size the keys)."""
+        policy = self.memory.config.memory_position
+        ids = plan.ids[:, :m].cpu() if needs_ids(policy) else torch.zeros((len(plan.streams), m), dtype=torch.long)
+        first_local = int(cache.plan(self.model.cfg.frames_per_block).local_pos[0])
+        return memory_positions(policy, ids, first_local)
