@@ -158,6 +158,12 @@ def base_modes(cfg: ToyConfig) -> dict[str, Mode]:
     return {"window": Mode("window", 0), "sink": Mode("sink", cfg.sink), "rag": Mode("rag", cfg.sink, REFERENCE)}
 
 
+def default_prefix_blocks(cfg: ToyConfig) -> int:
+    """The ground-truth prefix every rollout continues, in blocks: the longest period + 1 frame, rounded up to
+    whole blocks, so that every place of the loop is in the prefix (11 blocks = 33 frames by default)."""
+    return -(-(cfg.world.period[1] + 1) // cfg.frames_per_block)
+
+
 def with_sink(model: CausalWanModel, sink: int) -> CausalWanModel:
     """``model`` itself, or a copy of its weights whose cache keeps ``sink`` sink frames (the window's size, the
     attention budget, unchanged)."""
@@ -509,7 +515,7 @@ def prepare(args: argparse.Namespace, model: Optional[CausalWanModel] = None,
     weights["state_sha256"] = digest.hexdigest()   # of the weights as evaluated, whatever file they came from
     cfg = config
     F = cfg.frames_per_block
-    prefix_blocks = args.prefix_blocks or -(-(cfg.world.period[1] + 1) // F)
+    prefix_blocks = args.prefix_blocks or default_prefix_blocks(cfg)
     grid = []
     if "rag-best" in modes:
         embedders = _list(args.grid_embedders, "--grid-embedders")
