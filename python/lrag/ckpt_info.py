@@ -6,16 +6,25 @@ their JSON header (checked against the file size, so a truncated file is refused
 touched. Both give the same view: nested dicts of tensors (safetensors tensors are ``meta`` tensors of the
 right shape and dtype). A generator or an embedder with a config is also checked for consistency on the
 ``meta`` device (every tensor its geometry needs, with the right shapes).
+
+The toy world's files (:mod:`lrag.toy.train`: safetensors whose metadata entry ``lrag_toy`` holds their format and
+config) are recognised by that entry: a ``toy_generator.safetensors`` (``lrag-toy-generator/1``) is described with
+its config, training step, sha256 and, when the trainer's card ``toy_generator.json`` sits beside it, the card's
+command, validation loss and whether its sha256 matches; a ``last.safetensors`` (``lrag-toy-train/1``) as a training
+checkpoint.
 """
 from __future__ import annotations
 
+import json
 import os
+import struct
 from collections import Counter
 
 import torch
 
 from lrag.checkpoint import check_generator, normalize_keys, select_state_dict
-from lrag_ext.state_dicts import naming_file, read_checkpoint
+from lrag_ext.state_dicts import (MAX_SAFETENSORS_HEADER, InputFileError, naming_file, open_regular_file,
+                                  read_checkpoint, read_json_object)
 
 BACKBONE_HINTS = {"self-forcing": ("self_forcing", "self-forcing", "selfforcing"),
                   "causal-forcing": ("causal_forcing", "causal-forcing", "causalforcing"),
@@ -89,8 +98,76 @@ def describe_checkpoint(path: str | os.PathLike) -> dict:
     """
     path = os.fspath(path)
     obj = read_checkpoint(path, lazy=True)
+    toy = _toy_metadata(path)
     with naming_file(path):
-        return _describe(path, obj)
+        return _describe_toy(path, obj, toy) if toy is not None else _describe(path, obj)
+
+
+def _toy_metadata(path: str) -> dict | None:
+    """The JSON object of the ``lrag_toy`` metadata entry of a safetensors file written by :mod:`lrag.toy.train`
+    (its ``format`` one of the trainer's), or None for any other file. Called after :func:`read_checkpoint` has
+    checked the file (a regular file; a safetensors header that fits in it)."""
+    from lrag.toy.train import META_KEY, TRAIN_FORMAT, WEIGHTS_FORMAT  # noqa: PLC0415
+
+    with open_regular_file(path) as f:
+        head = f.read(9)
+        if len(head) < 9 or head[8:9] != b"{":
+            return None
+        (n,) = struct.unpack("<Q", head[:8])
+        if n > MAX_SAFETENSORS_HEADER:
+            return None
+        f.seek(8)
+        raw = f.read(n)
+    try:
+        entry = json.loads(raw.decode("utf-8")).get("__metadata__", {}).get(META_KEY)
+        meta = json.loads(entry) if isinstance(entry, str) else None
+    except (UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") in (WEIGHTS_FORMAT, TRAIN_FORMAT) else None
+
+
+def _toy_card(path: str, sha256: str) -> dict | None:
+    """What the trainer's card beside ``path`` (``<name>.json``) says, or None when there is none. An unreadable card
+    is reported (``"error"``), not raised: the weights file is what is described."""
+    card_path = os.path.splitext(path)[0] + ".json"
+    if not os.path.lexists(card_path):
+        return None
+    try:
+        card = read_json_object(card_path, "toy generator card")
+    except (FileNotFoundError, InputFileError) as e:
+        return {"path": card_path, "error": str(e)}
+    return {"path": card_path, "sha256": card.get("sha256"), "sha256_matches": card.get("sha256") == sha256,
+            **{k: card.get(k) for k in ("step", "train_seconds", "command", "validation")}}
+
+
+def _describe_toy(path: str, obj: dict, toy: dict) -> dict:
+    """A file of :mod:`lrag.toy.train` (``toy`` its metadata): a toy generator, checked against its own config on
+    the ``meta`` device, or a training checkpoint."""
+    from lrag.toy.train import WEIGHTS_FORMAT, ToyConfig  # noqa: PLC0415
+    from lrag_ext.memory_format import sha256_file  # noqa: PLC0415
+
+    cfg = ToyConfig.from_dict(toy.get("config"))              # a ValueError names the file (naming_file)
+    info: dict = {"path": path, "bytes": os.path.getsize(path), "format": toy["format"], "toy_config": cfg.to_dict()}
+    if toy["format"] == WEIGHTS_FORMAT:
+        check_generator(cfg.wan_config(), obj)                # every tensor of its config, with the right shapes
+        info.update(kind="toy generator", step=toy.get("step"), ema=True,
+                    geometry={**infer_geometry(normalize_keys(obj)), "num_heads": cfg.num_heads})
+        info["sha256"] = sha256_file(path)
+        info["card"] = _toy_card(path, info["sha256"])
+        return {**info, **_tensor_stats(obj)}
+    state = toy.get("state")
+    info.update(kind="toy training checkpoint", step=state.get("step") if isinstance(state, dict) else None,
+                ema="ema.patch_embedding.weight" in obj)
+    return {**info, **_tensor_stats({k: v for k, v in obj.items() if k.startswith("model.")})}   # the model's
+
+
+def _tensor_stats(sd: dict) -> dict:
+    """The dominant dtype, the element count per dtype, the number of tensors and of parameters."""
+    dtypes = Counter()
+    for t in sd.values():
+        dtypes[str(t.dtype).replace("torch.", "")] += t.numel()
+    return {"dtype": dtypes.most_common(1)[0][0] if dtypes else None, "dtypes": dict(dtypes), "num_tensors": len(sd),
+            "num_params": int(sum(t.numel() for t in sd.values()))}
 
 
 def _consistency_config(geo: dict):
@@ -127,35 +204,69 @@ def _describe(path: str, obj: dict) -> dict:
             check_embedder(obj)
     else:
         info["kind"] = "unknown (no Wan generator or embedder tensor names)"
-    dtypes = Counter()
-    for t in sd.values():
-        dtypes[str(t.dtype).replace("torch.", "")] += t.numel()
-    info["dtype"] = dtypes.most_common(1)[0][0] if dtypes else None
-    info["dtypes"] = dict(dtypes)
-    info["num_tensors"] = len(sd)
-    info["num_params"] = int(sum(t.numel() for t in sd.values()))
-    return info
+    return {**info, **_tensor_stats(sd)}
 
 
 def format_description(info: dict) -> str:
     """The human-readable report of ``lrag inspect``."""
     lines = [f"{info['path']} ({info['bytes'] / 2 ** 20:.1f} MiB)", f"  kind:        {info['kind']}"]
+    if "format" in info:
+        lines[-1] += f" ({info['format']}, written by lrag train-toy)"
     if "backbone_guess" in info:
         lines.append(f"  backbone:    {info['backbone_guess']}")
     geo = info.get("geometry")
     if geo:
         heads = geo.get("num_heads")
         lines += [f"  layers:      {geo['num_layers']}", f"  dim:         {geo['dim']}",
+                  f"  heads:       {heads} (from its config)" if "toy_config" in info else
                   f"  heads:       {heads} (guessed: dim / 128)" if heads else
                   "  heads:       not inferable from shapes (pass --num-heads)",
                   f"  ffn_dim:     {geo['ffn_dim']}", f"  text_dim:    {geo['text_dim']}",
                   f"  freq_dim:    {geo['freq_dim']}", f"  in/out dim:  {geo['in_dim']}/{geo['out_dim']}",
                   f"  patch:       {tuple(geo['patch_size'])}"]
+    if "toy_config" in info:
+        lines += _format_toy(info)
     if "embedding_dim" in info:
         lines.append(f"  embedding:   {info['embedding_dim']}-d")
     if "top_level_keys" in info:
         lines.append(f"  top level:   {', '.join(info['top_level_keys'][:8])}")
-    lines += [f"  EMA:         {'yes (generator_ema, used by default)' if info['ema'] else 'no'}",
+    ema = ("yes (the exported weights are the training's EMA)" if info["kind"] == "toy generator" else
+           "yes (ema.*, beside the trained model.* and the optimizer state)" if "toy_config" in info and info["ema"]
+           else "yes (generator_ema, used by default)" if info["ema"] else "no")
+    lines += [f"  EMA:         {ema}",
               f"  dtype:       {info['dtype']}", f"  tensors:     {info['num_tensors']}",
               f"  parameters:  {info['num_params']:,}"]
     return "\n".join(lines)
+
+
+def _format_toy(info: dict) -> list[str]:
+    """The toy lines of :func:`format_description`: frames, schedule, sampler, step; for a toy generator its
+    sha256 and what its card says."""
+    c, w = info["toy_config"], info["toy_config"]["world"]
+    lines = [f"  frames:      {w['channels']} x {w['size']} x {w['size']} (toy-world frames used as latents); text "
+             f"{c['text_len']} x {c['text_dim']} (the toy has no prompt)",
+             f"  schedule:    {c['frames_per_block']} frames per block, window {c['window']}, sink {c['sink']}, "
+             f"{c['position_mode']} RoPE positions",
+             f"  sampler:     {c['sample_steps']} steps (Euler), shift {c['shift']:g}",
+             f"  step:        {info['step']} of {c['steps']}"]
+    if info["kind"] != "toy generator":
+        return lines + ["  use:         lrag train-toy --resume (its exported weights: toy_generator.safetensors)"]
+    card = info.get("card")
+    if card is None:
+        return lines + [f"  sha256:      {info['sha256']} (no card {os.path.splitext(os.path.basename(info['path']))[0]}"
+                        ".json beside it)"]
+    if "error" in card:
+        return lines + [f"  sha256:      {info['sha256']}", f"  card:        unreadable: {card['error']}"]
+    match = "matches" if card["sha256_matches"] else f"does NOT match: the card says {card['sha256']}"
+    lines.append(f"  sha256:      {info['sha256']} ({match} the card {card['path']})")
+    val = card.get("validation") or {}
+    if isinstance(val.get("val_loss"), (int, float)):
+        base = val.get("val_baseline")
+        lines.append(f"  validation:  flow-matching loss {val['val_loss']:.4f}" +
+                     (f" (constant baseline {base:.4f})" if isinstance(base, (int, float)) else "") +
+                     (f", clips {val['val_seeds'][0]}-{val['val_seeds'][1]}"
+                      if isinstance(val.get("val_seeds"), list) and len(val["val_seeds"]) == 2 else ""))
+    if card.get("command"):
+        secs = card.get("train_seconds")
+        lines.append(f"  trained:     {card['command']}" + (f" ({secs:g} s)" if isinstance(secs, (int, float)) else ""))
+    return lines
