@@ -30,7 +30,8 @@ test: build
 bench: build
 	$(PY) -m pytest -q benchmarks --benchmark-only
 
-# The built-in demo: tiny untrained model, no downloads, about a minute on 2 CPU cores; artefacts in lrag_demo/.
+# The built-in demo: the shipped toy generator, native vs LongLive-RAG, no downloads, under a minute on 2 CPU cores;
+# artefacts in lrag_demo/.
 demo: build
 	$(VENV)/bin/lrag generate --demo --out lrag_demo
 

@@ -98,7 +98,7 @@ except ImportError:                                       # ... or from this che
     sys.path.insert(0, os.path.join(REPO, "python"))
 
 from lrag.config import WanConfig  # noqa: E402
-from lrag.demo import seeded_init_  # noqa: E402
+from lrag.tiny import seeded_init_  # noqa: E402
 from lrag.models.wan import CausalWanModel  # noqa: E402
 from lrag.pipeline import Pipeline  # noqa: E402
 

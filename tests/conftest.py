@@ -92,3 +92,25 @@ def fixture_path(name: str) -> str:
                 "SRC_DIR` from the upstream fixtures/official folder (tests/fixtures/README.md)")
         pytest.fail(f"official fixture {path} is missing ({hint})")
     return path
+
+
+def read_video(path):
+    """Every frame of a video file, ``uint8 [N, H, W, 3]`` (imageio, imported here: only the CLI tests need it)."""
+    import imageio.v2 as imageio
+    import numpy as np
+
+    reader = imageio.get_reader(path)
+    try:
+        return np.stack([frame for frame in reader.iter_data()])
+    finally:
+        reader.close()
+
+
+def cli_error(argv, capsys) -> str:
+    """Runs ``lrag argv``, which must stop with a user error (exit status 2); returns its stderr."""
+    from lrag import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err

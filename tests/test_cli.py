@@ -1,5 +1,6 @@
-"""The ``lrag`` command end to end: the built-in demo, interruption, ``inspect``, every user error, and the
-real-checkpoint path with a tiny umT5 encoder, tokenizer and Wan VAE saved as a Diffusers-layout folder."""
+"""The ``lrag`` command end to end: interruption (on the built-in demo), ``inspect``, every user error, and the
+real-checkpoint path with a tiny umT5 encoder, tokenizer and Wan VAE saved as a Diffusers-layout folder. The demo
+itself (the shipped toy generator) is tested in test_toy_demo.py."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import fixture_path
+from conftest import cli_error, fixture_path, read_video
 
 pytest.importorskip("imageio_ffmpeg")
 pytest.importorskip("matplotlib")
@@ -19,70 +20,13 @@ from lrag import cli  # noqa: E402
 from lrag.ckpt_info import describe_checkpoint, infer_geometry  # noqa: E402
 from lrag.checkpoint import normalize_keys  # noqa: E402
 from lrag.generate import blocks_for_seconds  # noqa: E402
-from lrag.video import count_frames, latent_preview  # noqa: E402
+from lrag.video import count_frames  # noqa: E402
 
-DEMO_BLOCKS = 8             # retrieval at blocks 6 and 7 (window 12, sink 1, R 5)
-DEMO = ["generate", "--demo", "--seconds", str(DEMO_BLOCKS * 0.75), "--demo-latent", "8", "--quiet"]
+DEMO_BLOCKS = 8             # the real runs' blocks: retrieval at blocks 6 and 7 (window 12, sink 1, R 5)
+DEMO = ["generate", "--demo", "--seconds", "1.5", "--quiet"]     # the toy demo: 11 prefix + 2 generated blocks
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _read_video(path) -> np.ndarray:
-    import imageio.v2 as imageio
-    reader = imageio.get_reader(path)
-    try:
-        return np.stack([frame for frame in reader.iter_data()])
-    finally:
-        reader.close()
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    assert cli.main(DEMO + ["--out", str(out)]) == 0
-    return out
-
-
-def test_demo_writes_every_artefact(demo_run):
-    for name in ("rag.mp4", "native.mp4", "side_by_side.mp4", "memory_log.json", "timings.json", "retrieval.png"):
-        assert (demo_run / name).stat().st_size > 0, name
-    # 8 blocks x 3 latent frames x 4 video frames, 16 x 8 x 8 latents previewed at x16 above a 16-px strip
-    rag = _read_video(demo_run / "rag.mp4")
-    assert rag.shape == (DEMO_BLOCKS * 12, 128 + 16, 128, 3)
-    assert count_frames(demo_run / "native.mp4") == DEMO_BLOCKS * 12
-    assert _read_video(demo_run / "side_by_side.mp4").shape == (DEMO_BLOCKS * 12, 128 + 16, 2 * 128 + 16, 3)
-    import matplotlib.image
-    assert matplotlib.image.imread(demo_run / "retrieval.png").shape[:2] == (450, 800)
-
-
-def test_demo_log_and_video_match_a_direct_pipeline_run(demo_run):
-    # the oracle: the same seeded demo pieces driven through the Pipeline API directly
-    from lrag import demo
-    from lrag.pipeline import Pipeline
-    from lrag_ext import MemoryConfig
-
-    cfg = demo.demo_config(8)
-    pipe = Pipeline(demo.demo_model(cfg), retrieval=MemoryConfig(top_k=6, recent_exclude=5),
-                    embed=demo.demo_embedder(cfg).embed)
-    res = pipe.generate(demo.demo_text(cli_prompt(), cfg), 3 * DEMO_BLOCKS, generator=torch.Generator().manual_seed(0),
-                        mode="rag")
-    log = json.loads((demo_run / "memory_log.json").read_text())
-    assert not log["interrupted"] and log["blocks_done"] == DEMO_BLOCKS and log["mode"] == "rag"
-    assert [r["block"] for r in log["records"]] == [6, 7]
-    for got, want in zip(log["records"], res.memory_log):
-        assert got["selected_global_frames"] == want["selected_global_frames"]
-        assert got["selected_similarities"][0] == pytest.approx(want["selected_similarities"][0], abs=1e-6)
-        # candidates: global frames [sink, sink + (s - window) - R)
-        s = got["query_frame"]
-        assert all(1 <= f < 1 + (s - 12) - 5 for f in got["selected_global_frames"][0])
-    # the video shows these latents (H.264 is lossy: compare means)
-    video = _read_video(demo_run / "rag.mp4")[:, :128].astype(np.float32)
-    want_frames = np.concatenate([latent_preview(res.latents[0, 3 * b:3 * b + 3], scale=16)
-                                  for b in range(DEMO_BLOCKS)]).astype(np.float32)
-    assert np.abs(video - want_frames).mean() < 6.0
-    other = np.roll(want_frames, 12, axis=0)               # a block off: clearly worse
-    assert np.abs(video - other).mean() > np.abs(video - want_frames).mean() + 2
 
 
 def test_timeline_strip_colours():
@@ -95,34 +39,6 @@ def test_timeline_strip_colours():
     assert [f for f in range(30) if tuple(strip[8, 3 * f]) == COLOURS["block"]] == [21, 22, 23]
     assert [f for f in range(30) if tuple(strip[8, 3 * f]) == COLOURS["empty"]] == list(range(24, 30))
     assert tuple(strip[8, 3 * 10]) == COLOURS["past"]
-
-
-def cli_prompt() -> str:
-    from lrag.runner import DEMO_PROMPT
-    return DEMO_PROMPT
-
-
-def test_plot_draws_the_logged_retrievals(demo_run, tmp_path):
-    from lrag.plots import plot_retrieval
-    log = json.loads((demo_run / "memory_log.json").read_text())
-    points = plot_retrieval(log["records"], tmp_path / "p.png", num_blocks=DEMO_BLOCKS, frames_per_block=3)
-    want = [(r["block"], f, sim) for r in log["records"]
-            for f, sim in zip(r["selected_global_frames"][0], r["selected_similarities"][0])]
-    assert points == want and len(points) == 1 + 4             # blocks 6 (1 candidate) and 7 (4 candidates)
-    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_demo_timings_are_consistent(demo_run):
-    t = json.loads((demo_run / "timings.json").read_text())
-    assert t["modes"].keys() == {"rag", "native"} and not t["interrupted"]
-    for mode, entry in t["modes"].items():
-        s = entry["summary"]
-        assert s["blocks_done"] == s["num_blocks"] == DEMO_BLOCKS and s["finished"]
-        assert s["video_frames"] == DEMO_BLOCKS * 12 and s["video_seconds"] == DEMO_BLOCKS * 0.75
-        assert [b["block"] for b in entry["per_block_s"]] == list(range(DEMO_BLOCKS))
-        assert s["blocks_with_retrieval"] == (2 if mode == "rag" else 0)
-        for b in entry["per_block_s"]:
-            assert b["total"] >= b["denoise"] + b["rerun"] > 0
 
 
 def test_seconds_round_up_to_whole_blocks():
@@ -147,6 +63,7 @@ def test_interrupt_leaves_playable_video_and_consistent_logs(tmp_path):
         run_generate(_demo_args(tmp_path), on_block=stop_after_three)
     assert count_frames(tmp_path / "rag.mp4") == 3 * 12          # the finished blocks, playable
     assert not (tmp_path / "native.mp4").exists()
+    assert not (tmp_path / "side_by_side.mp4").exists() and not (tmp_path / "demo_metrics.json").exists()
     t = json.loads((tmp_path / "timings.json").read_text())
     assert t["interrupted"] and t["modes"]["rag"]["summary"]["blocks_done"] == 3
     assert not t["modes"]["rag"]["summary"]["finished"]
@@ -168,7 +85,7 @@ def test_ctrl_c_exits_130_with_the_finished_blocks(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(generate.Progress, "update", update)
     assert cli.main(DEMO + ["--out", str(tmp_path)]) == 130
     err = capsys.readouterr().err
-    assert "interrupted" in err and "UNTRAINED seeded weights" in err
+    assert "interrupted" in err and "the shipped toy generator" in err
     log = json.loads((tmp_path / "memory_log.json").read_text())
     assert log["blocks_done"] == 7 and [r["block"] for r in log["records"]] == [6]
     assert count_frames(tmp_path / "rag.mp4") == 7 * 12
@@ -219,53 +136,24 @@ def test_inspect_embedder_checkpoint(capsys):
 
 # ---------------------------------------------------------------------------------------------------------------
 # user errors
-def _error(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as e:
-        cli.main(argv)
-    assert e.value.code == 2
-    return capsys.readouterr().err
-
-
-@pytest.mark.parametrize("extra, message", [
-    (["--seconds", "0"], "--seconds must be a finite number > 0, got 0"),
-    (["--seconds", "-3"], "--seconds must be a finite number > 0"),
-    (["--seconds", "nan"], "--seconds must be a finite number > 0"),
-    (["--seconds", "inf"], "--seconds must be a finite number > 0, got inf"),
-    (["--seconds", "abc"], "argument --seconds: invalid float value"),
-    (["--top-k", "0"], "--top-k must be >= 1"),
-    (["--top-k", "11"], "--top-k must be <= window - sink - 1 = 10"),
-    (["--recent-exclude", "-1"], "--recent-exclude must be >= 0"),
-    (["--device-frames", "-1"], "--device-frames must be an int >= 0, got -1"),
-    (["--device-frames", "0", "--host-frames", "0"], "storage='kv' needs --device-frames + --host-frames >= 1"),
-    (["--host-frames", "-2"], "--host-frames must be None or an int >= 0, got -2"),
-    (["--memory-position", "sideways"], "--memory-position must be an int >= 0, one of 'sink', 'ordered', 'absolute'"),
-    (["--mode", "native", "--seconds", "300"], "native mode uses absolute RoPE positions, at most 1024 frames"),
-    (["--mode", "turbo"], "argument --mode: invalid choice"),
-    (["--demo-latent", "7"], "--demo-latent must be an even number"),
-])
-def test_demo_option_errors(tmp_path, capsys, extra, message):
-    assert message in _error(DEMO + ["--out", str(tmp_path)] + extra, capsys)
-    assert not any(tmp_path.iterdir())            # nothing written
-
-
 def _real(tmp_path, *extra):
     return ["generate", "--prompt", "a cat", "--out", str(tmp_path / "out"), *extra]
 
 
 def test_real_run_errors(tmp_path, capsys):
     ckpt = fixture_path("sf_tiny_ckpt.pt")
-    assert "--backbone is required" in _error(_real(tmp_path, "--checkpoint", ckpt), capsys)
-    assert "argument --backbone: invalid choice: 'wan'" in _error(_real(tmp_path, "--backbone", "wan"), capsys)
-    assert "--checkpoint is required" in _error(_real(tmp_path, "--backbone", "longlive"), capsys)
+    assert "--backbone is required" in cli_error(_real(tmp_path, "--checkpoint", ckpt), capsys)
+    assert "argument --backbone: invalid choice: 'wan'" in cli_error(_real(tmp_path, "--backbone", "wan"), capsys)
+    assert "--checkpoint is required" in cli_error(_real(tmp_path, "--backbone", "longlive"), capsys)
     missing = str(tmp_path / "nope.pt")
-    assert f"--checkpoint '{missing}' does not exist" in _error(
+    assert f"--checkpoint '{missing}' does not exist" in cli_error(
         _real(tmp_path, "--backbone", "longlive", "--checkpoint", missing), capsys)
     base = _real(tmp_path, "--backbone", "self-forcing", "--checkpoint", ckpt)
-    assert "--embedder" in _error(base + ["--embedder", missing], capsys)
-    assert "--height must be a positive multiple of 16" in _error(base + ["--height", "100"], capsys)
-    err = _error(base, capsys)
+    assert "--embedder" in cli_error(base + ["--embedder", missing], capsys)
+    assert "--height must be a positive multiple of 16" in cli_error(base + ["--height", "100"], capsys)
+    err = cli_error(base, capsys)
     assert "--wan-dir is required" in err and "Wan-AI/Wan2.1-T2V-1.3B-Diffusers" in err
-    assert "is not a directory" in _error(base + ["--wan-dir", missing], capsys)
+    assert "is not a directory" in cli_error(base + ["--wan-dir", missing], capsys)
     assert not (tmp_path / "out").exists()
 
 
@@ -292,6 +180,31 @@ def fake_wan_dir(root, skip=None, shards=False):
     return root
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--seconds", "0"], "--seconds must be a finite number > 0, got 0"),
+    (["--seconds", "-3"], "--seconds must be a finite number > 0"),
+    (["--seconds", "nan"], "--seconds must be a finite number > 0"),
+    (["--seconds", "inf"], "--seconds must be a finite number > 0, got inf"),
+    (["--seconds", "abc"], "argument --seconds: invalid float value"),
+    (["--top-k", "0"], "--top-k must be >= 1"),
+    (["--top-k", "11"], "--top-k must be <= window - sink - 1 = 10"),
+    (["--recent-exclude", "-1"], "--recent-exclude must be >= 0"),
+    (["--device-frames", "-1"], "--device-frames must be an int >= 0, got -1"),
+    (["--device-frames", "0", "--host-frames", "0"], "storage='kv' needs --device-frames + --host-frames >= 1"),
+    (["--host-frames", "-2"], "--host-frames must be None or an int >= 0, got -2"),
+    (["--memory-position", "sideways"], "--memory-position must be an int >= 0, one of 'sink', 'ordered', 'absolute'"),
+    (["--mode", "native", "--seconds", "300"], "native mode uses absolute RoPE positions, at most 1024 frames"),
+    (["--mode", "turbo"], "argument --mode: invalid choice"),
+    (["--seed", "-1"], "--seed must be in [0, 2**64), got -1"),
+])
+def test_generate_option_errors(tmp_path, capsys, extra, message):
+    wan = fake_wan_dir(tmp_path / "wan")
+    err = cli_error(_real(tmp_path, "--backbone", "self-forcing", "--checkpoint", fixture_path("sf_tiny_ckpt.pt"),
+                       "--wan-dir", str(wan), "--num-heads", "2", *extra), capsys)
+    assert message in err
+    assert not (tmp_path / "out").exists()            # nothing written
+
+
 @pytest.mark.parametrize("skip, message", [
     ("vae/diffusion_pytorch_model.safetensors",
      "missing vae/diffusion_pytorch_model.safetensors or vae/diffusion_pytorch_model.bin"),
@@ -302,44 +215,44 @@ def fake_wan_dir(root, skip=None, shards=False):
 ])
 def test_incomplete_wan_dir_names_the_missing_file(tmp_path, capsys, skip, message):
     wan = fake_wan_dir(tmp_path / "wan", skip=skip)
-    err = _error(_real(tmp_path, "--backbone", "self-forcing", "--checkpoint", fixture_path("sf_tiny_ckpt.pt"),
+    err = cli_error(_real(tmp_path, "--backbone", "self-forcing", "--checkpoint", fixture_path("sf_tiny_ckpt.pt"),
                        "--wan-dir", str(wan)), capsys)
     assert message in err and "huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B-Diffusers" in err
 
 
 def test_missing_text_encoder_shard_is_named(tmp_path, capsys):
     wan = fake_wan_dir(tmp_path / "wan", shards=True)
-    err = _error(_real(tmp_path, "--backbone", "longlive", "--checkpoint", fixture_path("sf_tiny_ckpt.pt"),
+    err = cli_error(_real(tmp_path, "--backbone", "longlive", "--checkpoint", fixture_path("sf_tiny_ckpt.pt"),
                        "--wan-dir", str(wan)), capsys)
     assert "missing text_encoder/model-00002-of-00002.safetensors (listed in model.safetensors.index.json)" in err
 
 
 def test_checkpoint_that_is_not_a_generator(tmp_path, capsys):
     wan = fake_wan_dir(tmp_path / "wan")
-    err = _error(_real(tmp_path, "--backbone", "longlive", "--checkpoint", fixture_path("ae_tiny_ckpt.pt"),
+    err = cli_error(_real(tmp_path, "--backbone", "longlive", "--checkpoint", fixture_path("ae_tiny_ckpt.pt"),
                        "--wan-dir", str(wan)), capsys)
     assert "is not a Wan generator checkpoint (embedder (LatentAE))" in err
 
 
 def test_heads_must_be_given_when_not_inferable(tmp_path, capsys):
     wan = fake_wan_dir(tmp_path / "wan")
-    err = _error(_real(tmp_path, "--backbone", "longlive", "--checkpoint", fixture_path("sf_tiny_ckpt.pt"),
+    err = cli_error(_real(tmp_path, "--backbone", "longlive", "--checkpoint", fixture_path("sf_tiny_ckpt.pt"),
                        "--wan-dir", str(wan)), capsys)
     assert "cannot infer the number of heads from dim=64: pass --num-heads" in err
 
 
 def test_bad_frames_per_block(tmp_path, capsys):
     wan = fake_wan_dir(tmp_path / "wan")
-    err = _error(_real(tmp_path, "--backbone", "causal-forcing", "--checkpoint", fixture_path("sf_tiny_ckpt.pt"),
+    err = cli_error(_real(tmp_path, "--backbone", "causal-forcing", "--checkpoint", fixture_path("sf_tiny_ckpt.pt"),
                        "--wan-dir", str(wan), "--num-heads", "2", "--frames-per-block", "0"), capsys)
     assert "the checkpoint's geometry does not fit the options: WanConfig.frames_per_block must be a positive" in err
 
 
 def test_inspect_errors(tmp_path, capsys):
-    assert "does not exist" in _error(["inspect", str(tmp_path / "x.pt")], capsys)
+    assert "does not exist" in cli_error(["inspect", str(tmp_path / "x.pt")], capsys)
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x01")
-    assert f"checkpoint '{bad}': truncated: 1 bytes" in _error(["inspect", str(bad)], capsys)
+    assert f"checkpoint '{bad}': truncated: 1 bytes" in cli_error(["inspect", str(bad)], capsys)
 
 
 def _truncated_safetensors(tmp_path, cut: int):
@@ -357,7 +270,7 @@ def _truncated_safetensors(tmp_path, cut: int):
 ])
 def test_inspect_detects_truncated_safetensors(tmp_path, capsys, cut, message):
     path = _truncated_safetensors(tmp_path, cut)
-    err = _error(["inspect", str(path)], capsys)
+    err = cli_error(["inspect", str(path)], capsys)
     assert err.startswith(f"lrag: error: checkpoint '{path}': {message}")
 
 
@@ -366,11 +279,13 @@ def test_inspect_detects_truncated_safetensors(tmp_path, capsys, cut, message):
 def _no_build(monkeypatch):
     """Fails the test if a pipeline (demo or real) is built: the error must come before."""
     from lrag import runner
+    from lrag.toy import shipped
 
     def build(*args, **kwargs):
         raise AssertionError("a model was built before the error")
 
     monkeypatch.setattr(runner, "_build", build)
+    monkeypatch.setattr(shipped, "load_shipped_generator", build)
 
 
 @pytest.mark.parametrize("where, message", [
@@ -385,7 +300,7 @@ def test_out_is_checked_before_any_model(tmp_path, capsys, monkeypatch, where, m
     if where == "proc" and not os.path.isdir("/proc"):
         pytest.skip("no /proc")
     _no_build(monkeypatch)
-    err = _error(DEMO + ["--out", str(out)], capsys)
+    err = cli_error(DEMO + ["--out", str(out)], capsys)
     assert f"lrag: error: --out '{out}' " in err and message in err
     assert blocker.read_text() == "x"
 
@@ -398,28 +313,27 @@ def test_out_is_checked_before_any_model(tmp_path, capsys, monkeypatch, where, m
     ("cuda:99", "--device cuda:99"),
 ])
 def test_bad_device(tmp_path, capsys, device, message):
-    assert message in _error(DEMO + ["--out", str(tmp_path / "o"), "--device", device], capsys)
+    assert message in cli_error(DEMO + ["--out", str(tmp_path / "o"), "--device", device], capsys)
     wan = fake_wan_dir(tmp_path / "wan")
-    err = _error(_real(tmp_path, "--backbone", "self-forcing", "--checkpoint", fixture_path("sf_tiny_ckpt.pt"),
+    err = cli_error(_real(tmp_path, "--backbone", "self-forcing", "--checkpoint", fixture_path("sf_tiny_ckpt.pt"),
                        "--wan-dir", str(wan), "--num-heads", "2", "--device", device), capsys)
     assert message in err and not (tmp_path / "o").exists() and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--mode", "rag", "--seconds", "1e12"], "lrag: error: --seconds 1e+12 (4000000000002 latent frames of 16 x 8 x 8) "
+    # 11 ground-truth prefix blocks + 1333333333334 generated ones
+    (["--mode", "rag", "--seconds", "1e12"], "lrag: error: --seconds 1e+12 (4000000000035 latent frames of 4 x 16 x 16) "
                                              "needs about "),
-    (["--seed", "-1"], "--seed must be in [0, 2**64), got -1"),
-    (["--demo-latent", "2"], "--demo-latent must be an even number >= 4"),
 ])
-def test_demo_resource_and_range_errors(tmp_path, capsys, extra, message):
-    err = _error(DEMO + ["--out", str(tmp_path / "out")] + extra, capsys)
+def test_demo_resource_errors(tmp_path, capsys, extra, message):
+    err = cli_error(DEMO + ["--out", str(tmp_path / "out")] + extra, capsys)
     assert message in err
     assert not (tmp_path / "out").exists()            # checked before anything was allocated or written
 
 
 def test_real_run_too_large_for_memory(tmp_path, capsys):
     wan = fake_wan_dir(tmp_path / "wan")
-    err = _error(_real(tmp_path, "--backbone", "self-forcing", "--checkpoint", fixture_path("sf_tiny_ckpt.pt"),
+    err = cli_error(_real(tmp_path, "--backbone", "self-forcing", "--checkpoint", fixture_path("sf_tiny_ckpt.pt"),
                        "--wan-dir", str(wan), "--num-heads", "2", "--height", "64", "--width", "64",
                        "--seconds", "1e10", "--device", "cpu"), capsys)
     assert "lrag: error: --seconds 1e+10 (" in err and "GiB of host memory" in err and "shorten --seconds" in err
@@ -450,7 +364,7 @@ def test_generator_that_does_not_fit_its_geometry_is_refused_before_loading(tmp_
     torch.save({"generator_ema": sd}, path)
     from lrag import runner
     monkeypatch.setattr(runner, "_real_setup", lambda *a, **k: pytest.fail("setup reached"))
-    err = _error(_real(tmp_path, "--backbone", "self-forcing", "--checkpoint", str(path), "--num-heads", "2",
+    err = cli_error(_real(tmp_path, "--backbone", "self-forcing", "--checkpoint", str(path), "--num-heads", "2",
                        "--wan-dir", str(fake_wan_dir(tmp_path / "wan"))), capsys)
     assert f"lrag: error: --checkpoint '{path}': the weights do not match" in err
     assert "blocks.1.cross_attn.o.bias" in err
@@ -463,7 +377,7 @@ def test_embedder_that_does_not_fit_the_latents(tmp_path, capsys, monkeypatch):
     torch.save({"model": model.state_dict(), "config": model.config.to_dict()}, path)
     from lrag import runner
     monkeypatch.setattr(runner, "_real_setup", lambda *a, **k: pytest.fail("setup reached"))
-    err = _error(_real(tmp_path, "--backbone", "self-forcing", "--checkpoint", fixture_path("sf_tiny_ckpt.pt"),
+    err = cli_error(_real(tmp_path, "--backbone", "self-forcing", "--checkpoint", fixture_path("sf_tiny_ckpt.pt"),
                        "--num-heads", "2", "--height", "64", "--width", "64", "--embedder", str(path),
                        "--wan-dir", str(fake_wan_dir(tmp_path / "wan"))), capsys)
     assert f"--embedder '{path}' does not fit the generator: the embedder takes 4-channel latents" in err
@@ -482,7 +396,7 @@ def test_malformed_wan_dir_files_are_named(tmp_path, capsys, file, content, mess
     wan = fake_wan_dir(tmp_path / "wan", shards=file.endswith("index.json"))
     target = wan / file
     target.write_bytes(content if isinstance(content, bytes) else content.encode())
-    err = _error(_real(tmp_path, "--backbone", "self-forcing", "--checkpoint", fixture_path("sf_tiny_ckpt.pt"),
+    err = cli_error(_real(tmp_path, "--backbone", "self-forcing", "--checkpoint", fixture_path("sf_tiny_ckpt.pt"),
                        "--wan-dir", str(wan)), capsys)
     assert f"lrag: error: --wan-dir file '{target}': " in err and message in err
 
@@ -566,7 +480,7 @@ def test_real_checkpoint_end_to_end(tiny_wan, tmp_path, capsys):
     assert cli.main(argv) == 0
     assert "spatial-mean descriptor" in capsys.readouterr().err
     for mode in ("rag", "native"):
-        video = _read_video(out / f"{mode}.mp4")
+        video = read_video(out / f"{mode}.mp4")
         assert video.shape == (1 + 4 * (3 * DEMO_BLOCKS - 1), 64, 64, 3)
     log = json.loads((out / "memory_log.json").read_text())
     assert [r["block"] for r in log["records"]] == [6, 7] and log["embedder"].startswith("spatial-mean")
@@ -579,7 +493,7 @@ def test_real_checkpoint_end_to_end(tiny_wan, tmp_path, capsys):
     assert log["embedder"].endswith("rag_tiny_ae_ckpt.pt") and len(log["records"]) == 2
     assert not (out / "native.mp4").exists() and count_frames(out / "rag.mp4") == 93
     # a checkpoint that is not an embedder
-    err = _error(argv + ["--embedder", fixture_path("sf_tiny_ckpt.pt")], capsys)
+    err = cli_error(argv + ["--embedder", fixture_path("sf_tiny_ckpt.pt")], capsys)
     assert f"--embedder '{fixture_path('sf_tiny_ckpt.pt')}'" in err
 
 
@@ -618,21 +532,28 @@ def test_kv_estimate_of_the_real_model():
     assert latent["frame_mib"] * 2 ** 20 == 16 * 60 * 104 * 2 and latent["host_gib"] == 0
 
 
-def test_bounded_tiers_warn_about_dropped_frames(tmp_path, capsys):
-    argv = DEMO[:-1] + ["--out", str(tmp_path), "--mode", "rag", "--device-frames", "2", "--host-frames", "4"]
-    assert cli.main(argv) == 0
+def _tiny_real(tiny_wan, out, *extra):
+    return ["generate", "--backbone", "self-forcing", "--checkpoint", fixture_path("sf_tiny_ckpt.pt"),
+            "--wan-dir", str(tiny_wan), "--prompt", "a red fox in the snow", "--seconds", str(DEMO_BLOCKS * 0.75),
+            "--height", "64", "--width", "64", "--num-heads", "2", "--text-len", "16", "--device", "cpu",
+            "--out", str(out), "--quiet", *extra]
+
+
+def test_bounded_tiers_warn_about_dropped_frames(tiny_wan, tmp_path, capsys):
+    assert cli.main(_tiny_real(tiny_wan, tmp_path, "--mode", "rag", "--device-frames", "2", "--host-frames", "4")) == 0
     err = capsys.readouterr().err
     assert "the oldest 18 frames' K/V will be dropped and can no longer be retrieved" in err
     # the candidates (frames >= 17 frames old) were all dropped: nothing is retrieved
     assert json.loads((tmp_path / "memory_log.json").read_text())["records"] == []
 
 
-def test_demo_with_latent_storage(tmp_path):
-    assert cli.main(DEMO + ["--out", str(tmp_path), "--storage", "latent", "--mode", "rag"]) == 0
+def test_real_run_with_latent_storage(tiny_wan, tmp_path):
+    assert cli.main(_tiny_real(tiny_wan, tmp_path, "--storage", "latent", "--mode", "rag")) == 0
     log = json.loads((tmp_path / "memory_log.json").read_text())
     assert log["storage"] == "latent" and [r["block"] for r in log["records"]] == [6, 7]
     assert log["kv_memory_estimate"]["frame_mib"] * 2 ** 20 == 16 * 8 * 8 * 4
-    assert count_frames(tmp_path / "rag.mp4") == DEMO_BLOCKS * 12 and not (tmp_path / "native.mp4").exists()
+    assert count_frames(tmp_path / "rag.mp4") == 1 + 4 * (3 * DEMO_BLOCKS - 1)
+    assert not (tmp_path / "native.mp4").exists()
 
 
 def test_progress_line():
@@ -680,8 +601,10 @@ def test_run_layer_neither_imports_the_cli_nor_changes_the_parsed_options(tmp_pa
     from lrag.runner import output_dir, run_generate
 
     monkeypatch.chdir(tmp_path)
-    args = cli.build_parser().parse_args(["generate", "--demo", "--top-k", "0"])
-    before = dict(vars(args))
-    with pytest.raises(UsageError, match="--top-k"):
-        run_generate(args)
-    assert vars(args) == before and output_dir(args) == "lrag_demo"
+    for argv, message, out in ((["--prompt", "a cat", "--top-k", "0"], "--top-k must be >= 1", "lrag_out"),
+                               (["--demo", "--top-k", "3"], "--top-k does not apply to --demo", "lrag_demo")):
+        args = cli.build_parser().parse_args(["generate", *argv])
+        before = dict(vars(args))
+        with pytest.raises(UsageError, match=message):
+            run_generate(args)
+        assert vars(args) == before and output_dir(args) == out

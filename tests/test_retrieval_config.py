@@ -12,19 +12,19 @@ import torch
 
 import lrag
 from lrag.config import memory_config_for
-from lrag.demo import demo_config, demo_model
+from lrag.tiny import tiny_config, tiny_model
 from lrag.pipeline import Pipeline, mean_descriptor
 from lrag_ext import KVLayout, MemoryConfig, RetrievalMemory, memory_format, reference
 
 # A backbone whose sink, window, RoPE theta and latent size all differ from MemoryConfig's defaults (sink 1,
 # window 12): filled-in fields cannot pass by coinciding with a default.
-CFG = demo_config(8).replace(window=9, sink=2, rope_theta=500.0)
+CFG = tiny_config(8).replace(window=9, sink=2, rope_theta=500.0)
 BLOCKS = 6           # retrieval from block 4 (frame 12: 3 evicted frames, 1 recency-excluded, 2 candidates)
 
 
 @pytest.fixture(scope="module")
 def model():
-    return demo_model(CFG)
+    return tiny_model(CFG)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_default_valued_model_fields_are_filled_in(model, text):
 def test_the_memory_follows_the_model_as_it_is_when_generating(text):
     """The model may be cast after the pipeline is built (its memory then stores the new dtype), and a float64
     model, which no memory can store, still generates natively; in rag mode it is refused before any block."""
-    model = demo_model(CFG)
+    model = tiny_model(CFG)
     pipe = Pipeline(model, retrieval=MemoryConfig(top_k=2, recent_exclude=1))
     model.to(torch.bfloat16)
     res = generate(pipe, text.bfloat16())

@@ -108,7 +108,7 @@ def test_report_round_trips_through_json(report):
     rep, out = report
     text = json.dumps(rep)
     assert "NaN" not in text and json.loads(text) == rep
-    assert ev._json_safe({"a": (1.0, float("nan"), np.float64(2.5), np.int64(3))}) == {"a": [1.0, None, 2.5, 3]}
+    assert ev.json_safe({"a": (1.0, float("nan"), np.float64(2.5), np.int64(3))}) == {"a": [1.0, None, 2.5, 3]}
 
 
 @pytest.mark.parametrize("sampler", ["euler", "renoise"])

@@ -26,12 +26,16 @@ def _memory_position(value: str):
 
 
 def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="generate a long video (real checkpoints, or --demo)",
+    p = sub.add_parser("generate", help="generate a long video (real checkpoints, or the toy --demo)",
                        description="Generate a video block by block with LongLive-RAG retrieval (or natively).")
     p.add_argument("--demo", action="store_true",
-                   help="run the built-in tiny demo (untrained weights, no downloads, CPU in about a minute)")
-    p.add_argument("--prompt", default=None, help="text prompt (the demo has a default)")
-    p.add_argument("--seconds", type=float, default=30.0, help="video length; rounded up to whole 0.75 s blocks")
+                   help="the built-in demo: the shipped toy generator continues a toy-world clip, natively and with "
+                        "LongLive-RAG, scored as lrag eval does (no downloads, CPU, under a minute); it takes "
+                        "--seconds, --seed, --mode, --out, --device and --quiet and refuses the other options")
+    p.add_argument("--prompt", default=None, help="text prompt (required without --demo)")
+    p.add_argument("--seconds", type=float, default=30.0,
+                   help="video length, rounded up to whole 0.75 s blocks (default 30 = 40 blocks; --demo: the "
+                        "generated part, after the ground-truth prefix)")
     p.add_argument("--backbone", choices=BACKBONES, default=None,
                    help="which released generator --checkpoint holds (required without --demo)")
     p.add_argument("--checkpoint", default=None, help="generator weights (.pt/.pth/.safetensors)")
@@ -41,30 +45,33 @@ def _add_generate(sub) -> None:
                    help="local Wan2.1-T2V-1.3B folder in the Diffusers layout (text encoder, tokenizer, VAE)")
     p.add_argument("--mode", choices=MODES, default=None,
                    help="rag (retrieval), native (sink + window) or both (default: rag; the demo: both)")
-    p.add_argument("--top-k", type=int, default=6, help="frames retrieved per block (K)")
-    p.add_argument("--recent-exclude", type=int, default=5, help="most recently evicted frames never retrieved (R)")
-    p.add_argument("--memory-position", type=_memory_position, default=0,
+    p.add_argument("--top-k", type=int, default=None, help="frames retrieved per block (K; default 6)")
+    p.add_argument("--recent-exclude", type=int, default=None,
+                   help="most recently evicted frames never retrieved (R; default 5)")
+    p.add_argument("--memory-position", type=_memory_position, default=None,
                    help="temporal RoPE position of retrieved frames: an int, 'absolute' or 'ordered' (default 0)")
-    p.add_argument("--storage", choices=("kv", "latent"), default="kv",
-                   help="what the retrieval memory keeps per frame: its K/V (the reference; 287.5 MB per Wan frame "
-                        "in bf16) or only its latent (200 KB; retrieved K/V recomputed with one extra forward)")
-    p.add_argument("--device-frames", type=int, default=64, help="retrieval memory: frames' K/V kept on the device")
+    p.add_argument("--storage", choices=("kv", "latent"), default=None,
+                   help="what the retrieval memory keeps per frame: its K/V (default, the reference; 287.5 MB per Wan "
+                        "frame in bf16) or only its latent (200 KB; retrieved K/V recomputed with one extra forward)")
+    p.add_argument("--device-frames", type=int, default=None,
+                   help="retrieval memory: frames' K/V kept on the device (default 64)")
     p.add_argument("--host-frames", type=int, default=None,
                    help="retrieval memory: frames' K/V in pinned host memory (default: unbounded)")
     p.add_argument("--out", default=None, help="output folder (default: lrag_out, or lrag_demo for --demo)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed")
-    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="noise seed (default 0); --demo: the toy-world clip, 0-999, and its noise")
+    p.add_argument("--device", default=None,
+                   help="cuda, cuda:N or cpu (default: cuda when available; --demo: cpu)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                    help="model dtype (default: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--height", type=int, default=480, help="video height (multiple of 16)")
-    p.add_argument("--width", type=int, default=832, help="video width (multiple of 16)")
+    p.add_argument("--height", type=int, default=None, help="video height (multiple of 16; default 480)")
+    p.add_argument("--width", type=int, default=None, help="video width (multiple of 16; default 832)")
     p.add_argument("--num-heads", type=int, default=None, help="attention heads (default: dim / 128)")
-    p.add_argument("--text-len", type=int, default=512, help="text tokens of the DiT (512 for Wan2.1)")
+    p.add_argument("--text-len", type=int, default=None, help="text tokens of the DiT (default 512, as Wan2.1)")
     p.add_argument("--frames-per-block", type=int, default=None,
                    help="latent frames per block (default 3 for every backbone; 1 for frame-wise Causal-Forcing)")
     p.add_argument("--no-ema", action="store_true", help="use 'generator' instead of 'generator_ema'")
     p.add_argument("--quiet", action="store_true", help="no progress output")
-    p.add_argument("--demo-latent", type=int, default=32, help=argparse.SUPPRESS)   # demo latent side (tests)
 
 
 def build_parser() -> argparse.ArgumentParser:

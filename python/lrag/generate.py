@@ -1,7 +1,8 @@
 """The streaming generation run behind ``lrag generate``: blocks -> frames -> MP4, plus the run's logs.
 
-Per block (inside :meth:`lrag.pipeline.Pipeline.generate`'s callback) the latents are rendered to RGB (Wan VAE
-or the demo preview), appended to the MP4 and their timings and memory record kept. The JSON files and the
+Per block (:func:`stream_blocks`, inside the generation's block callback: :meth:`lrag.pipeline.Pipeline.generate`
+for a real run, the toy evaluation's rollout for the demo) the latents are rendered to RGB (Wan VAE or the demo's
+panels), appended to the MP4 and their timings and memory record kept. The JSON files and the
 plot are written in a ``finally``: an interrupted run (Ctrl-C) still leaves a playable video of the finished
 blocks and logs that describe exactly those blocks.
 
@@ -89,10 +90,13 @@ class ModeRun:
                 "latent_frames_per_s": n * frames_per_block / self.wall_s if self.wall_s else None}
 
 
-def run_mode(pipe: Pipeline, text: torch.Tensor, num_blocks: int, mode: str, render: Renderer, video_path: str,
-             seed: int = 0, on_block: Optional[Callable[[BlockResult], None]] = None,
-             progress: Optional[Progress] = None, run: Optional[ModeRun] = None) -> ModeRun:
-    """Generates ``num_blocks`` blocks in ``mode`` and streams them into ``video_path``.
+def stream_blocks(mode: str, num_blocks: int, render: Renderer, video_path: str,
+                  produce: Callable[[Callable[[BlockResult], None]], object],
+                  on_block: Optional[Callable[[BlockResult], None]] = None, progress: Optional[Progress] = None,
+                  run: Optional[ModeRun] = None) -> ModeRun:
+    """Streams a generation into ``video_path`` block by block: ``produce(callback)`` runs it (e.g.
+    :meth:`Pipeline.generate`), calling ``callback`` with every finished :class:`BlockResult`, whose frames
+    (``render``) are appended to the MP4 and whose timings and memory record go into ``run``.
 
     ``run`` (created if not given) is updated block by block; the writer is closed in a ``finally``, so the
     MP4 holds every finished block even if ``on_block`` or the user interrupts the run.
@@ -119,10 +123,7 @@ def run_mode(pipe: Pipeline, text: torch.Tensor, num_blocks: int, mode: str, ren
             on_block(block)
 
     try:
-        gen = torch.Generator().manual_seed(seed)
-        # profile: the CLI reports device time per phase (it waits for every block's frames anyway, to write them)
-        pipe.generate(text, num_blocks * pipe.cfg.frames_per_block, generator=gen, mode=mode, callback=callback,
-                      profile=True)
+        produce(callback)
         run.finished = True
     finally:
         writer.close()
@@ -130,6 +131,20 @@ def run_mode(pipe: Pipeline, text: torch.Tensor, num_blocks: int, mode: str, ren
         if progress is not None:
             progress.close()
     return run
+
+
+def run_mode(pipe: Pipeline, text: torch.Tensor, num_blocks: int, mode: str, render: Renderer, video_path: str,
+             seed: int = 0, on_block: Optional[Callable[[BlockResult], None]] = None,
+             progress: Optional[Progress] = None, run: Optional[ModeRun] = None) -> ModeRun:
+    """Generates ``num_blocks`` blocks in ``mode`` with ``pipe`` (noise from ``seed``) and streams them into
+    ``video_path`` (:func:`stream_blocks`)."""
+    def produce(callback):
+        gen = torch.Generator().manual_seed(seed)
+        # profile: the CLI reports device time per phase (it waits for every block's frames anyway, to write them)
+        return pipe.generate(text, num_blocks * pipe.cfg.frames_per_block, generator=gen, mode=mode,
+                             callback=callback, profile=True)
+
+    return stream_blocks(mode, num_blocks, render, video_path, produce, on_block, progress, run)
 
 
 def write_outputs(out_dir: str, runs: list[ModeRun], meta: dict, frames_per_block: int,

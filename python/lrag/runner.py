@@ -1,8 +1,9 @@
 """``lrag generate``: turns the parsed options into a pipeline, a renderer and a text embedding, then runs.
 
-Two sources, one run (:func:`run_generate`):
+Two sources (:func:`run_generate`):
 
-- ``--demo``: :mod:`lrag.demo` (tiny seeded model, pooled embedder, prompt-seeded "text", latent preview);
+- ``--demo``: :func:`lrag.demo.run_demo` (the shipped toy generator continuing a toy-world clip, natively and with
+  LongLive-RAG, as ``lrag eval`` runs them);
 - real: ``--checkpoint`` (geometry read from its tensor shapes, see :mod:`lrag.ckpt_info`), the umT5 encoder
   and Wan VAE of ``--wan-dir``, the ``--embedder`` checkpoint.
 
@@ -18,6 +19,7 @@ import os
 import re
 import sys
 import time
+from argparse import Namespace
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -31,13 +33,15 @@ from lrag.pipeline import Pipeline
 from lrag_ext.state_dicts import (InputFileError, check_output_dir, check_regular_file, device_memory, error_summary,
                                   parse_device)
 
-DEMO_PROMPT = "a red fox running through a snowy forest, cinematic"
 VAE_SPATIAL = 8              # Wan VAE: 8x spatial compression
 # What each backbone's released checkpoints were trained with (the geometry itself is read from the weights).
 BACKBONE_SCHEDULE = {"self-forcing": dict(frames_per_block=3, window=12, sink=1),
                      "causal-forcing": dict(frames_per_block=3, window=12, sink=1),
                      "longlive": dict(frames_per_block=3, window=12, sink=1)}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# The defaults of the options that the demo refuses (so the parser leaves them None when not given).
+REAL_DEFAULTS = {"top_k": 6, "recent_exclude": 5, "memory_position": 0, "storage": "kv", "device_frames": 64,
+                 "height": 480, "width": 832, "text_len": 512}
 # The MemoryConfig fields the options set: a config error names the option instead of the field.
 MEMORY_OPTIONS = {"top_k": "--top-k", "recent_exclude": "--recent-exclude", "memory_position": "--memory-position",
                   "device_frames": "--device-frames", "host_frames": "--host-frames"}
@@ -144,11 +148,21 @@ def run_memory_needs(cfg: WanConfig, num_frames: int, dtype: torch.dtype, device
 
 def _check_resources(args, cfg: WanConfig, num_blocks: int, modes: list[str], embed_dim: int,
                      model_params: int) -> None:
-    """Refuses a run whose buffers (:func:`run_memory_needs`) exceed the memory available, before any is
-    allocated or any output written."""
+    """:func:`check_memory` of the run the options describe."""
     device, dtype = _device_dtype(args)
     frames = num_blocks * cfg.frames_per_block
-    needs = run_memory_needs(cfg, frames, dtype, device, modes, _retrieval(args, frames), embed_dim, model_params)
+    check_memory(cfg, frames, device, dtype, modes, _retrieval(args, frames), embed_dim, model_params, args.seconds)
+
+
+def check_memory(cfg: WanConfig, frames: int, device: torch.device, dtype: torch.dtype, modes: list[str],
+                 retrieval: MemoryConfig, embed_dim: int, model_params: int, seconds: float) -> None:
+    """Refuses a run of ``frames`` latent frames (``--seconds seconds``) whose buffers (:func:`run_memory_needs`)
+    exceed the memory available, before any is allocated or any output written.
+
+    Raises:
+        UsageError: naming ``--seconds`` (and the retrieval memory's bounds when they are a large part).
+    """
+    needs = run_memory_needs(cfg, frames, dtype, device, modes, retrieval, embed_dim, model_params)
     for place, parts in needs.items():
         need, have = sum(parts.values()), device_memory(device if place == "device" else "cpu")
         if have is None or need <= have:
@@ -157,7 +171,7 @@ def _check_resources(args, cfg: WanConfig, num_blocks: int, modes: list[str], em
         detail = ", ".join(f"{k} {v / 2 ** 30:.3g}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v)
         hint = ("; or bound the retrieval memory with --device-frames / --host-frames, or use --storage latent"
                 if any(k.startswith("memory") and v > need / 4 for k, v in parts.items()) else "")
-        raise UsageError(f"--seconds {args.seconds:g} ({frames} latent frames of {cfg.in_dim} x {cfg.latent_height} x "
+        raise UsageError(f"--seconds {seconds:g} ({frames} latent frames of {cfg.in_dim} x {cfg.latent_height} x "
                          f"{cfg.latent_width}) needs about {need / 2 ** 30:.3g} GiB of {where} (GiB: {detail}), but "
                          f"only {have / 2 ** 30:.3g} GiB are available: shorten --seconds{hint}")
 
@@ -188,19 +202,6 @@ def _check_blocks(args, cfg: WanConfig, modes: list[str]) -> int:
                          f"positions, at most {cfg.rope_max_positions} frames "
                          f"({cfg.rope_max_positions // cfg.frames_per_block * 0.75:g} s)")
     return num_blocks
-
-
-def _demo_setup(args, cfg: WanConfig, num_frames: int) -> Setup:
-    from lrag import demo  # noqa: PLC0415
-    print("lrag: built-in demo with UNTRAINED seeded weights: the frames show the machinery (block loop, retrieval, "
-          "streaming video, logs), not a meaningful video. Real videos: see docs/cli.md.", file=sys.stderr)
-    embedder = demo.demo_embedder(cfg)
-    pipe = Pipeline(demo.demo_model(cfg), retrieval=_retrieval(args, num_frames), embed=embedder.embed)
-    scale = max(1, 128 // args.demo_latent)
-    return Setup(pipe, demo.demo_text(args.prompt or DEMO_PROMPT, cfg),
-                 lambda mode: demo.DemoRenderer(cfg, mode, num_frames, args.top_k, scale),
-                 {"source": "demo (untrained seeded weights, latent preview instead of the VAE)",
-                  "embedder": "PooledEmbedder (seeded, untrained)"})
 
 
 def _real_checks(args) -> None:
@@ -333,21 +334,7 @@ def _real_setup(args, cfg: WanConfig, num_frames: int, tokenizer=None) -> Setup:
 
 
 def _build(args, modes: list[str], tokenizer) -> tuple[Setup, int]:
-    """Checks the options against the geometry and the memory, then builds the demo or the real setup."""
-    if args.demo:
-        from lrag.demo import DEMO_EMBED_DIM, DEMO_EMBED_GRID, demo_config  # noqa: PLC0415
-
-        if args.demo_latent < DEMO_EMBED_GRID or args.demo_latent % 2:
-            raise UsageError(f"--demo-latent must be an even number >= {DEMO_EMBED_GRID} (the demo embedder's "
-                             f"pooling grid), got {args.demo_latent}")
-        cfg = demo_config(args.demo_latent)
-        num_blocks = _check_blocks(args, cfg, modes)
-        from lrag.models.wan import CausalWanModel  # noqa: PLC0415
-
-        with torch.device("meta"):
-            params = sum(p.numel() for p in CausalWanModel(cfg).parameters())
-        _check_resources(args, cfg, num_blocks, modes, DEMO_EMBED_DIM, params)
-        return _demo_setup(args, cfg, num_blocks * cfg.frames_per_block), num_blocks
+    """Checks the options against the geometry and the memory, then builds the real setup."""
     _real_checks(args)
     cfg, params = _real_config(args)
     num_blocks = _check_blocks(args, cfg, modes)
@@ -371,7 +358,8 @@ def _announce_memory(args, setup: Setup, num_blocks: int, device: str) -> dict:
 
 
 def run_generate(args, on_block: Optional[Callable] = None, tokenizer=None) -> dict[str, str]:
-    """Runs ``lrag generate`` for parsed ``args``; returns the artefacts' paths.
+    """Runs ``lrag generate`` for parsed ``args`` (``--demo``: :func:`lrag.demo.run_demo`); returns the artefacts'
+    paths.
 
     Args:
         on_block: extra per-block hook (after the block's frames are written), e.g. a test interrupting a run.
@@ -381,27 +369,29 @@ def run_generate(args, on_block: Optional[Callable] = None, tokenizer=None) -> d
         UsageError: a bad option or input, before any heavy loading and before anything is written.
         KeyboardInterrupt: after the finished blocks' video and logs have been written.
     """
+    if args.demo:
+        from lrag.demo import run_demo  # noqa: PLC0415
+
+        return run_demo(args, on_block)
+    # a copy with the defaults of the options the demo refuses (the caller's args stay as parsed)
+    args = Namespace(**{**vars(args), **{k: v for k, v in REAL_DEFAULTS.items() if getattr(args, k) is None}})
     out = output_dir(args)
     _check_common(args)
-    modes = {"both": ["rag", "native"], None: ["rag", "native"] if args.demo else ["rag"]}.get(args.mode, [args.mode])
+    modes = {"both": ["rag", "native"], None: ["rag"]}.get(args.mode, [args.mode])
     setup, num_blocks = _build(args, modes, tokenizer)
     os.makedirs(out, exist_ok=True)
     cfg = setup.pipe.cfg
-    meta = {**setup.meta, "prompt": args.prompt or (DEMO_PROMPT if args.demo else None), "seed": args.seed,
+    meta = {**setup.meta, "prompt": args.prompt, "seed": args.seed,
             "seconds_requested": args.seconds, "num_blocks": num_blocks, "frames_per_block": cfg.frames_per_block,
             "latent_shape": [cfg.in_dim, cfg.latent_height, cfg.latent_width], "window": cfg.window,
             "sink": cfg.sink, "top_k": args.top_k, "recent_exclude": args.recent_exclude,
             "memory_position": args.memory_position, "storage": args.storage,
             "device": str(setup.pipe.model.device),
             "dtype": str(setup.pipe.model.dtype).replace("torch.", ""), "modes": modes,
-            "title": "demo (untrained)" if args.demo else args.backbone}
+            "title": args.backbone}
     if "rag" in modes:
         meta["kv_memory_estimate"] = _announce_memory(args, setup, num_blocks, meta["device"])
-    runs, interrupted, start, threads = [], True, time.perf_counter(), torch.get_num_threads()
-    if args.demo:
-        # One thread: the tiny model's ops are too small to gain from more, and on a busy 2-core machine two
-        # threads lost 4x to OpenMP spinning (measured: 50 s vs 11 s for a 24 x 24 demo).
-        torch.set_num_threads(1)
+    runs, interrupted, start = [], True, time.perf_counter()
     try:
         for mode in modes:
             run = ModeRun(mode, num_blocks, os.path.join(out, f"{mode}.mp4"))
@@ -410,7 +400,6 @@ def run_generate(args, on_block: Optional[Callable] = None, tokenizer=None) -> d
                      on_block=on_block, progress=Progress(mode, num_blocks, enabled=not args.quiet), run=run)
         interrupted = False
     finally:
-        torch.set_num_threads(threads)
         meta["wall_s"] = time.perf_counter() - start
         paths = write_outputs(out, runs, meta, cfg.frames_per_block, interrupted)
     videos = {f"video_{r.mode}": r.video for r in runs}

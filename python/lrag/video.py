@@ -1,4 +1,5 @@
-"""Streaming video output: an MP4 writer that takes frames block by block, and the latent preview of the demo.
+"""Streaming video output: an MP4 writer that takes frames block by block, the latent preview of the demo, and
+videos side by side.
 
 Nothing here holds a whole video: :class:`VideoWriter` hands every frame to ffmpeg (imageio-ffmpeg) as it
 arrives, so a 120 s run keeps one block of RGB frames in memory at a time. imageio is imported lazily, when the
@@ -84,36 +85,55 @@ def count_frames(path: str | os.PathLike) -> int:
 
 
 def preview_matrix(channels: int = 16) -> torch.Tensor:
-    """The fixed ``[3, channels]`` latent -> RGB projection of the preview.
+    """The fixed ``[3, channels]`` latent -> RGB projection of the preview, three orthonormal rows ``M = Q D``.
 
-    ``M[k, c] = cos(2π c / channels + 2π k / 3) / sqrt(channels / 2)``: each colour is a different phase of a
-    cosine over the channels, so the three rows are orthogonal with unit norm and no channel is privileged. A
-    fixed map (not learned, not the VAE) keeps the preview cheap and deterministic.
+    ``D`` holds the first three DCT-II basis vectors over the channels, ``D[k, c] = a_k cos(π k (2c + 1) / (2
+    channels))`` (``a_0 = sqrt(1 / channels)``, else ``sqrt(2 / channels)``): the channel mean and the two slowest
+    patterns across the channels. ``Q`` (orthogonal) shows the mean as grey (R = G = B) and the two patterns on two
+    orthogonal chroma axes: its columns are ``(1, 1, 1) / √3``, ``(1, −1, 0) / √2`` and ``(1, 1, −2) / √6``. So a
+    latent whose channels are uncorrelated with unit variance (the toy world's colours) gives unit variance in each
+    of R, G, B; the other ``channels − 3`` directions are not shown (two colours differing only there look alike).
+    A fixed map (not learned, not the VAE) keeps the preview cheap and deterministic.
+
+    Raises:
+        ValueError: fewer than 3 channels.
     """
+    if channels < 3:
+        raise ValueError(f"the preview needs at least 3 channels, got {channels}")
     c = torch.arange(channels, dtype=torch.float64)
     k = torch.arange(3, dtype=torch.float64)[:, None]
-    return (torch.cos(2 * math.pi * c / channels + 2 * math.pi * k / 3) / math.sqrt(channels / 2)).float()
+    d = torch.cos(math.pi * k * (2 * c + 1) / (2 * channels)) * math.sqrt(2 / channels)
+    d[0] /= math.sqrt(2)
+    q = torch.tensor([[1 / math.sqrt(3), 1 / math.sqrt(2), 1 / math.sqrt(6)],
+                      [1 / math.sqrt(3), -1 / math.sqrt(2), 1 / math.sqrt(6)],
+                      [1 / math.sqrt(3), 0.0, -2 / math.sqrt(6)]], dtype=torch.float64)
+    return (q @ d).float()
 
 
-def latent_preview(latents: torch.Tensor, scale: int = 4, repeat: int = TEMPORAL_STRIDE) -> np.ndarray:
+def latent_preview(latents: torch.Tensor, scale: int = 4, repeat: int = TEMPORAL_STRIDE,
+                   interpolation: str = "bilinear") -> np.ndarray:
     """A cheap RGB view of latent frames, used instead of the VAE by the demo.
 
-    ``rgb = 0.5 + 0.5 tanh(M · x)`` per latent pixel with the fixed :func:`preview_matrix` ``M``, bilinearly
-    upsampled by ``scale``, each latent frame repeated ``repeat`` times (the VAE's temporal stride, so a
-    3-frame block gives 12 video frames = 0.75 s at 16 fps, as the real decoder would).
+    ``rgb = 0.5 + 0.5 tanh(M · x)`` per latent pixel with the fixed :func:`preview_matrix` ``M``, upsampled by
+    ``scale`` (``interpolation``: ``"bilinear"``, or ``"nearest"`` for pixel art such as the toy world's frames),
+    each latent frame repeated ``repeat`` times (the VAE's temporal stride, so a 3-frame block gives 12 video
+    frames = 0.75 s at 16 fps, as the real decoder would).
 
     Args:
-        latents: ``[F, C, H, W]``.
+        latents: ``[F, C, H, W]``, ``C >= 3``.
 
     Returns:
         ``uint8 [F * repeat, H * scale, W * scale, 3]``.
     """
     if latents.dim() != 4:
         raise ValueError(f"latents must be [F, C, H, W], got {list(latents.shape)}")
+    if interpolation not in ("bilinear", "nearest"):
+        raise ValueError(f"interpolation must be 'bilinear' or 'nearest', got {interpolation!r}")
     x = latents.detach().float().cpu()
     rgb = torch.einsum("kc,fchw->fkhw", preview_matrix(x.shape[1]), x)
     if scale != 1:
-        rgb = F.interpolate(rgb, scale_factor=scale, mode="bilinear", align_corners=False)
+        rgb = F.interpolate(rgb, scale_factor=scale, mode=interpolation,
+                            **({"align_corners": False} if interpolation == "bilinear" else {}))
     rgb = (0.5 + 0.5 * torch.tanh(rgb)).mul(255).round().to(torch.uint8)
     return rgb.permute(0, 2, 3, 1).repeat_interleave(repeat, dim=0).contiguous().numpy()
 

@@ -48,7 +48,7 @@ import torch
 import lrag_ext
 from lrag.block_memory import config_for_streams
 from lrag.models.wan import CausalWanModel
-from lrag.pipeline import SAMPLERS
+from lrag.pipeline import SAMPLERS, BlockResult
 from lrag.toy.metrics import (background_error, bootstrap_ci, colour_drift, hit_rate_chance, identity_error,
                               nearest_view_error, palette_error, retrieval_hit_rate, revisit_error, rollout_metrics,
                               selection_from_log)
@@ -175,6 +175,13 @@ def with_sink(model: CausalWanModel, sink: int) -> CausalWanModel:
 
 
 # ------------------------------------------------------------------------------------------------- rollouts, scores
+def default_prefix_blocks(cfg: ToyConfig) -> int:
+    """The ground-truth prefix every rollout continues by default: the longest period of the world plus one frame,
+    rounded up to whole blocks (11 blocks = 33 frames for the defaults), so every place of the loop is in the
+    prefix and the first generated block's place one period earlier is already a retrieval candidate."""
+    return -(-(cfg.world.period[1] + 1) // cfg.frames_per_block)
+
+
 def seed_noise(seed: int, num_frames: int, shape: Sequence[int]) -> torch.Tensor:
     """``[num_frames, *shape]`` float32 initial noise of clip ``seed``: the same in every mode."""
     return torch.randn((num_frames, *shape), generator=torch.Generator().manual_seed(int(seed)))
@@ -237,11 +244,14 @@ class Setup:
 
 
 def rollouts(setup: Setup, mode: Mode, seeds: Sequence[int], blocks: int,
-             on_block: Optional[Callable[[], None]] = None) -> Iterator[tuple]:
+             on_block: Optional[Callable[[], None]] = None,
+             callback: Optional[Callable[[BlockResult], None]] = None) -> Iterator[tuple]:
     """Rolls out ``blocks`` blocks after the prefix of every clip ``seeds`` in ``mode``, ``setup.batch`` clips per
     generation (one memory stream each). Yields per batch ``(result, clips, seconds)``: the
     :class:`~lrag.pipeline.GenerationResult`, the ``(frames, meta)`` of its clips and the wall seconds it took.
-    ``on_block`` is called after every generated block (prefix blocks are not counted)."""
+    ``on_block`` is called after every generated block (prefix blocks are not counted); ``callback`` with every
+    block's :class:`~lrag.pipeline.BlockResult`, prefix blocks included (e.g. to stream a video: ``lrag generate
+    --demo``)."""
     cfg, model = setup.config, with_sink(setup.model, mode.sink)
     F, P0 = cfg.frames_per_block, setup.prefix_frames
     T = P0 + blocks * F
@@ -253,22 +263,28 @@ def rollouts(setup: Setup, mode: Mode, seeds: Sequence[int], blocks: int,
         prefix = torch.from_numpy(np.stack([frames[:P0] for frames, _ in clips]))
         noise = torch.stack([seed_noise(seed, T, prefix.shape[2:]) for seed in chunk])
         retrieval = mode.policy.memory_config(len(chunk), T) if mode.policy else None
-        callback = (lambda blk: on_block() if blk.start_frame >= P0 else None) if on_block else None
+        def each_block(blk: BlockResult) -> None:
+            if callback is not None:
+                callback(blk)
+            if on_block is not None and blk.start_frame >= P0:
+                on_block()
+
         t0 = time.perf_counter()
         # the re-noise of the "renoise" sampler (the Euler sampler draws none): the same stream in every mode
         renoise = torch.Generator().manual_seed(chunk[0])
         res = rollout(model, prefix, T, setup.steps, setup.sampler, mode="rag" if mode.policy else "native",
                       position_mode=cfg.position_mode, generator=renoise, noise=noise, retrieval=retrieval,
-                      embed=embed, callback=callback)
+                      embed=embed, callback=each_block if on_block or callback else None)
         yield res, clips, time.perf_counter() - t0
 
 
 def run_mode(setup: Setup, mode: Mode, seeds: Sequence[int], blocks: int,
-             on_block: Optional[Callable[[], None]] = None) -> tuple[list[dict], float]:
-    """:func:`rollouts`, scored (:func:`score`): the records in seed order and the wall seconds spent
-    generating."""
+             on_block: Optional[Callable[[], None]] = None,
+             callback: Optional[Callable[[BlockResult], None]] = None) -> tuple[list[dict], float]:
+    """:func:`rollouts` (``on_block``, ``callback`` as there), scored (:func:`score`): the records in seed order and
+    the wall seconds spent generating."""
     cfg, records, seconds = setup.config, [], 0.0
-    for res, clips, wall in rollouts(setup, mode, seeds, blocks, on_block):
+    for res, clips, wall in rollouts(setup, mode, seeds, blocks, on_block, callback):
         log = res.memory_log if mode.policy else None
         records += [score(res.latents[j], meta, setup.prefix_frames, cfg.frames_per_block, cfg.window, log, j)
                     for j, (_, meta) in enumerate(clips)]
@@ -555,13 +571,13 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
-def _json_safe(obj):
+def json_safe(obj):
     """NaN and infinities as None, numpy scalars as Python numbers, tuples as lists: a report that JSON
     round-trips exactly."""
     if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, (np.integer,)):
         return int(obj)
     if isinstance(obj, (float, np.floating)):
@@ -660,7 +676,7 @@ def evaluate(args: argparse.Namespace, plan: Optional[Plan] = None, command: Opt
         "seconds": seconds,
         "plots": [],
     }
-    report = _json_safe(report)
+    report = json_safe(report)
     os.makedirs(args.out, exist_ok=True)
     if not args.no_plots:
         if importlib.util.find_spec("matplotlib") is None:     # an optional dependency
