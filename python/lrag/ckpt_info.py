@@ -246,7 +246,9 @@ def _format_toy(info: dict) -> list[str]:
     lines = [f"  frames:      {w['channels']} x {w['size']} x {w['size']} (toy-world frames used as latents); text "
              f"{c['text_len']} x {c['text_dim']} (the toy has no prompt)",
              f"  schedule:    {c['frames_per_block']} frames per block, window {c['window']}, sink {c['sink']}, "
-             f"{c['position_mode']} RoPE positions",
+             f"{c['position_mode']} RoPE positions" + (
+                 f"; trained with {c['memory_top_k']} retrieved frames in its memory slots (R "
+                 f"{c.get('memory_recent_exclude')})" if c.get("memory_top_k") else ""),
              f"  sampler:     {c['sample_steps']} steps (Euler), shift {c['shift']:g}",
              f"  step:        {info['step']} of {c['steps']}"]
     if info["kind"] != "toy generator":

@@ -175,13 +175,6 @@ def with_sink(model: CausalWanModel, sink: int) -> CausalWanModel:
 
 
 # ------------------------------------------------------------------------------------------------- rollouts, scores
-def default_prefix_blocks(cfg: ToyConfig) -> int:
-    """The ground-truth prefix every rollout continues by default: the longest period of the world plus one frame,
-    rounded up to whole blocks (11 blocks = 33 frames for the defaults), so every place of the loop is in the
-    prefix and the first generated block's place one period earlier is already a retrieval candidate."""
-    return -(-(cfg.world.period[1] + 1) // cfg.frames_per_block)
-
-
 def seed_noise(seed: int, num_frames: int, shape: Sequence[int]) -> torch.Tensor:
     """``[num_frames, *shape]`` float32 initial noise of clip ``seed``: the same in every mode."""
     return torch.randn((num_frames, *shape), generator=torch.Generator().manual_seed(int(seed)))
@@ -263,6 +256,7 @@ def rollouts(setup: Setup, mode: Mode, seeds: Sequence[int], blocks: int,
         prefix = torch.from_numpy(np.stack([frames[:P0] for frames, _ in clips]))
         noise = torch.stack([seed_noise(seed, T, prefix.shape[2:]) for seed in chunk])
         retrieval = mode.policy.memory_config(len(chunk), T) if mode.policy else None
+
         def each_block(blk: BlockResult) -> None:
             if callback is not None:
                 callback(blk)
