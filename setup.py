@@ -169,8 +169,10 @@ EXT_MODULES = ([] if _EMU_MODE == "only" else [EXTENSION]) + ([EMU_EXTENSION] if
 setup(
     packages=find_packages(include=["lrag_ext", "lrag_ext.*"]) + find_packages("python", include=["lrag", "lrag.*"]),
     package_dir={"lrag": "python/lrag"},
-    # the trained toy generator of `lrag generate --demo` (lrag.toy.shipped): installed with the package
-    package_data={"lrag.toy.weights": ["toy_generator.safetensors", "toy_generator.json"]},
+    # the trained toy generator of `lrag generate --demo` (lrag.toy.shipped) and the toy retrieval embedder
+    # (docs/toy_embedder.md), each with its card: installed with the package
+    package_data={"lrag.toy.weights": ["toy_generator.safetensors", "toy_generator.json", "toy_embedder.pt",
+                                       "toy_embedder.json"]},
     ext_modules=EXT_MODULES,
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -1,13 +1,13 @@
 """The ``lrag`` command: ``generate`` (real checkpoints or the built-in ``--demo``), ``inspect``, ``train-embedder``,
-``train-toy``, ``eval`` (the toy generator's evaluation).
+``train-toy``, ``eval`` (the toy generator's evaluation), ``train-toy-embedder``.
 
 Argument parsing and user errors live here; the work is in :mod:`lrag.runner` (building the pipeline),
 :mod:`lrag.generate` (the streaming run), :mod:`lrag.ckpt_info`, :mod:`lrag_ext.embedder.train`,
-:mod:`lrag.toy.train` and :mod:`lrag.toy.evaluate`. Heavy optional dependencies (transformers, diffusers, imageio,
-matplotlib) are imported only by the commands that need them. User errors (options, unusable input files, an output folder that cannot
-be written, a run larger than the memory available) print ``lrag: error: ...`` naming the option, with no
-traceback, and exit with status 2, before anything is written; Ctrl-C exits with 130 after writing the finished
-blocks' video and logs.
+:mod:`lrag.toy.train`, :mod:`lrag.toy.evaluate` and :mod:`lrag.toy.embedder`. Heavy optional dependencies
+(transformers, diffusers, imageio, matplotlib) are imported only by the commands that need them. User errors
+(options, unusable input files, an output folder that cannot be written, a run larger than the memory available)
+print ``lrag: error: ...`` naming the option, with no traceback, and exit with status 2, before anything is
+written; Ctrl-C exits with 130 after writing the finished blocks' video and logs.
 """
 from __future__ import annotations
 
@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("eval", add_help=False,
                    help="evaluate a toy generator in every attention mode (python -m lrag.toy.evaluate; --help for "
                         "its options)")
+    sub.add_parser("train-toy-embedder", add_help=False,
+                   help="train a retrieval embedder on the toy world's frames (python -m lrag.toy.embedder; --help "
+                        "for its options)")
     return parser
 
 
@@ -133,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         from lrag.toy.evaluate import main as eval_main  # noqa: PLC0415
 
         return eval_main(argv[1:], prog="lrag eval", error_prefix="lrag") or 0
+    if argv[:1] == ["train-toy-embedder"]:
+        from lrag.toy.embedder import main as toy_embedder_main  # noqa: PLC0415
+
+        return toy_embedder_main(argv[1:], prog="lrag train-toy-embedder", error_prefix="lrag") or 0
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

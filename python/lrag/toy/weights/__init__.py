@@ -6,4 +6,10 @@
 
 Read them through :mod:`lrag.toy.shipped` (``shipped_generator_path()``, ``load_shipped_generator(device)``),
 which checks the weights against the card's sha256. To replace them, copy both files of one training run here.
+
+The toy retrieval embedder (docs/toy_embedder.md), not used by the demo:
+
+- ``toy_embedder.pt``: a pooled embedder exported by ``lrag train-toy-embedder`` (``{"model", "config"}``; read
+  with :func:`lrag_ext.embedder.load_embedder`, or as a ``lrag eval --grid-embedders`` path);
+- ``toy_embedder.json``: its card (``sha256``, command, recipe, retrieval hit rates on validation clips).
 """
