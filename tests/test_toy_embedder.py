@@ -16,13 +16,13 @@ from lrag import cli  # noqa: E402
 from lrag.toy import embedder as toy_emb  # noqa: E402
 from lrag.toy.keys import Schedule, corrupt, hit_rates, oracle_hit_rate, retrieve  # noqa: E402
 from lrag.toy.metrics import retrieval_hit_rate  # noqa: E402
+from lrag.toy.shipped import WEIGHTS_DIR  # noqa: E402
 from lrag.toy.world import make_clip  # noqa: E402
 from lrag_ext.embedder import load_embedder  # noqa: E402
 from lrag_ext.memory_format import sha256_file  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-WEIGHTS_DIR = os.path.join(os.path.dirname(toy_emb.__file__), "weights")
 SHIPPED = os.path.join(WEIGHTS_DIR, toy_emb.WEIGHTS_NAME)
 SHIPPED_CARD = os.path.join(WEIGHTS_DIR, toy_emb.CARD_NAME)
 SMALL = ["--clips", "3", "--frames", "40", "--epochs", "4", "--batch-size", "8", "--eval-seeds", "2", "--quiet"]
