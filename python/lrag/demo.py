@@ -246,7 +246,7 @@ def run_demo(args, on_block=None) -> dict[str, str]:
     from lrag.runner import check_memory  # noqa: PLC0415
     from lrag.toy.evaluate import (REFERENCE, Setup, base_modes, default_prefix_blocks,  # noqa: PLC0415
                                    run_mode as eval_run_mode)
-    from lrag.toy.shipped import ShippedWeightsError, load_shipped_generator, shipped_generator_path  # noqa: PLC0415
+    from lrag.toy.shipped import ShippedWeightsError, load_shipped_generator, shipped_paths  # noqa: PLC0415
     from lrag.toy.world import make_clip  # noqa: PLC0415
 
     device, modes = _check_options(args)
@@ -276,10 +276,10 @@ def run_demo(args, on_block=None) -> dict[str, str]:
                       status=f"period {clip_meta.period}")
         for s in range(0, T, F):
             writer.append(truth.render(torch.from_numpy(clip[s:s + F]), s))
-    weights_path = shipped_generator_path()
+    weights_path = shipped_paths()[0]             # checked against its card by load_shipped_generator
     meta = {"source": "demo: the shipped toy generator (lrag.toy.shipped), the evaluation's sink and rag modes",
             "weights": {"path": weights_path, "sha256": card.get("sha256"), "step": card.get("step")},
-            "embedder": "spatial-mean descriptor (the reference policy's key; the toy has no trained embedder)",
+            "embedder": "spatial-mean descriptor (the reference policy's key)",
             "prompt": None, "seed": seed, "clip_period": clip_meta.period, "seconds_requested": args.seconds,
             "num_blocks": total_blocks, "prefix_blocks": setup.prefix_blocks, "generated_blocks": blocks,
             "frames_per_block": F, "latent_shape": [cfg.world.channels, cfg.world.size, cfg.world.size],

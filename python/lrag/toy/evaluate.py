@@ -132,7 +132,7 @@ class Policy:
                                                         memory_position=self.memory_position), streams, frames)
 
 
-REFERENCE = Policy()   # the release's policy, with its fallback descriptor (no trained embedder for the toy)
+REFERENCE = Policy()   # the release's policy, with its fallback descriptor (the spatial mean colour)
 
 
 @dataclass(frozen=True)

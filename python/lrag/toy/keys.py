@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from lrag.toy.metrics import hit_rate_chance, retrieval_hit_rate
 from lrag.toy.world import ClipMeta, WorldConfig, make_clip
+from lrag_ext.policy import RetrievalPolicy
 from lrag_ext.reference import cosine_topk
 
 PROG = "python -m lrag.toy.keys"
@@ -54,8 +55,9 @@ class Schedule:
         return list(range(self.first_block, self.num_frames - self.frames_per_block + 1, self.frames_per_block))
 
     def candidates(self, s: int) -> tuple[int, int]:
-        """The half-open range of global frames that may be retrieved for the block starting at ``s``."""
-        return self.sink, self.sink + max(0, s - self.window) - self.recent_exclude
+        """The half-open range of global frames that may be retrieved for the block starting at ``s``
+        (:meth:`lrag_ext.policy.RetrievalPolicy.eligible_range`; empty before anything is eligible)."""
+        return RetrievalPolicy(self.top_k, self.recent_exclude, self.sink, self.window).eligible_range(s)
 
 
 def _shift(frames: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -103,7 +105,7 @@ def retrieve(keys: torch.Tensor, schedule: Schedule) -> tuple[list[int], list[li
         return [], []
     keys = keys.float()
     bounds = torch.tensor([schedule.candidates(s) for s in starts], dtype=torch.int64)
-    lo, hi = bounds[:, 0], bounds[:, 1].clamp(min=schedule.sink)
+    lo, hi = bounds[:, 0], bounds[:, 1]
     queries = keys[torch.tensor(starts) - 1]
     page_table = torch.zeros(len(starts), 1, dtype=torch.int32)        # one page holding every frame
     _, ids = cosine_topk(queries, keys[None], page_table, lo, hi, schedule.top_k)
@@ -117,7 +119,7 @@ def oracle_hit_rate(meta: ClipMeta, schedule: Schedule, tolerance: int = 1) -> f
     hits = total = 0
     for s in schedule.block_starts():
         lo, hi = schedule.candidates(s)
-        k = min(schedule.top_k, max(0, hi - lo))
+        k = min(schedule.top_k, hi - lo)
         if not k:
             continue
         block = (first + s + np.arange(schedule.frames_per_block)) % P

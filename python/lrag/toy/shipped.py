@@ -23,7 +23,9 @@ class ShippedWeightsError(RuntimeError):
     """The shipped toy generator is missing, or does not match its card (the message names the file)."""
 
 
-def _paths() -> tuple[str, str]:
+def shipped_paths() -> tuple[str, str]:
+    """``(weights, card)``: where the shipped toy generator and its card lie (not checked: see
+    :func:`shipped_card`)."""
     from lrag.toy.train import CARD_NAME, WEIGHTS_NAME  # noqa: PLC0415  (torch: only when asked)
 
     return os.path.join(WEIGHTS_DIR, WEIGHTS_NAME), os.path.join(WEIGHTS_DIR, CARD_NAME)
@@ -45,7 +47,7 @@ def shipped_card() -> dict:
     from lrag_ext.memory_format import sha256_file  # noqa: PLC0415
     from lrag_ext.state_dicts import InputFileError, check_regular_file, read_json_object  # noqa: PLC0415
 
-    weights, card_path = _paths()
+    weights, card_path = shipped_paths()
     for path, what in ((weights, "toy generator"), (card_path, "toy generator card")):
         try:
             check_regular_file(path, what)
@@ -76,7 +78,7 @@ def shipped_generator_path() -> str:
         ShippedWeightsError: as :func:`shipped_card`.
     """
     shipped_card()
-    return _paths()[0]
+    return shipped_paths()[0]
 
 
 def load_shipped_generator(device="cpu"):
@@ -93,7 +95,7 @@ def load_shipped_generator(device="cpu"):
 
     card = shipped_card()
     try:
-        model, config = load_toy_generator(_paths()[0], device)
+        model, config = load_toy_generator(shipped_paths()[0], device)
     except (FileNotFoundError, InputFileError) as e:   # removed since the check, or the card's own file is wrong
         raise ShippedWeightsError(f"the shipped {e}") from None
     return model, config, card
