@@ -608,3 +608,70 @@ def test_run_layer_neither_imports_the_cli_nor_changes_the_parsed_options(tmp_pa
         with pytest.raises(UsageError, match=message):
             run_generate(args)
         assert vars(args) == before and output_dir(args) == out
+
+
+# ------------------------------------------------------------------------------------------------- --lora
+LL_CKPT, LL_LORA = "longlive_lora_tiny_ckpt.pt", "longlive_lora_tiny_lora.pt"
+
+
+def test_inspect_lora_adapter(capsys):
+    assert cli.main(["inspect", fixture_path(LL_LORA)]) == 0
+    out = capsys.readouterr().out
+    assert "LoRA adapter" in out and "rank:        4" in out and "20 Linear layers" in out
+    info = describe_checkpoint(fixture_path(LL_LORA))
+    assert info["rank"] == 4 and info["num_params"] == 11264 and info["layer_kinds"]["ffn.0"] == 2
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--lora-alpha", "8"], "--lora-alpha needs --lora"),
+    (["--lora-scale", "0.5", "--lora-unmerged"], "--lora-scale, --lora-unmerged needs --lora"),
+    (["--lora", "LORA", "--lora-alpha", "0"], "--lora-alpha must be > 0"),
+    (["--lora", "LORA", "--lora-scale", "nan"], "--lora-scale must be a finite number"),
+    (["--lora", "MISSING"], "--lora '{MISSING}' does not exist"),
+    (["--lora", "CKPT"], "not a LoRA adapter"),
+    (["--lora", "WIDE"], "--lora '{WIDE}' does not fit --checkpoint"),
+])
+def test_lora_option_errors(tmp_path, capsys, monkeypatch, extra, message):
+    wide = tmp_path / "wide.pt"               # an adapter for layers of another width
+    torch.save({"base_model.model.blocks.0.self_attn.q.lora_A.weight": torch.zeros(2, 32),
+                "base_model.model.blocks.0.self_attn.q.lora_B.weight": torch.zeros(32, 2)}, wide)
+    paths = {"LORA": fixture_path(LL_LORA), "MISSING": str(tmp_path / "nope.pt"), "CKPT": fixture_path(LL_CKPT),
+             "WIDE": str(wide)}
+    from lrag import runner
+    monkeypatch.setattr(runner, "_real_setup", lambda *a, **k: pytest.fail("setup reached"))
+    err = cli_error(_real(tmp_path, "--backbone", "longlive", "--checkpoint", fixture_path(LL_CKPT), "--no-ema",
+                          "--num-heads", "2", "--wan-dir", str(fake_wan_dir(tmp_path / "wan")),
+                          *[paths.get(e, e) for e in extra]), capsys)
+    assert message.format(**paths) in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_refuses_lora(tmp_path, capsys):
+    assert "--lora does not apply to --demo" in cli_error(DEMO + ["--lora", fixture_path(LL_LORA),
+                                                                  "--out", str(tmp_path / "d")], capsys)
+
+
+def test_real_run_with_lora(tiny_wan, tmp_path):
+    # The adapter changes the video; --lora-scale 0 is the base model exactly; merged and unmerged runs agree.
+    def run(name, *extra):
+        out = tmp_path / name
+        argv = ["generate", "--backbone", "longlive", "--checkpoint", fixture_path(LL_CKPT), "--no-ema",
+                "--wan-dir", str(tiny_wan), "--prompt", "a dog", "--seconds", "1.5", "--height", "64", "--width",
+                "64", "--num-heads", "2", "--text-len", "16", "--device", "cpu", "--mode", "native", "--out", str(out),
+                "--quiet", *extra]
+        assert cli.main(argv) == 0
+        return read_video(out / "native.mp4").astype(int), json.loads((out / "timings.json").read_text())
+
+    base, meta = run("base")
+    assert meta["lora"] is None
+    lora = ["--lora", fixture_path(LL_LORA), "--lora-alpha", "8"]
+    merged, meta = run("merged", *lora)
+    assert meta["lora"] == {"path": fixture_path(LL_LORA), "rank": 4, "layers": 20, "alpha": 8.0, "lora_scale": 1.0,
+                            "scaling": 2.0, "merged": True}
+    unmerged, meta = run("unmerged", *lora, "--lora-unmerged")
+    assert meta["lora"]["merged"] is False
+    off, _ = run("off", *lora, "--lora-scale", "0")
+    assert np.array_equal(off, base)
+    assert np.abs(merged - base).mean() > 2                    # a visible change (uint8 pixels)
+    # rounding only in the latents (test_lora.py: <= 1e-5); the lossy video encoding may move a few pixels
+    assert np.abs(merged - unmerged).mean() < 0.05 * np.abs(merged - base).mean()

@@ -80,7 +80,8 @@ def infer_geometry(sd: dict[str, torch.Tensor]) -> dict:
 def guess_backbone(path: str, names: list[str]) -> str:
     """A guess from the file name (the weights of the three backbones have identical shapes)."""
     if any("lora_" in n for n in names):
-        return "longlive (LoRA adapter: merge it into the base generator before use)"
+        return ("longlive? (LoRA weights inside a generator state dict, a peft-wrapped model: not a released format; "
+                "pass the base generator to --checkpoint and the adapter file to --lora)")
     base = os.path.basename(path).lower()
     for kind, hints in BACKBONE_HINTS.items():
         if any(h in base for h in hints):
@@ -179,7 +180,32 @@ def _consistency_config(geo: dict):
     return wan_1_3b(**{**geo, "num_heads": geo.get("num_heads", 1)}, latent_height=patch[1], latent_width=patch[2])
 
 
+def _is_lora(obj: dict) -> bool:
+    from lrag.lora import GENERATOR_ENTRY  # noqa: PLC0415
+
+    return GENERATOR_ENTRY in obj or (any(isinstance(k, str) and (".lora_A." in k or ".lora_B." in k) for k in obj)
+                                      and not any(isinstance(k, str) and k.endswith("patch_embedding.weight")
+                                                  for k in obj))
+
+
+def _describe_lora(path: str, obj: dict) -> dict:
+    """A LoRA adapter file (:mod:`lrag.lora`): rank, adapted layers, parameters."""
+    from lrag.lora import read_lora  # noqa: PLC0415
+
+    adapter = read_lora(obj)
+    kinds = Counter(name.split(".", 2)[2] if name.startswith("blocks.") else name for name in adapter.layers)
+    tensors = {f"{n}.{w}": t for n, ab in adapter.layers.items() for w, t in zip("AB", ab)}
+    info = {"path": path, "bytes": os.path.getsize(path), "kind": "LoRA adapter (LongLive lora.pt / peft format)",
+            "rank": adapter.rank, "num_layers_adapted": len(adapter.layers), "layer_kinds": dict(sorted(kinds.items())),
+            "ema": False, **_tensor_stats(tensors)}
+    if not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        info["top_level_keys"] = sorted(str(k) for k in obj)[:20]
+    return info
+
+
 def _describe(path: str, obj: dict) -> dict:
+    if _is_lora(obj):
+        return _describe_lora(path, obj)
     info: dict = {"path": path, "bytes": os.path.getsize(path)}
     if not all(isinstance(v, torch.Tensor) for v in obj.values()):
         info["top_level_keys"] = sorted(str(k) for k in obj)[:20]       # a wrapper, not a plain state dict
@@ -228,9 +254,15 @@ def format_description(info: dict) -> str:
         lines += _format_toy(info)
     if "embedding_dim" in info:
         lines.append(f"  embedding:   {info['embedding_dim']}-d")
+    if "rank" in info:
+        kinds = ", ".join(f"{k} x{n}" for k, n in info["layer_kinds"].items())
+        lines += [f"  rank:        {info['rank']} (scale = alpha / rank; the file has no alpha: --lora-alpha, "
+                  "default the rank)", f"  adapted:     {info['num_layers_adapted']} Linear layers ({kinds})",
+                  "  use:         lrag generate --lora FILE (with the base generator as --checkpoint)"]
     if "top_level_keys" in info:
         lines.append(f"  top level:   {', '.join(info['top_level_keys'][:8])}")
-    ema = ("yes (the exported weights are the training's EMA)" if info["kind"] == "toy generator" else
+    ema = ("n/a (an adapter)" if "rank" in info else
+           "yes (the exported weights are the training's EMA)" if info["kind"] == "toy generator" else
            "yes (ema.*, beside the trained model.* and the optimizer state)" if "toy_config" in info and info["ema"]
            else "yes (generator_ema, used by default)" if info["ema"] else "no")
     lines += [f"  EMA:         {ema}",

@@ -71,6 +71,17 @@ def _add_generate(sub) -> None:
     p.add_argument("--frames-per-block", type=int, default=None,
                    help="latent frames per block (default 3 for every backbone; 1 for frame-wise Causal-Forcing)")
     p.add_argument("--no-ema", action="store_true", help="use 'generator' instead of 'generator_ema'")
+    p.add_argument("--lora", default=None,
+                   help="a LoRA adapter for the generator, in LongLive's lora.pt format (peft lora_A / lora_B "
+                        "weights; its 'generator_lora' entry), merged into the weights at load")
+    p.add_argument("--lora-alpha", type=float, default=None,
+                   help="the adapter's alpha (the file does not store it): scale = alpha / rank (default: the "
+                        "rank, as LongLive's released config, rank 256 alpha 256)")
+    p.add_argument("--lora-scale", type=float, default=None,
+                   help="multiplies the adapter's effect (default 1: the released behaviour; 0 = base model)")
+    p.add_argument("--lora-unmerged", action="store_true",
+                   help="keep the adapter separate (forward hooks, peft's arithmetic: bit-identical to LongLive in "
+                        "float32, two extra small matmuls per layer) instead of merging it into the weights")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 

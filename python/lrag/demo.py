@@ -66,7 +66,9 @@ REFUSED = (("prompt", "--prompt", "the toy world has no text: the demo continues
            ("checkpoint", "--checkpoint", _MODEL), ("no_ema", "--no-ema", _MODEL), ("wan_dir", "--wan-dir", _MODEL),
            ("dtype", "--dtype", _MODEL), ("height", "--height", _MODEL), ("width", "--width", _MODEL),
            ("num_heads", "--num-heads", _MODEL), ("text_len", "--text-len", _MODEL),
-           ("frames_per_block", "--frames-per-block", _MODEL))
+           ("frames_per_block", "--frames-per-block", _MODEL), ("lora", "--lora", _MODEL),
+           ("lora_alpha", "--lora-alpha", _MODEL), ("lora_scale", "--lora-scale", _MODEL),
+           ("lora_unmerged", "--lora-unmerged", _MODEL))
 
 
 # ------------------------------------------------------------------------------------------------- rendering

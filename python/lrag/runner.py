@@ -28,6 +28,7 @@ import torch
 from lrag.errors import UsageError
 from lrag.config import WanConfig, wan_1_3b
 from lrag_ext.memory_config import MemoryConfig
+from lrag.lora import check_lora_scaling
 from lrag.generate import ModeRun, Progress, blocks_for_seconds, run_mode, write_outputs
 from lrag.pipeline import Pipeline
 from lrag_ext.state_dicts import (InputFileError, check_output_dir, check_regular_file, device_memory, error_summary,
@@ -214,7 +215,16 @@ def _real_checks(args) -> None:
         raise UsageError("--checkpoint is required without --demo (the released generator weights)")
     if args.prompt is None or not args.prompt.strip():
         raise UsageError("--prompt is required without --demo")
-    for option, path in (("--checkpoint", args.checkpoint), ("--embedder", args.embedder)):
+    if args.lora is None:
+        given = [o for o, v in (("--lora-alpha", args.lora_alpha), ("--lora-scale", args.lora_scale),
+                                ("--lora-unmerged", args.lora_unmerged)) if v not in (None, False)]
+        if given:
+            raise UsageError(f"{', '.join(given)} needs --lora (the adapter file)")
+    try:
+        check_lora_scaling(args.lora_alpha, 1.0 if args.lora_scale is None else args.lora_scale)
+    except ValueError as e:
+        raise UsageError(str(e).replace("LoRA alpha", "--lora-alpha").replace("LoRA scale", "--lora-scale")) from None
+    for option, path in (("--checkpoint", args.checkpoint), ("--embedder", args.embedder), ("--lora", args.lora)):
         if path is not None:
             try:
                 check_regular_file(path, option)
@@ -259,7 +269,27 @@ def _real_config(args) -> tuple[WanConfig, int]:
         check_generator(cfg, args.checkpoint, use_ema=False if args.no_ema else None)
     except (FileNotFoundError, InputFileError) as e:
         raise _file_error("--checkpoint", e) from None
+    _check_lora(args, cfg)
     return cfg, info["num_params"]
+
+
+def _check_lora(args, cfg: WanConfig) -> None:
+    """Checks ``--lora`` (read lazily) against the generator's layers on the ``meta`` device."""
+    if args.lora is None:
+        return
+    from lrag.lora import check_lora, read_lora  # noqa: PLC0415
+    from lrag.models.wan import CausalWanModel  # noqa: PLC0415
+
+    try:
+        adapter = read_lora(args.lora, lazy=True)
+    except (FileNotFoundError, InputFileError) as e:
+        raise _file_error("--lora", e) from None
+    with torch.device("meta"):
+        model = CausalWanModel(cfg)
+    try:
+        check_lora(model, adapter)
+    except ValueError as e:
+        raise UsageError(f"--lora {args.lora!r} does not fit --checkpoint: {e}") from None
 
 
 def _check_embedder(args, cfg: WanConfig) -> int:
@@ -324,13 +354,33 @@ def _real_setup(args, cfg: WanConfig, num_frames: int, tokenizer=None) -> Setup:
                                 device=device)
     except (FileNotFoundError, InputFileError) as e:   # changed since the check
         raise _file_error("--checkpoint", e) from None
+    lora = _apply_lora(args, model)
     pipe = Pipeline(model, retrieval=_retrieval(args, num_frames), embed=embed)
     def make_renderer(mode: str):
         decode = StreamingVAEDecoder(vae).decode
         return lambda block: decode(block.latents[0])
 
     return Setup(pipe, text, make_renderer,
-                 {"source": f"{args.backbone}: {args.checkpoint}", "embedder": embedder})
+                 {"source": f"{args.backbone}: {args.checkpoint}", "embedder": embedder, "lora": lora})
+
+
+def _apply_lora(args, model) -> dict | None:
+    """Merges (or attaches, ``--lora-unmerged``) ``--lora`` into ``model``; what was applied, for the run log."""
+    if args.lora is None:
+        return None
+    from lrag.lora import apply_lora, read_lora  # noqa: PLC0415
+
+    scale = 1.0 if args.lora_scale is None else args.lora_scale
+    try:
+        adapter = read_lora(args.lora)
+        apply_lora(model, adapter, alpha=args.lora_alpha, scale=scale, merge=not args.lora_unmerged)
+    except (FileNotFoundError, InputFileError) as e:   # changed since the check
+        raise _file_error("--lora", e) from None
+    except ValueError as e:
+        raise UsageError(f"--lora {args.lora!r}: {e}") from None
+    return {"path": args.lora, "rank": adapter.rank, "layers": len(adapter.layers),
+            "alpha": adapter.rank if args.lora_alpha is None else args.lora_alpha, "lora_scale": scale,
+            "scaling": adapter.scaling(args.lora_alpha, scale), "merged": not args.lora_unmerged}
 
 
 def _build(args, modes: list[str], tokenizer) -> tuple[Setup, int]:
