@@ -53,9 +53,14 @@ class BlockMemory:
         self.streams: list[int] = []
         self.retrievals = 0          # retrieve calls on the memory: the index of each block's record in its log
 
-    def retrieve(self, s: int, cache) -> Optional["lrag_ext.RetrievalPlan"]:
+    def retrieve(self, s: int, cache, hold: bool = False) -> Optional["lrag_ext.RetrievalPlan"]:
         """Retrieval for the block starting at ``s``: fills (or clears) the cache's memory slots; returns the plan,
-        or ``None`` when nothing was retrieved. No host synchronisation unless a position policy needs the ids."""
+        or ``None`` when nothing was retrieved. No host synchronisation unless a position policy needs the ids.
+
+        ``hold``: no retrieval for this block; the memory slots keep what the last retrieval put there (the
+        pipeline's ``retrieve_every``)."""
+        if hold:
+            return None
         cache.clear_memory()
         if s == 0 or self.memory is None:
             return None

@@ -76,6 +76,13 @@ class Pipeline:
     Args:
         model: the backbone (eval mode, weights loaded).
         denoising_steps: nominal steps, warped through the scheduler table ([1000, 750, 500, 250]).
+        first_block_steps: nominal steps for block 0 only (Causal-Forcing's ``denoising_step_list_first_chunk``:
+            its 1- and 2-step frame-wise models denoise the first frame in 4 steps); ``None``: block 0 uses
+            ``denoising_steps`` like every other block.
+        retrieve_every: ``rag`` mode retrieves at blocks ``0, N, 2N, ...`` only; the blocks in between keep the
+            frames the last retrieval put in the cache's memory slots (at the same positions). 1 (default):
+            every block, as the reference. A frame-wise model (1 frame per block) pays one retrieval per frame, so
+            ``N = 3`` gives it the retrieval rate of a 3-frame chunk-wise model.
         scheduler: defaults to ``FlowMatchScheduler(shift=5.0)``.
         context_noise: timestep of the context rerun (0).
         retrieval: the retrieval memory's :class:`lrag_ext.MemoryConfig` for ``rag`` mode (default
@@ -106,18 +113,33 @@ class Pipeline:
     def __init__(self, model: CausalWanModel, denoising_steps: Sequence[int] = (1000, 750, 500, 250),
                  scheduler: FlowMatchScheduler | None = None, context_noise: float = 0.0,
                  retrieval: lrag_ext.MemoryConfig | None = None, embed: Embedder | None = None,
-                 sampler: str = "renoise"):
+                 sampler: str = "renoise", first_block_steps: Sequence[int] | None = None,
+                 retrieve_every: int = 1):
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if isinstance(retrieve_every, bool) or not isinstance(retrieve_every, int) or retrieve_every < 1:
+            raise ValueError(f"retrieve_every must be an int >= 1, got {retrieve_every!r}")
+        self.retrieve_every = retrieve_every
         self.sampler = sampler
         self.model = model
         self.cfg = model.cfg
         self.scheduler = scheduler or FlowMatchScheduler(5.0)
         self.timesteps = self.scheduler.warp(list(denoising_steps))          # float32 [S]
+        self.first_timesteps = (None if first_block_steps is None
+                                else self.scheduler.warp(list(first_block_steps)))   # float32 [S0] or None
         self.context_noise = float(context_noise)
         self.retrieval = memory_config_for(self.cfg, retrieval)
         self.embed = embed or mean_descriptor
         self.memory: lrag_ext.RetrievalMemory | None = None
+
+    def block_timesteps(self, block: int) -> torch.Tensor:
+        """The warped timesteps block ``block`` is denoised with (float32 ``[S_b]``)."""
+        return self.first_timesteps if block == 0 and self.first_timesteps is not None else self.timesteps
+
+    @property
+    def max_steps(self) -> int:
+        """The most denoising steps any block takes (the trace's and ``renoise``'s step extent)."""
+        return max(len(self.timesteps), 0 if self.first_timesteps is None else len(self.first_timesteps))
 
     def _memory_config(self, embed_dim: int | None = None) -> lrag_ext.MemoryConfig:
         """:attr:`retrieval` completed from the model as it is now (device, dtype) and the embedder's size."""
@@ -140,7 +162,7 @@ class Pipeline:
                                  f"multiple of {F} and <= num_frames={num_frames}, got "
                                  f"{list(prefix.shape) if isinstance(prefix, torch.Tensor) else type(prefix).__name__}")
         if renoise is not None:
-            need = (num_frames // F, len(self.timesteps) - 1)
+            need = (num_frames // F, self.max_steps - 1)
             if tuple(renoise.shape[:2]) != need or renoise[0, 0].numel() != B * F * shape[2] * shape[3] * shape[4]:
                 raise ValueError(f"renoise must be [{need[0]}, {need[1]}, ...] with B*F*C*H*W elements per entry, "
                                  f"got {list(renoise.shape)}")
@@ -159,11 +181,14 @@ class Pipeline:
             mode: ``"rag"`` (retrieval memory; window-relative RoPE, as the reference retrieval model) or
                 ``"native"`` (sink + sliding window; absolute RoPE, as Self-Forcing / LongLive).
             noise: ``[B, num_frames, C, H, W]`` initial noise.
-            renoise: ``[blocks, steps - 1, ...]``; entry ``[b, j]`` (``B*F*C*H*W`` values in ``[B, F, C, H, W]``
-                order) is the noise added after denoising step ``j`` of block ``b``.
+            renoise: ``[blocks, max_steps - 1, ...]``; entry ``[b, j]`` (``B*F*C*H*W`` values in ``[B, F, C, H, W]``
+                order) is the noise added after denoising step ``j`` of block ``b`` (a block with fewer steps than
+                :attr:`max_steps` reads only its first ``S_b - 1`` entries).
             position_mode: override the RoPE position mode (``"absolute"`` / ``"window"``).
             callback: called with a :class:`BlockResult` after every block.
-            trace: also return the input and x0 of every forward (zeros for the denoising steps of prefix blocks).
+            trace: also return the input and x0 of every forward: ``[b, j]`` for denoising step ``j`` of block
+                ``b``, ``[b, max_steps]`` for its context rerun; zeros for the steps a block does not take and for
+                the denoising steps of prefix blocks.
             prefix: ``[B, P, C, H, W]`` clean latents of the first ``P`` frames (a multiple of
                 ``frames_per_block``), e.g. a ground-truth start to continue from: their blocks are not denoised
                 (nor do they use ``noise[:, :P]``, ``renoise[:P // F]`` or the generator) but go through everything
@@ -196,7 +221,7 @@ class Pipeline:
         self.memory = None          # created at the first append, when the embedding size is known
         memory = BlockMemory(model, self._memory_config, self.embed) if rag else None
         out = torch.zeros(shape, dtype=dtype, device=device)
-        steps = len(self.timesteps)
+        steps = self.max_steps                      # the trace's slot of the context rerun
         result = GenerationResult(out)
         if trace:
             result.x_in = torch.zeros((num_frames // F, steps + 1, B, F, *shape[2:]), dtype=dtype)
@@ -206,7 +231,7 @@ class Pipeline:
             s = b * F
             timings = {}
             t_block = time.perf_counter()
-            plan = memory.retrieve(s, cache) if rag else None
+            plan = memory.retrieve(s, cache, hold=b % self.retrieve_every != 0) if rag else None
             _sync(device, profile)
             timings["retrieval"] = time.perf_counter() - t_block
 
@@ -215,15 +240,16 @@ class Pipeline:
                 x0 = prefix[:, s:s + F].to(device=device, dtype=dtype)
             else:
                 x = noise[:, s:s + F]
-                for j in range(steps):
-                    t = torch.full((B, F), float(self.timesteps[j]), dtype=torch.float32, device=device)
+                timesteps = self.block_timesteps(b)
+                for j in range(len(timesteps)):
+                    t = torch.full((B, F), float(timesteps[j]), dtype=torch.float32, device=device)
                     flow = model(x, t, cache)
                     x0 = sched.to_x0(flow, x, t)
                     if trace:
                         result.x_in[b, j], result.x0[b, j] = x.cpu(), x0.cpu()
-                    if j == steps - 1:
+                    if j == len(timesteps) - 1:
                         break
-                    t_next = torch.full((B, F), float(self.timesteps[j + 1]), dtype=torch.float32, device=device)
+                    t_next = torch.full((B, F), float(timesteps[j + 1]), dtype=torch.float32, device=device)
                     if self.sampler == "euler":
                         x = sched.euler_step(x, flow, t, t_next)
                         continue
