@@ -144,17 +144,59 @@ def test_attached_adapter_adds_the_low_rank_path_and_can_change_scale_and_be_rem
     assert torch.equal(layer(x), base)
 
 
-def test_merged_and_attached_agree_on_a_bf16_model():
-    # LongLive runs in bf16: merging happens in float32, then one rounding to bf16.
-    merged, attached = _small_model().to(torch.bfloat16), _small_model().to(torch.bfloat16)
-    adapter = _random_adapter(merged)
-    merge_lora(merged, adapter)
-    attach_lora(attached, adapter)
+def test_bf16_merge_rounds_once():
+    # LongLive runs in bf16: the merge is computed in float32, then rounded to bf16 once.
+    model = _small_model().to(torch.bfloat16)
+    adapter = _random_adapter(model)
+    w0 = model.blocks[0].self_attn.q.weight.clone()
+    merge_lora(model, adapter, alpha=1.5)
+    a, b = adapter.layers["blocks.0.self_attn.q"]
+    assert torch.equal(model.blocks[0].self_attn.q.weight, (w0.float() + 0.5 * (b @ a)).to(torch.bfloat16))
+
+
+def test_float64_merge_keeps_float64_precision():
+    model = _small_model().double()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    merge_lora(model, _random_adapter(model), scale=0.0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())     # scale 0: exactly the base
+
+
+def test_attached_hooks_compute_in_the_model_dtype():
+    model = _small_model().to(torch.bfloat16)
+    adapter = _random_adapter(model, layers=("blocks.0.self_attn.q",))
+    layer = model.blocks[0].self_attn.q
     x = torch.randn(4, 64).to(torch.bfloat16)
-    ref = merged.blocks[0].self_attn.q(x).float()
-    got = attached.blocks[0].self_attn.q(x).float()
-    assert merged.blocks[0].self_attn.q.weight.dtype == torch.bfloat16
-    assert (ref - got).abs().max() <= 0.05 * ref.abs().max()
+    base = layer(x)
+    attach_lora(model, adapter)
+    a, b = (t.to(torch.bfloat16) for t in adapter.layers["blocks.0.self_attn.q"])
+    assert torch.equal(layer(x), base + torch.nn.functional.linear(torch.nn.functional.linear(x, a), b) * 1.0)
+
+
+def test_attach_that_fails_midway_leaves_no_hook(monkeypatch):
+    model = _small_model()
+    adapter = _random_adapter(model, layers=("blocks.0.self_attn.q", "blocks.0.self_attn.k", "blocks.1.ffn.0"))
+    calls = []
+    real_to = torch.Tensor.to
+
+    def failing_to(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:                       # the second layer's B: as an out-of-memory copy would
+            raise RuntimeError("simulated out of memory")
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", failing_to)
+    with pytest.raises(RuntimeError, match="simulated"):
+        attach_lora(model, adapter)
+    monkeypatch.undo()
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_scale_of_an_attached_adapter_is_checked():
+    model = _small_model()
+    handle = attach_lora(model, _random_adapter(model))
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        handle.scale = float("nan")
+    assert handle.scale == 1.0
 
 
 # ------------------------------------------------------------------------------------------- formats
@@ -164,7 +206,9 @@ def test_plain_and_safetensors_adapters_read_the_same(tmp_path):
     torch.save(ck["generator_lora"], tmp_path / "plain.pt")                # inference.py accepts both forms
     save_file(ck["generator_lora"], str(tmp_path / "lora.safetensors"))
     fsdp = {k.replace("blocks.", "_fsdp_wrapped_module.blocks."): v for k, v in ck["generator_lora"].items()}
-    for source in (tmp_path / "plain.pt", str(tmp_path / "lora.safetensors"), fsdp):
+    ddp = {f"module.{k}": v for k, v in ck["generator_lora"].items()}
+    named = {k.replace(".weight", ".default.weight"): v for k, v in ck["generator_lora"].items()}   # raw peft names
+    for source in (tmp_path / "plain.pt", str(tmp_path / "lora.safetensors"), fsdp, ddp, named):
         got = read_lora(source)
         assert got.rank == ref.rank and sorted(got.layers) == sorted(ref.layers)
         assert all(torch.equal(got.layers[n][i], ref.layers[n][i]) for n in ref.layers for i in (0, 1))
@@ -189,7 +233,14 @@ KEY_B = "base_model.model.blocks.0.self_attn.q.lora_B.weight"
     (lambda sd: sd.update({KEY_A: torch.zeros(4, 64, 1)}), "2-d floating-point tensor"),
     (lambda sd: sd.update({KEY_A: "weights"}), "2-d floating-point tensor, got str"),
     (lambda sd: sd.clear(), "holds no lora_A / lora_B weights"),
-    (lambda sd: sd.update({KEY_A.replace("lora_A", "lora_A.default"): torch.zeros(4, 64)}), "other keys"),
+    (lambda sd: sd.update({KEY_A.replace("lora_A", "lora_A.default"): torch.zeros(4, 64)}),
+     "layer 'blocks.0.self_attn.q' has two lora_A matrices"),
+    (lambda sd: sd.update({"base_model.model.blocks.0.extra.lora_A.other.weight": torch.zeros(4, 64)}),
+     "several peft adapters"),
+    (lambda sd: sd.update({"base_model.model.blocks.0.self_attn.q.base_layer.weight": torch.zeros(64, 64)}),
+     "a raw peft model state dict"),
+    (lambda sd: sd.update({"generator": {}}), "this is a generator checkpoint"),
+    (lambda sd: sd.update({"model.patch_embedding.weight": torch.zeros(1)}), "a model's weights"),
 ])
 def test_malformed_adapters_are_refused_with_the_reason(edit, message):
     sd = _sd()
@@ -209,6 +260,8 @@ def test_non_dict_and_non_string_keys():
 
 @pytest.mark.parametrize("layers, message", [
     ({"blocks.7.self_attn.q": (torch.zeros(4, 64), torch.zeros(64, 4))}, "blocks.7.self_attn.q: no such layer"),
+    ({"blocks.1.ffn.2": (torch.zeros(4, 128), torch.zeros(64, 3))}, "are not \\[4, in\\] and \\[out, 4\\]"),
+    ({"head.head": (torch.zeros(4, 64), torch.zeros(64, 4))}, "head.head: outside the attention blocks"),
     ({"blocks.0.norm3": (torch.zeros(4, 64), torch.zeros(64, 4))}, "a LayerNorm, not a Linear layer"),
     ({"blocks.0.ffn.0": (torch.zeros(4, 64), torch.zeros(64, 4))}, "adapter maps 64 -> 64 features, the layer 64 -> 128"),
 ])
@@ -249,5 +302,14 @@ def test_file_errors_name_the_file(tmp_path):
     with pytest.raises(InputFileError, match="bad.pt"):
         apply_lora(_small_model(), bad)
     # a generator checkpoint given as the adapter
-    with pytest.raises(InputFileError, match="not a LoRA adapter"):
+    with pytest.raises(InputFileError, match="this is a generator checkpoint"):
         read_lora(fixture_path(CKPT))
+    # an adapter file for layers the model does not have: the file is named, the model unchanged
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"base_model.model.blocks.5.ffn.0.lora_A.weight": torch.zeros(2, 64),
+                "base_model.model.blocks.5.ffn.0.lora_B.weight": torch.zeros(128, 2)}, wrong)
+    model = _small_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(InputFileError, match="(?s)wrong.pt.*blocks.5.ffn.0: no such layer"):
+        apply_lora(model, wrong)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

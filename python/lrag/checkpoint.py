@@ -55,8 +55,18 @@ def select_state_dict(ckpt: dict, use_ema: bool | None = None) -> dict[str, torc
     return ckpt
 
 
+def strip_wrappers(name: str) -> str:
+    """A parameter name without the prefixes training wrappers add: ``_fsdp_wrapped_module.`` anywhere, then a
+    leading ``module.`` (DDP), then a leading ``model.`` (``WanDiffusionWrapper.model``)."""
+    name = name.replace("_fsdp_wrapped_module.", "")
+    for prefix in ("module.", "model."):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    return name
+
+
 def normalize_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Removes wrapper prefixes (``_fsdp_wrapped_module.``, leading ``model.`` / ``module.``).
+    """Removes wrapper prefixes from every key (:func:`strip_wrappers`).
 
     Raises:
         TypeError: a key is not a string.
@@ -65,11 +75,7 @@ def normalize_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for name, value in sd.items():
         if not isinstance(name, str):
             raise TypeError(f"state dict keys must be strings, got {name!r}")
-        name = name.replace("_fsdp_wrapped_module.", "")
-        for prefix in ("module.", "model."):
-            if name.startswith(prefix):
-                name = name[len(prefix):]
-        out[name] = value
+        out[strip_wrappers(name)] = value
     return out
 
 

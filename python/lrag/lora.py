@@ -23,7 +23,8 @@ LongLive's ``configure_lora_for_model``). ``lora_scale`` is ours (1 = the releas
 **Two ways to apply it:**
 
 - :func:`merge_lora` (the default of :func:`apply_lora` and of ``lrag generate --lora``): ``W ← W + s · B A``,
-  computed in float32 and cast to the weight's dtype. No cost per forward. In float32 the result differs from
+  computed in float32 (float64 for a float64 model) and cast to the weight's dtype; ``lrag generate`` merges into
+  the checkpoint's weights before casting them to ``--dtype``. No cost per forward. In float32 the result differs from
   peft's unmerged forward by rounding only (``W x + s B(A x)`` and ``(W + s B A) x`` are summed in another order).
 - :func:`attach_lora`: forward hooks that add ``s · B (A x)`` to the layer's output, the operations of peft's
   forward in its order, so a float32 run is bit-identical to LongLive's. Costs two small matmuls per adapted layer;
@@ -34,17 +35,23 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lrag.checkpoint import strip_wrappers
 from lrag_ext.state_dicts import checkpoint_source, naming_file
 
 GENERATOR_ENTRY = "generator_lora"
 _PEFT_PREFIX = "base_model.model."
-_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
+# peft's adapter weights: "<module>.lora_A.weight" as get_peft_model_state_dict saves them, or
+# "<module>.lora_A.<adapter name>.weight" as the raw PeftModel.state_dict() holds them
+_ADAPTER_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+# LongLive adapts the Linear layers inside the attention blocks only (configure_lora_for_model)
+ADAPTED_PREFIX = "blocks."
 
 
 @dataclass(frozen=True)
@@ -81,22 +88,32 @@ def select_lora_state_dict(ckpt) -> dict:
     return ckpt
 
 
-def _module_name(key: str) -> tuple[str, str] | None:
-    """``(module, "A" | "B")`` of a peft adapter key, or ``None`` when ``key`` is not a ``lora_A`` / ``lora_B``
-    weight. Wrapper prefixes are removed: ``_fsdp_wrapped_module.`` anywhere, peft's ``base_model.model.``, then a
-    leading ``model.`` (an adapter made on ``WanDiffusionWrapper`` rather than on its ``.model``)."""
-    name = key.replace("_fsdp_wrapped_module.", "")
-    for suffix, which in _SUFFIXES.items():
-        if name.endswith(suffix):
-            module = name[: -len(suffix)]
-            break
-    else:
+def _module_name(key: str) -> tuple[str, str, str | None] | None:
+    """``(module, "A" | "B", adapter name or None)`` of a peft adapter key, or ``None`` when ``key`` is not a
+    ``lora_A`` / ``lora_B`` weight. Wrapper prefixes are removed (:func:`lrag.checkpoint.strip_wrappers`, peft's
+    ``base_model.model.``, then again for an adapter made on ``WanDiffusionWrapper`` rather than its ``.model``)."""
+    match = _ADAPTER_KEY.match(key)
+    if match is None:
         return None
+    module = strip_wrappers(match["module"])
     if module.startswith(_PEFT_PREFIX):
-        module = module[len(_PEFT_PREFIX):]
-    if module.startswith("model."):
-        module = module[len("model."):]
-    return module, which
+        module = strip_wrappers(module[len(_PEFT_PREFIX):])
+    return module, match["which"], match["adapter"]
+
+
+def _not_an_adapter(unknown: list[str]) -> str:
+    """Why a state dict with keys that are not adapter weights was refused, as specifically as the keys tell."""
+    names = sorted(unknown)
+    if {"generator", "generator_ema"} & set(names):
+        return ("this is a generator checkpoint (entries " + ", ".join(n for n in names if n.startswith("generator"))
+                + "), not a LoRA adapter: give it to --checkpoint")
+    if any(".base_layer." in n for n in names):
+        return (f"a raw peft model state dict ({len(names)} base-model keys such as {names[0]!r}): save the adapter "
+                "alone with peft.get_peft_model_state_dict, as LongLive's trainer does")
+    if any("patch_embedding" in n or n.endswith("head.head.weight") for n in names):
+        return f"a model's weights ({len(names)} keys such as {names[0]!r}), not a LoRA adapter"
+    return (f"not a LoRA adapter of lora_A / lora_B weights: {len(names)} other keys {names[:6]} (DoRA, LoRA biases "
+            "and embedding adapters are not supported)")
 
 
 def parse_lora(sd: dict) -> LoraAdapter:
@@ -110,7 +127,7 @@ def parse_lora(sd: dict) -> LoraAdapter:
         TypeError: a key that is not a string.
     """
     parts: dict[str, dict[str, torch.Tensor]] = {}
-    unknown = []
+    unknown, adapters = [], set()
     for key, value in sd.items():
         if not isinstance(key, str):
             raise TypeError(f"LoRA state dict keys must be strings, got {key!r}")
@@ -118,7 +135,8 @@ def parse_lora(sd: dict) -> LoraAdapter:
         if parsed is None:
             unknown.append(key)
             continue
-        module, which = parsed
+        module, which, adapter = parsed
+        adapters.add(adapter)
         if not isinstance(value, torch.Tensor) or value.dim() != 2 or not value.is_floating_point():
             what = (f"a {value.dim()}-d {value.dtype} tensor" if isinstance(value, torch.Tensor)
                     else type(value).__name__)
@@ -127,8 +145,9 @@ def parse_lora(sd: dict) -> LoraAdapter:
             raise ValueError(f"{key}: layer {module!r} has two lora_{which} matrices")
         parts[module][which] = value
     if unknown:
-        raise ValueError(f"not a LoRA adapter of lora_A / lora_B weights: {len(unknown)} other keys "
-                         f"{sorted(unknown)[:6]} (DoRA, LoRA biases and embedding adapters are not supported)")
+        raise ValueError(_not_an_adapter(unknown))
+    if len(adapters) > 1:
+        raise ValueError(f"the state dict holds several peft adapters {sorted(map(str, adapters))}: keep one")
     if not parts:
         raise ValueError("the LoRA state dict holds no lora_A / lora_B weights")
     layers, ranks = {}, {}
@@ -165,7 +184,9 @@ def read_lora(path_or_ckpt, lazy: bool = False) -> LoraAdapter:
 
 
 def check_lora(model: nn.Module, adapter: LoraAdapter) -> None:
-    """Checks that every adapted layer is an ``nn.Linear`` of ``model`` with matching features.
+    """Checks that every adapted layer is an ``nn.Linear`` inside the attention blocks of ``model`` (``blocks.*``,
+    where LongLive's ``configure_lora_for_model`` places adapters) with matching features, and that its matrices
+    have the adapter's rank.
 
     Raises:
         ValueError: every layer that does not fit, listed.
@@ -174,7 +195,13 @@ def check_lora(model: nn.Module, adapter: LoraAdapter) -> None:
     problems = []
     for name, (a, b) in adapter.layers.items():
         layer = modules.get(name)
-        if not isinstance(layer, nn.Linear):
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != adapter.rank or b.shape[1] != adapter.rank:
+            problems.append(f"{name}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not [{adapter.rank}, in] "
+                            f"and [out, {adapter.rank}] (the adapter's rank)")
+        elif not name.startswith(ADAPTED_PREFIX):
+            problems.append(f"{name}: outside the attention blocks, where LongLive places no adapter (peft would "
+                            "ignore it)")
+        elif not isinstance(layer, nn.Linear):
             problems.append(f"{name}: " + ("no such layer" if layer is None else
                                            f"a {type(layer).__name__}, not a Linear layer"))
         elif (a.shape[1], b.shape[0]) != (layer.in_features, layer.out_features):
@@ -186,20 +213,22 @@ def check_lora(model: nn.Module, adapter: LoraAdapter) -> None:
                          (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""))
 
 
-def check_lora_scaling(alpha, scale) -> None:
-    """``ValueError`` for an ``alpha`` that is not a finite number > 0 or a ``scale`` that is not finite."""
-    for name, value in (("alpha", alpha), ("scale", scale)):
+def check_lora_scaling(alpha, scale, names: tuple[str, str] = ("LoRA alpha", "LoRA scale")) -> None:
+    """``ValueError`` for an ``alpha`` that is not a finite number > 0 (``None``: the rank) or a ``scale`` that is
+    not a finite number; the messages call them ``names``."""
+    for name, value in zip(names, (alpha, scale)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not math.isfinite(value)):
-            raise ValueError(f"LoRA {name} must be a finite number, got {value!r}")
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
     if alpha is not None and alpha <= 0:
-        raise ValueError(f"LoRA alpha must be > 0, got {alpha!r}")
+        raise ValueError(f"{names[0]} must be > 0, got {alpha!r}")
 
 
 @torch.no_grad()
 def merge_lora(model: nn.Module, adapter: LoraAdapter, alpha: float | None = None, scale: float = 1.0) -> nn.Module:
-    """Adds ``s · B A`` to the weight of every adapted layer of ``model``, in place (float32 arithmetic, the result
-    cast to the weight's dtype). ``model`` is checked first and unchanged when that fails.
+    """Adds ``s · B A`` to the weight of every adapted layer of ``model``, in place (float32 arithmetic, float64 for
+    a float64 model; the result cast to the weight's dtype). ``model`` is unchanged when anything fails (the new
+    weights are all computed before the first is written). Merging the same adapter twice adds it twice.
 
     Raises:
         ValueError: as :func:`check_lora`, or a non-finite / non-positive ``alpha`` or non-finite ``scale``.
@@ -208,10 +237,14 @@ def merge_lora(model: nn.Module, adapter: LoraAdapter, alpha: float | None = Non
     check_lora(model, adapter)
     s = adapter.scaling(alpha, scale)
     modules = dict(model.named_modules())
-    for name, (a, b) in adapter.layers.items():
+    merged = {}
+    for name, (a, b) in adapter.layers.items():      # every new weight first: a failure changes nothing
         weight = modules[name].weight
-        delta = b.to(weight.device, torch.float32) @ a.to(weight.device, torch.float32)
-        weight.copy_((weight.float() + s * delta).to(weight.dtype))
+        work = torch.promote_types(weight.dtype, torch.float32)    # float32, or float64 for a float64 model
+        delta = b.to(weight.device, work) @ a.to(weight.device, work)
+        merged[name] = (weight.to(work) + s * delta).to(weight.dtype)
+    for name, weight in merged.items():
+        modules[name].weight.copy_(weight)
     return model
 
 
@@ -219,19 +252,28 @@ class AttachedLora:
     """The forward hooks of :func:`attach_lora`: each adapted layer's output gets ``+ s · B (A x)``.
 
     Attributes:
-        scale: the ``lora_scale`` factor of ``s`` (settable between forwards; 0 turns the adapter off).
+        scale: the ``lora_scale`` factor of ``s`` (settable between forwards, a finite number; 0 turns the
+            adapter off).
     """
 
     def __init__(self, model: nn.Module, adapter: LoraAdapter, alpha: float | None, scale: float):
         self.adapter, self.alpha = adapter, alpha
         self.scale = scale
         modules = dict(model.named_modules())
-        self._handles = []
-        for name, (a, b) in adapter.layers.items():
-            layer = modules[name]
-            w = layer.weight
-            pair = (a.to(w.device, w.dtype), b.to(w.device, w.dtype))
-            self._handles.append(layer.register_forward_hook(self._hook(pair)))
+        pairs = {}
+        for name, (a, b) in adapter.layers.items():     # every copy first: a failure leaves no hook behind
+            w = modules[name].weight
+            pairs[name] = (a.to(w.device, w.dtype), b.to(w.device, w.dtype))
+        self._handles = [modules[name].register_forward_hook(self._hook(pair)) for name, pair in pairs.items()]
+
+    @property
+    def scale(self) -> float:
+        return self._scale
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        check_lora_scaling(None, value)
+        self._scale = float(value)
 
     @property
     def scaling(self) -> float:
@@ -274,7 +316,7 @@ def apply_lora(model: nn.Module, source: LoraAdapter | str | os.PathLike | dict,
     Raises:
         As :func:`read_lora` and :func:`merge_lora`; a file's content errors name the file.
     """
-    check_lora_scaling(alpha, scale)          # an option error, not the file's
+    check_lora_scaling(alpha, scale)          # an argument error, not the file's
     adapter = source if isinstance(source, LoraAdapter) else read_lora(source)
     path = os.fspath(source) if isinstance(source, (str, os.PathLike)) else None
     with naming_file(path, "LoRA checkpoint"):

@@ -221,9 +221,10 @@ def _real_checks(args) -> None:
         if given:
             raise UsageError(f"{', '.join(given)} needs --lora (the adapter file)")
     try:
-        check_lora_scaling(args.lora_alpha, 1.0 if args.lora_scale is None else args.lora_scale)
+        check_lora_scaling(args.lora_alpha, 1.0 if args.lora_scale is None else args.lora_scale,
+                           names=("--lora-alpha", "--lora-scale"))
     except ValueError as e:
-        raise UsageError(str(e).replace("LoRA alpha", "--lora-alpha").replace("LoRA scale", "--lora-scale")) from None
+        raise UsageError(str(e)) from None
     for option, path in (("--checkpoint", args.checkpoint), ("--embedder", args.embedder), ("--lora", args.lora)):
         if path is not None:
             try:
@@ -349,12 +350,16 @@ def _real_setup(args, cfg: WanConfig, num_frames: int, tokenizer=None) -> Setup:
     if vae.config.z_dim != cfg.in_dim:
         raise UsageError(f"the VAE of --wan-dir has {vae.config.z_dim} latent channels, the checkpoint "
                          f"{cfg.in_dim}")
+    # A merged adapter goes into the checkpoint's weights on the host, before the one cast to --dtype; an attached
+    # one hooks the model where it runs (its matrices copied to that device and dtype).
+    merge_first = args.lora is not None and not args.lora_unmerged
     try:
-        model = build_generator(cfg, args.checkpoint, use_ema=False if args.no_ema else None, dtype=dtype,
-                                device=device)
+        model = build_generator(cfg, args.checkpoint, use_ema=False if args.no_ema else None,
+                                dtype=None if merge_first else dtype, device="cpu" if merge_first else device)
     except (FileNotFoundError, InputFileError) as e:   # changed since the check
         raise _file_error("--checkpoint", e) from None
     lora = _apply_lora(args, model)
+    model = model.to(device=device, dtype=dtype)
     pipe = Pipeline(model, retrieval=_retrieval(args, num_frames), embed=embed)
     def make_renderer(mode: str):
         decode = StreamingVAEDecoder(vae).decode
