@@ -172,7 +172,8 @@ setup(
     # the trained toy generator of `lrag generate --demo` (lrag.toy.shipped) and the toy retrieval embedder
     # (docs/toy_embedder.md), each with its card: installed with the package
     package_data={"lrag.toy.weights": ["toy_generator.safetensors", "toy_generator.json", "toy_embedder.pt",
-                                       "toy_embedder.json"]},
+                                       "toy_embedder.json"],
+                  "lrag": ["data/checkpoints.json"]},          # the checkpoint registry (lrag.registry)
     ext_modules=EXT_MODULES,
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

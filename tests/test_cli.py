@@ -675,3 +675,96 @@ def test_real_run_with_lora(tiny_wan, tmp_path):
     assert np.abs(merged - base).mean() > 2                    # a visible change (uint8 pixels)
     # rounding only in the latents (test_lora.py: <= 1e-5); the lossy video encoding may move a few pixels
     assert np.abs(merged - unmerged).mean() < 0.05 * np.abs(merged - base).mean()
+
+
+# ------------------------------------------------------------------------------------------------- registry
+@pytest.fixture
+def tiny_registry(monkeypatch):
+    """The shipped registry with the tiny test geometry: the tiny golden checkpoints, saved under a release's
+    file name, are that release."""
+    from lrag import registry
+    from test_registry import tiny_registry_doc
+    parsed = registry.parse_registry(tiny_registry_doc())
+    monkeypatch.setattr(registry, "_registry", lambda: parsed)
+    return registry
+
+
+def _as_release(tmp_path, fixture, relative):
+    path = tmp_path / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(fixture_path(fixture), path)
+    return str(path)
+
+
+def test_inspect_names_the_registered_release(tiny_registry, tmp_path, capsys):
+    path = _as_release(tmp_path, "cf_framewise_tiny_ckpt.pt", "causal-forcing++/framewise-2step.pt")
+    assert cli.main(["inspect", path]) == 0
+    out = capsys.readouterr().out
+    assert "release:     causal-forcing-pp-framewise-2step (Causal Forcing++, frame-wise 2-step" in out
+    assert "runs with:   1 frame(s) per block, steps [1000, 500], first block [1000, 750, 500, 250]" in out
+    assert describe_checkpoint(path)["release"] == "causal-forcing-pp-framewise-2step"
+    ll = _as_release(tmp_path, "longlive_lora_tiny_ckpt.pt", "models/longlive_base.pt")
+    assert cli.main(["inspect", ll]) == 0
+    out = capsys.readouterr().out
+    assert "longlive-base" in out and "sink 3, the 'generator' entry" in out and "lrag generate --lora" in out
+
+
+@pytest.mark.parametrize("relative, extra, message", [
+    ("framewise-2step.pt", ["--frames-per-block", "3"],
+     "--frames-per-block 3 cannot work with causal-forcing-pp-framewise-2step: it was trained to generate 1 latent"),
+    ("framewise-2step.pt", ["--backbone", "longlive"],
+     "--backbone longlive does not fit --checkpoint, the causal-forcing release causal-forcing-pp-framewise-2step"),
+    ("my_model.pt", [], "--backbone is required without --demo"),
+    ("my_model.pt", ["--checkpoint-name", "cf-9step"], "--checkpoint-name 'cf-9step' is not a registered release"),
+    ("framewise-2step.pt", ["--sink", "12"], "--sink 12 does not fit the 12-frame window"),
+    ("framewise-2step.pt", ["--retrieve-every", "0"], "--retrieve-every must be >= 1, got 0"),
+    ("framewise-2step.pt", ["--steps", "1000,2000"], "argument --steps: a comma-separated list of ints in [0, 1000]"),
+    ("framewise-2step.pt", ["--first-block-steps", "x"], "argument --first-block-steps: a comma-separated list"),
+])
+def test_registry_option_errors(tiny_registry, tmp_path, capsys, monkeypatch, relative, extra, message):
+    path = _as_release(tmp_path, "cf_framewise_tiny_ckpt.pt", relative)
+    from lrag import runner
+    monkeypatch.setattr(runner, "_real_setup", lambda *a, **k: pytest.fail("setup reached"))
+    err = cli_error(["generate", "--prompt", "a cat", "--out", str(tmp_path / "out"), "--checkpoint", path,
+                     "--num-heads", "2", "--wan-dir", str(fake_wan_dir(tmp_path / "wan")), *extra], capsys)
+    assert message in err
+    assert not (tmp_path / "out").exists()
+
+
+def _tiny_run(tiny_wan, tmp_path, checkpoint, *extra):
+    out = tmp_path / "out"
+    argv = ["generate", "--checkpoint", checkpoint, "--wan-dir", str(tiny_wan), "--prompt", "a dog", "--height", "64",
+            "--width", "64", "--num-heads", "2", "--text-len", "16", "--device", "cpu", "--out", str(out), "--quiet",
+            *extra]
+    assert cli.main(argv) == 0
+    return json.loads((out / "timings.json").read_text()), json.loads((out / "memory_log.json").read_text())
+
+
+def test_registered_frame_wise_release_runs_with_its_own_schedule(tiny_registry, tiny_wan, tmp_path, capsys):
+    path = _as_release(tmp_path, "cf_framewise_tiny_ckpt.pt", "causal-forcing++/framewise-2step.pt")
+    meta, log = _tiny_run(tiny_wan, tmp_path, path, "--seconds", "5", "--top-k", "2", "--recent-exclude", "0",
+                          "--retrieve-every", "3")                 # no --backbone: the registry names the file
+    assert meta["release"] == "causal-forcing-pp-framewise-2step" and meta["title"] == "causal-forcing"
+    assert (meta["frames_per_block"], meta["num_blocks"], meta["window"], meta["sink"]) == (1, 20, 12, 1)
+    assert meta["steps"] == [1000, 500] and meta["first_block_steps"] == [1000, 750, 500, 250]
+    assert meta["state_dict_entry"] == "generator_ema" and meta["retrieve_every"] == 3
+    blocks = [r["block"] for r in log["records"]]
+    assert blocks and all(b % 3 == 0 for b in blocks) and blocks == list(range(blocks[0], 20, 3))
+
+
+def test_registered_longlive_runs_with_sink_3_and_its_generator_entry(tiny_registry, tiny_wan, tmp_path, capsys):
+    path = _as_release(tmp_path, "longlive_lora_tiny_ckpt.pt", "longlive_models/models/longlive_base.pt")
+    meta, _ = _tiny_run(tiny_wan, tmp_path, path, "--seconds", "1.5", "--mode", "native")
+    assert "released with a LoRA adapter" in capsys.readouterr().err
+    assert meta["release"] == "longlive-base" and meta["sink"] == 3 and meta["state_dict_entry"] == "generator"
+    shutil.rmtree(tmp_path / "out")
+    meta, _ = _tiny_run(tiny_wan, tmp_path, path, "--seconds", "1.5", "--mode", "native", "--sink", "1",
+                        "--lora", fixture_path(LL_LORA))
+    assert meta["sink"] == 1
+    assert meta["lora"]["alpha"] == 4                   # a rank-4 adapter is not the release's (rank 256, alpha 256)
+    # a renamed copy is unknown by name; --checkpoint-name makes it the release again
+    renamed = _as_release(tmp_path, "longlive_lora_tiny_ckpt.pt", "mine.pt")
+    shutil.rmtree(tmp_path / "out")
+    meta, _ = _tiny_run(tiny_wan, tmp_path, renamed, "--seconds", "1.5", "--mode", "native", "--checkpoint-name",
+                        "longlive-base")
+    assert meta["release"] == "longlive-base" and meta["state_dict_entry"] == "generator"

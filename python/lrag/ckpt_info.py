@@ -212,9 +212,15 @@ def _describe(path: str, obj: dict) -> dict:
     info["ema"] = "generator_ema" in obj
     sd = normalize_keys(_tensors(select_state_dict(obj)))
     if "patch_embedding.weight" in sd:
+        from lrag.registry import identify  # noqa: PLC0415
+
         info["kind"] = "generator"
-        info["backbone_guess"] = guess_backbone(path, list(sd))
         info["geometry"] = infer_geometry(sd)
+        match = identify(path, info["geometry"], info.get("top_level_keys"))
+        info["release"] = match.entry.name if match.entry is not None else None
+        info["registry"] = match.describe()
+        info["backbone_guess"] = (f"{match.entry.backbone} (the registered release {match.entry.name})"
+                                  if match.entry is not None else guess_backbone(path, list(sd)))
         if not any("lora_" in n for n in sd):
             check_generator(_consistency_config(info["geometry"]), obj)
     elif any(k.startswith("encoder.conv_stack") for k in sd) or set(sd) == {"fc.weight", "fc.bias"}:
@@ -240,6 +246,10 @@ def format_description(info: dict) -> str:
         lines[-1] += f" ({info['format']}, written by lrag train-toy)"
     if "backbone_guess" in info:
         lines.append(f"  backbone:    {info['backbone_guess']}")
+    if "registry" in info:
+        lines.append(f"  release:     {info['registry']}")
+        if info.get("release"):
+            lines += _format_release(info["release"])
     geo = info.get("geometry")
     if geo:
         heads = geo.get("num_heads")
@@ -269,6 +279,21 @@ def format_description(info: dict) -> str:
               f"  dtype:       {info['dtype']}", f"  tensors:     {info['num_tensors']}",
               f"  parameters:  {info['num_params']:,}"]
     return "\n".join(lines)
+
+
+def _format_release(name: str) -> list[str]:
+    """What ``lrag generate`` takes from the registered release ``name``."""
+    from lrag.registry import entry  # noqa: PLC0415
+
+    e = entry(name)
+    first = f", first block {list(e.first_block_steps)}" if e.first_block_steps else ""
+    lines = [f"  runs with:   {e.frames_per_block} frame(s) per block, steps {list(e.steps)}{first}, window {e.window}, "
+             f"sink {e.sink}, the {e.ema_key!r} entry",
+             f"  released:    {e.describe_release_attention()} attention; {e.upstream}"]
+    if e.lora:
+        lines.append(f"  adapter:     released with {e.lora['file']} (rank {e.lora['rank']}, alpha {e.lora['alpha']}): "
+                     "lrag generate --lora")
+    return lines
 
 
 def _format_toy(info: dict) -> list[str]:

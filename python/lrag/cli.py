@@ -25,6 +25,19 @@ def _memory_position(value: str):
     return int(value) if value.isdigit() else value
 
 
+def _step_list(value: str):
+    """``"1000,750,500,250"`` -> ``[1000, 750, 500, 250]``; ``"none"`` -> ``()`` (an explicit "no list")."""
+    if value.strip().lower() == "none":
+        return ()
+    try:
+        steps = [int(v) for v in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a comma-separated list of ints in [0, 1000], got {value!r}") from None
+    if not steps or not all(0 <= t <= 1000 for t in steps):
+        raise argparse.ArgumentTypeError(f"a comma-separated list of ints in [0, 1000], got {value!r}")
+    return steps
+
+
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate a long video (real checkpoints, or the toy --demo)",
                        description="Generate a video block by block with LongLive-RAG retrieval (or natively).")
@@ -37,7 +50,8 @@ def _add_generate(sub) -> None:
                    help="video length, rounded up to whole 0.75 s blocks (default 30 = 40 blocks; --demo: the "
                         "generated part, after the ground-truth prefix)")
     p.add_argument("--backbone", choices=BACKBONES, default=None,
-                   help="which released generator --checkpoint holds (required without --demo)")
+                   help="which released generator --checkpoint holds (required without --demo unless the file is "
+                        "a registered release, named by its path or --checkpoint-name)")
     p.add_argument("--checkpoint", default=None, help="generator weights (.pt/.pth/.safetensors)")
     p.add_argument("--embedder", default=None,
                    help="retrieval embedder checkpoint (LatentAE or pooled; default: spatial-mean descriptor)")
@@ -68,8 +82,24 @@ def _add_generate(sub) -> None:
     p.add_argument("--width", type=int, default=None, help="video width (multiple of 16; default 832)")
     p.add_argument("--num-heads", type=int, default=None, help="attention heads (default: dim / 128)")
     p.add_argument("--text-len", type=int, default=None, help="text tokens of the DiT (default 512, as Wan2.1)")
+    p.add_argument("--checkpoint-name", default=None, metavar="NAME",
+                   help="which registered release --checkpoint is (lrag inspect names it from the file's path; "
+                        "docs/checkpoints.md lists them): its schedule, steps and state-dict entry become the "
+                        "defaults")
     p.add_argument("--frames-per-block", type=int, default=None,
-                   help="latent frames per block (default 3 for every backbone; 1 for frame-wise Causal-Forcing)")
+                   help="latent frames per block (default: the release's, 1 for the frame-wise Causal-Forcing "
+                        "models; 3 otherwise); a registered release refuses another value")
+    p.add_argument("--steps", type=_step_list, default=None,
+                   help="denoising steps, comma-separated (default: the release's, e.g. 1000,750,500,250)")
+    p.add_argument("--first-block-steps", type=_step_list, default=None,
+                   help="denoising steps of the first block only, or 'none' (default: the release's: "
+                        "1000,750,500,250 for the 1- and 2-step Causal Forcing++ models)")
+    p.add_argument("--sink", type=int, default=None,
+                   help="sink frames kept in the attention window (default: the release's rolling-window sink, 3 "
+                        "for LongLive; 1 otherwise, as the LongLive-RAG reference)")
+    p.add_argument("--retrieve-every", type=int, default=None,
+                   help="retrieve at every N-th block only, holding the retrieved frames in between (default 1; "
+                        "e.g. 3 for a frame-wise model: one retrieval per 3 frames)")
     p.add_argument("--no-ema", action="store_true", help="use 'generator' instead of 'generator_ema'")
     p.add_argument("--lora", default=None,
                    help="a LoRA adapter for the generator, in LongLive's lora.pt format (peft lora_A / lora_B "

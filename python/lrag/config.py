@@ -114,9 +114,14 @@ class WanConfig:
 
 
 def wan_1_3b(**overrides) -> WanConfig:
-    """Wan2.1-T2V-1.3B as used by Self-Forcing / Causal-Forcing / LongLive (480x832 video, 60x104 latents)."""
-    base = dict(num_layers=30, dim=1536, num_heads=12, ffn_dim=8960, freq_dim=256, text_dim=4096, text_len=512,
-                latent_height=60, latent_width=104, frames_per_block=3, window=12, sink=1)
+    """Wan2.1-T2V-1.3B as used by Self-Forcing / Causal-Forcing / LongLive (480x832 video, 60x104 latents): the
+    geometry of the checkpoint registry (``lrag/data/checkpoints.json``), 512 text tokens, the reference schedule
+    (3 frames per block, window 12, sink 1)."""
+    from lrag.registry import geometry  # noqa: PLC0415
+
+    base = dict(geometry("wan2.1-t2v-1.3b"), text_len=512, latent_height=60, latent_width=104, frames_per_block=3,
+                window=12, sink=1)
+    base["patch_size"] = tuple(base["patch_size"])
     base.update(overrides)
     return WanConfig(**base)
 

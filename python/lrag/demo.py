@@ -68,7 +68,9 @@ REFUSED = (("prompt", "--prompt", "the toy world has no text: the demo continues
            ("num_heads", "--num-heads", _MODEL), ("text_len", "--text-len", _MODEL),
            ("frames_per_block", "--frames-per-block", _MODEL), ("lora", "--lora", _MODEL),
            ("lora_alpha", "--lora-alpha", _MODEL), ("lora_scale", "--lora-scale", _MODEL),
-           ("lora_unmerged", "--lora-unmerged", _MODEL))
+           ("lora_unmerged", "--lora-unmerged", _MODEL), ("checkpoint_name", "--checkpoint-name", _MODEL),
+           ("steps", "--steps", _MODEL), ("first_block_steps", "--first-block-steps", _MODEL),
+           ("sink", "--sink", _MODEL), ("retrieve_every", "--retrieve-every", _POLICY))
 
 
 # ------------------------------------------------------------------------------------------------- rendering

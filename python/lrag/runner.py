@@ -25,6 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
+from lrag import registry
 from lrag.errors import UsageError
 from lrag.config import WanConfig, wan_1_3b
 from lrag_ext.memory_config import MemoryConfig
@@ -35,14 +36,12 @@ from lrag_ext.state_dicts import (InputFileError, check_output_dir, check_regula
                                   parse_device)
 
 VAE_SPATIAL = 8              # Wan VAE: 8x spatial compression
-# What each backbone's released checkpoints were trained with (the geometry itself is read from the weights).
-BACKBONE_SCHEDULE = {"self-forcing": dict(frames_per_block=3, window=12, sink=1),
-                     "causal-forcing": dict(frames_per_block=3, window=12, sink=1),
-                     "longlive": dict(frames_per_block=3, window=12, sink=1)}
+# What a checkpoint runs with (frames per block, steps, window, sink, state-dict entry) comes from the checkpoint
+# registry (lrag.registry): the file's own entry, or its backbone's default entry for an unregistered file.
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # The defaults of the options that the demo refuses (so the parser leaves them None when not given).
 REAL_DEFAULTS = {"top_k": 6, "recent_exclude": 5, "memory_position": 0, "storage": "kv", "device_frames": 64,
-                 "height": 480, "width": 832, "text_len": 512}
+                 "height": 480, "width": 832, "text_len": 512, "retrieve_every": 1}
 # The MemoryConfig fields the options set: a config error names the option instead of the field.
 MEMORY_OPTIONS = {"top_k": "--top-k", "recent_exclude": "--recent-exclude", "memory_position": "--memory-position",
                   "device_frames": "--device-frames", "host_frames": "--host-frames"}
@@ -77,6 +76,10 @@ def _check_common(args) -> None:
     _device_dtype(args)
     if not 0 <= args.seed < 2 ** 64:
         raise UsageError(f"--seed must be in [0, 2**64), got {args.seed}")
+    if args.retrieve_every < 1:
+        raise UsageError(f"--retrieve-every must be >= 1, got {args.retrieve_every}")
+    if args.sink is not None and args.sink < 0:
+        raise UsageError(f"--sink must be >= 0, got {args.sink}")
     _retrieval(args)
 
 
@@ -209,10 +212,13 @@ def _real_checks(args) -> None:
     """Everything about a real run that can be checked without reading a weight."""
     from lrag.wan_dir import check_wan_dir  # noqa: PLC0415
 
-    if args.backbone is None:
-        raise UsageError("--backbone is required without --demo (self-forcing, causal-forcing or longlive)")
+    if args.checkpoint_name is not None and args.checkpoint_name not in registry.entries():
+        raise UsageError(f"--checkpoint-name {args.checkpoint_name!r} is not a registered release; known: "
+                         f"{', '.join(registry.entries())}")
     if args.checkpoint is None:
         raise UsageError("--checkpoint is required without --demo (the released generator weights)")
+    if args.backbone is None and args.checkpoint_name is None and not registry.name_candidates(args.checkpoint)[0]:
+        raise UsageError(_BACKBONE_REQUIRED)
     if args.prompt is None or not args.prompt.strip():
         raise UsageError("--prompt is required without --demo")
     if args.lora is None:
@@ -258,20 +264,67 @@ def _real_config(args) -> tuple[WanConfig, int]:
         geo["num_heads"] = args.num_heads
     if "num_heads" not in geo:
         raise UsageError(f"cannot infer the number of heads from dim={geo['dim']}: pass --num-heads")
-    schedule = dict(BACKBONE_SCHEDULE[args.backbone])
-    if args.frames_per_block is not None:
-        schedule["frames_per_block"] = args.frames_per_block
+    schedule = _release_schedule(args, info)
     try:
         cfg = wan_1_3b(**geo, **schedule, text_len=args.text_len, latent_height=args.height // VAE_SPATIAL,
                        latent_width=args.width // VAE_SPATIAL)
     except ValueError as e:
+        if args.sink is not None and "sink" in str(e):
+            raise UsageError(f"--sink {args.sink} does not fit the {schedule['window']}-frame window: {e}") from None
         raise UsageError(f"the checkpoint's geometry does not fit the options: {e}") from None
     try:
-        check_generator(cfg, args.checkpoint, use_ema=False if args.no_ema else None)
+        check_generator(cfg, args.checkpoint, use_ema=args.use_ema)
     except (FileNotFoundError, InputFileError) as e:
         raise _file_error("--checkpoint", e) from None
     _check_lora(args, cfg)
     return cfg, info["num_params"]
+
+
+_BACKBONE_REQUIRED = ("--backbone is required without --demo (self-forcing, causal-forcing or longlive) when "
+                      "--checkpoint is not a registered release (lrag inspect says; --checkpoint-name names one)")
+
+
+def _release_schedule(args, info: dict) -> dict:
+    """Resolves what the checkpoint runs with from the registry (:mod:`lrag.registry`) and the options, and
+    refuses combinations that cannot work. Sets on ``args`` (the run's own copy): ``release`` (the registered
+    entry or ``None``), ``backbone``, ``steps``, ``first_block_steps``, ``use_ema``; returns the
+    :class:`~lrag.config.WanConfig` schedule fields."""
+    release = None
+    if args.checkpoint_name is not None:
+        release = registry.entry(args.checkpoint_name)
+        diffs = [d for d in registry.compare(release, info["geometry"], info.get("top_level_keys"))
+                 if not d.startswith("no ")]            # a missing entry is refused when the weights are read
+        if diffs:
+            print(f"lrag: warning: --checkpoint-name {release.name}: the file differs from that release "
+                  f"({'; '.join(diffs)}); its geometry is read from the weights", file=sys.stderr)
+    else:
+        match = registry.identify(args.checkpoint, info["geometry"], info.get("top_level_keys"))
+        release = match.entry
+        if release is None and (match.closest is not None or len(match.candidates) > 1):
+            print(f"lrag: note: --checkpoint: {match.describe()}", file=sys.stderr)
+    if release is not None:
+        if args.backbone is not None and args.backbone != release.backbone:
+            raise UsageError(f"--backbone {args.backbone} does not fit --checkpoint, the {release.backbone} release "
+                             f"{release.name} ({release.title}); drop --backbone, or name the file with "
+                             "--checkpoint-name")
+        if args.frames_per_block is not None and args.frames_per_block != release.frames_per_block:
+            raise UsageError(f"--frames-per-block {args.frames_per_block} cannot work with {release.name}: it was "
+                             f"trained to generate {release.frames_per_block} latent frame(s) per block")
+        if release.lora is not None and args.lora is None:
+            print(f"lrag: note: {release.name} is released with a LoRA adapter ({release.lora['file']}, rank "
+                  f"{release.lora['rank']}); without --lora this runs the base generator alone", file=sys.stderr)
+        args.backbone = release.backbone
+    elif args.backbone is None:
+        raise UsageError(_BACKBONE_REQUIRED)
+    defaults = release or registry.backbone_default(args.backbone)
+    args.release = release
+    args.steps = list(args.steps or defaults.steps)
+    first = defaults.first_block_steps if args.first_block_steps is None else args.first_block_steps
+    args.first_block_steps = list(first) if first else None
+    args.use_ema = False if args.no_ema else (release.use_ema if release is not None else None)
+    return dict(frames_per_block=defaults.frames_per_block if args.frames_per_block is None else args.frames_per_block,
+                window=defaults.window,
+                sink=defaults.sink if args.sink is None else args.sink)
 
 
 def _check_lora(args, cfg: WanConfig) -> None:
@@ -291,6 +344,9 @@ def _check_lora(args, cfg: WanConfig) -> None:
         check_lora(model, adapter)
     except ValueError as e:
         raise UsageError(f"--lora {args.lora!r} does not fit --checkpoint: {e}") from None
+    release = args.release
+    if args.lora_alpha is None and release is not None and release.lora and release.lora["rank"] == adapter.rank:
+        args.lora_alpha = release.lora["alpha"]          # the release's adapter: its config's alpha
 
 
 def _check_embedder(args, cfg: WanConfig) -> int:
@@ -354,19 +410,26 @@ def _real_setup(args, cfg: WanConfig, num_frames: int, tokenizer=None) -> Setup:
     # one hooks the model where it runs (its matrices copied to that device and dtype).
     merge_first = args.lora is not None and not args.lora_unmerged
     try:
-        model = build_generator(cfg, args.checkpoint, use_ema=False if args.no_ema else None,
+        model = build_generator(cfg, args.checkpoint, use_ema=args.use_ema,
                                 dtype=None if merge_first else dtype, device="cpu" if merge_first else device)
     except (FileNotFoundError, InputFileError) as e:   # changed since the check
         raise _file_error("--checkpoint", e) from None
     lora = _apply_lora(args, model)
     model = model.to(device=device, dtype=dtype)
-    pipe = Pipeline(model, retrieval=_retrieval(args, num_frames), embed=embed)
+    pipe = Pipeline(model, denoising_steps=args.steps, first_block_steps=args.first_block_steps,
+                    retrieval=_retrieval(args, num_frames), embed=embed, retrieve_every=args.retrieve_every)
     def make_renderer(mode: str):
         decode = StreamingVAEDecoder(vae).decode
         return lambda block: decode(block.latents[0])
 
+    release = args.release
     return Setup(pipe, text, make_renderer,
-                 {"source": f"{args.backbone}: {args.checkpoint}", "embedder": embedder, "lora": lora})
+                 {"source": f"{args.backbone}: {args.checkpoint}", "embedder": embedder, "lora": lora,
+                  "release": None if release is None else release.name,
+                  "state_dict_entry": {True: "generator_ema", False: "generator", None: "generator_ema if present"}[
+                      args.use_ema],
+                  "steps": args.steps, "first_block_steps": args.first_block_steps,
+                  "retrieve_every": args.retrieve_every})
 
 
 def _apply_lora(args, model) -> dict | None:
