@@ -154,6 +154,32 @@ class RetrievalMemory:
             self._index.clear(stream)
             self._streams[stream] = _Stream()
 
+    def forget_before(self, stream: int, frame: int) -> None:
+        """Frames ``< frame`` of ``stream`` are never retrieved again, and their K/V are freed (their embeddings
+        stay, as for frames a full host tier dropped): the eligible range of the stream's next blocks starts at
+        ``frame`` or later. For a prompt switch, ``frame`` = the switch's block start forgets what was generated
+        under the earlier prompts. Forgetting is permanent (a later call with a smaller ``frame`` changes nothing)
+        and is saved by :meth:`save`.
+
+        Raises:
+            KeyError: unknown stream. TypeError / ValueError: ``frame`` not an int in ``[0, num_frames]``. Nothing
+            changes then.
+        """
+        with self._lock:
+            stream = _stream_id(stream)
+            st = self._stream(stream)
+            if isinstance(frame, bool) or not isinstance(frame, int):
+                raise TypeError(f"frame must be an int, got {type(frame).__name__}")
+            if not 0 <= frame <= st.num_frames:
+                raise ValueError(f"frame must be in [0, num_frames={st.num_frames}] for stream {stream}, got {frame}")
+            if self._tiers is not None:
+                stored = [(f, st.kv_code[f]) for f in range(frame) if st.kv_code[f] >= 0]
+                self._tiers.drop(stream, stored)
+                for f, _ in stored:
+                    self._set_code(stream, st, f, -1)
+            self._drop_below(stream, st, frame)
+            self._sync_index()
+
     def remove_stream(self, stream: int) -> None:
         """Frees the storage of ``stream`` and forgets the id."""
         with self._lock:

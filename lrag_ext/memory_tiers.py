@@ -174,6 +174,14 @@ class KVTiers:
     def free(self, code: int) -> None:
         self.segments[code >> SEGMENT_SHIFT].allocator.free([code & SLOT_MASK])
 
+    def drop(self, stream: int, frames: list[tuple[int, int]]) -> None:
+        """Frees the slots of some stored frames ``(frame, code)`` of ``stream`` and takes them out of the queues."""
+        for _, code in frames:
+            self.free(code)
+        gone = {(stream, frame) for frame, _ in frames}
+        for tier in self.fifo:
+            self.fifo[tier] = collections.deque(x for x in self.fifo[tier] if x not in gone)
+
     def release(self, stream: int, codes: list[int]) -> None:
         """Frees a stream's stored frames and takes them out of the queues."""
         for code in codes:

@@ -768,3 +768,44 @@ def test_registered_longlive_runs_with_sink_3_and_its_generator_entry(tiny_regis
     meta, _ = _tiny_run(tiny_wan, tmp_path, renamed, "--seconds", "1.5", "--mode", "native", "--checkpoint-name",
                         "longlive-base")
     assert meta["release"] == "longlive-base" and meta["state_dict_entry"] == "generator"
+
+
+# ------------------------------------------------------------------------------------------------- --switch
+@pytest.mark.parametrize("extra, message", [
+    (["--switch", "12"], "argument --switch: FRAME:PROMPT with FRAME a latent frame index"),
+    (["--switch", "x:a dog"], "argument --switch: FRAME:PROMPT"),
+    (["--switch", "12:"], "argument --switch: FRAME:PROMPT"),
+    (["--switch", "0:a dog"], "--switch 0:...: the frame must be in (0, 24)"),
+    (["--switch", "24:a dog"], "--switch 24:...: the frame must be in (0, 24)"),
+    (["--switch", "12:a dog", "--switch", "9:a cat"], "--switch 9:...: the frame must be in (12, 24)"),
+    (["--switch-memory", "drop"], "argument --switch-memory: invalid choice"),
+])
+def test_switch_option_errors(tmp_path, capsys, monkeypatch, extra, message):
+    from lrag import runner
+    monkeypatch.setattr(runner, "_real_setup", lambda *a, **k: pytest.fail("setup reached"))
+    err = cli_error(_real(tmp_path, "--backbone", "longlive", "--checkpoint", fixture_path(LL_CKPT), "--no-ema",
+                          "--num-heads", "2", "--seconds", "6", "--wan-dir", str(fake_wan_dir(tmp_path / "wan")),
+                          *extra), capsys)
+    assert message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_refuses_switches(tmp_path, capsys):
+    assert "--switch does not apply to --demo" in cli_error(DEMO + ["--switch", "3:a dog", "--out",
+                                                                    str(tmp_path / "d")], capsys)
+
+
+def test_real_run_with_prompt_switches(tiny_wan, tmp_path, monkeypatch):
+    from lrag.models.wan import CausalWanModel
+    recaches = []
+    original = CausalWanModel.recache
+    monkeypatch.setattr(CausalWanModel, "recache",
+                        lambda self, latents, cache, timestep=0.0: (recaches.append(cache.num_frames),
+                                                                    original(self, latents, cache, timestep))[1])
+    meta, log = _tiny_run(tiny_wan, tmp_path, fixture_path(LL_CKPT), "--backbone", "longlive", "--no-ema",
+                          "--seconds", "6", "--mode", "both", "--switch", "10:a cat runs", "--switch",
+                          "17:the sky over the sea", "--switch-memory", "forget")
+    assert meta["switches"] == [{"frame": 10, "prompt": "a cat runs"}, {"frame": 17, "prompt": "the sky over the sea"}]
+    assert meta["switch_memory"] == "forget"
+    assert recaches == [12, 18] * 2                   # at the first block start at or after each switch, both modes
+    assert all(f >= 18 for r in log["records"] if r["block"] >= 6 for f in r["selected_global_frames"][0])

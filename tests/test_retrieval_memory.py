@@ -247,6 +247,38 @@ def test_reset_and_remove_free_everything():
         mem.num_frames(b)
 
 
+@pytest.mark.parametrize("device_frames, host_frames", [(4, None), (2, 3), (0, None)])
+def test_forget_before_frees_and_excludes_the_older_frames(tmp_path, device_frames, host_frames):
+    cfg = kv_config(device_frames=device_frames, host_frames=host_frames, recent_exclude=0, top_k=4)
+    mem = RetrievalMemory(cfg)
+    g = torch.Generator().manual_seed(5)
+    a, b = mem.add_stream(), mem.add_stream()
+    for s in (a, b):
+        for _ in range(4):
+            emb, k, v = random_block(g, cfg, 3)
+            mem.append(s, emb, k=k, v=v)
+    b_before = mem.retrieve(b).ids[0].tolist()
+    free = sum(seg.allocator.num_free for seg in mem._segments())
+    stored = [f for f in range(7) if mem._code_of(a, f) >= 0]
+    mem.forget_before(a, 7)
+    assert all(mem._code_of(a, f) == -1 for f in range(7))
+    assert sum(seg.allocator.num_free for seg in mem._segments()) == free + len(stored)     # their slots freed
+    assert all(x[0] != a or x[1] >= 7 for q in mem._queues().values() for x in q)
+    ids = mem.retrieve([a, b]).ids
+    assert all(f < 0 or f >= 7 for f in ids[0].tolist())          # stream a: only frames >= 7 (if any eligible)
+    assert ids[1].tolist() == b_before                             # stream b untouched
+    mem.forget_before(a, 2)                                        # permanent: a smaller frame changes nothing
+    assert mem.retrieve(a).ids[0].tolist() == ids[0].tolist()
+    # still consistent for save / load, and for more appends
+    mem.save(str(tmp_path / "m"))
+    back = RetrievalMemory.load(str(tmp_path / "m"))
+    assert torch.equal(back.retrieve(a).ids, mem.retrieve(a).ids)
+    for m in (mem, back):
+        emb, k, v = random_block(torch.Generator().manual_seed(6), cfg, 3)
+        m.append(a, emb, k=k, v=v)
+    assert torch.equal(back.retrieve(a).ids, mem.retrieve(a).ids)
+
+
 # --- save / restore --------------------------------------------------------------------------------------------
 
 def filled_memory(device="cpu", dtype=torch.float32):
@@ -396,6 +428,10 @@ def test_threads_never_lose_or_share_a_slot():
     (lambda m, e, k, v, plan: m.retrieve(0, queries=e), ValueError, r"queries must have shape \[1, 6\]"),
     (lambda m, e, k, v, plan: m.gather("plan", k, v), TypeError, "plan must be a RetrievalPlan"),
     (lambda m, e, k, v, plan: m.latents(plan), ValueError, "latents needs storage='latent'"),
+    (lambda m, e, k, v, plan: m.forget_before(0, 3), ValueError, r"frame must be in \[0, num_frames=2\]"),
+    (lambda m, e, k, v, plan: m.forget_before(0, -1), ValueError, "frame must be in"),
+    (lambda m, e, k, v, plan: m.forget_before(0, 1.0), TypeError, "frame must be an int"),
+    (lambda m, e, k, v, plan: m.forget_before(7, 1), KeyError, "unknown stream 7"),
 ])
 def test_bad_calls_raise_and_change_nothing(call, error, match):
     cfg = kv_config()

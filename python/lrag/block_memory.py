@@ -51,6 +51,9 @@ class BlockMemory:
         self.model, self._config, self.embed = model, config, embed
         self.memory: Optional[lrag_ext.RetrievalMemory] = None
         self.streams: list[int] = []
+        # the generation's latents [B, T, C, H, W]: when set (after a prompt switch, switch_memory="recompute"),
+        # retrieved frames' K/V are recomputed from their latents under the cache's current text
+        self.recompute_from: Optional[torch.Tensor] = None
         self.retrievals = 0          # retrieve calls on the memory: the index of each block's record in its log
 
     def retrieve(self, s: int, cache, hold: bool = False) -> Optional["lrag_ext.RetrievalPlan"]:
@@ -72,8 +75,13 @@ class BlockMemory:
         if m == 0:
             return None
         positions = self._positions(cache, plan, m)
-        if self.memory.config.storage == "latent":
-            k, v = self.model.recompute_kv(self.memory.latents(plan)[:, :m], cache)
+        if self.memory.config.storage == "latent" or self.recompute_from is not None:
+            if self.memory.config.storage == "latent":
+                latents = self.memory.latents(plan)[:, :m]
+            else:   # the frames' latents, by their global ids, from the generation's output
+                ids = plan.ids[:, :m].to(self.recompute_from.device)
+                latents = self.recompute_from[torch.arange(len(self.streams), device=ids.device)[:, None], ids]
+            k, v = self.model.recompute_kv(latents, cache)
             cache.set_memory(k, v, positions)
             return plan
         mem_k, mem_v = cache.memory_buffers()
@@ -83,6 +91,16 @@ class BlockMemory:
         self.memory.gather(plan, mem_k, mem_v, dst_frame=slots, positions="sink")
         cache.set_memory_positions(positions)
         return plan
+
+    def after_switch(self, policy: str, s: int, latents: torch.Tensor) -> None:
+        """A prompt switch at the block starting at ``s``: ``"recompute"`` recomputes every later retrieval's K/V
+        from ``latents`` (the generation's ``[B, T, C, H, W]`` output) under the cache's text; ``"forget"`` makes
+        frames ``< s`` unretrievable (and frees their K/V); ``"keep"`` changes nothing."""
+        if policy == "recompute":
+            self.recompute_from = latents
+        elif policy == "forget" and self.memory is not None:
+            for stream in self.streams:
+                self.memory.forget_before(stream, s)
 
     def append(self, x0: torch.Tensor, cache) -> None:
         """Appends the block just committed to ``cache`` (clean frames ``x0`` ``[B, F, C, H, W]``, their K/V

@@ -25,6 +25,15 @@ def _memory_position(value: str):
     return int(value) if value.isdigit() else value
 
 
+def _switch(value: str):
+    """``"40:a fox jumps"`` -> ``(40, "a fox jumps")``: a prompt switch at latent frame 40."""
+    frame, sep, prompt = value.partition(":")
+    if not sep or not frame.strip().isdigit() or not prompt.strip():
+        raise argparse.ArgumentTypeError(f"FRAME:PROMPT with FRAME a latent frame index (4 video frames = 0.25 s "
+                                         f"each), got {value!r}")
+    return int(frame), prompt.strip()
+
+
 def _step_list(value: str):
     """``"1000,750,500,250"`` -> ``[1000, 750, 500, 250]``; ``"none"`` -> ``()`` (an explicit "no list")."""
     if value.strip().lower() == "none":
@@ -46,6 +55,12 @@ def _add_generate(sub) -> None:
                         "LongLive-RAG, scored as lrag eval does (no downloads, CPU, under a minute); it takes "
                         "--seconds, --seed, --mode, --out, --device and --quiet and refuses the other options")
     p.add_argument("--prompt", default=None, help="text prompt (required without --demo)")
+    p.add_argument("--switch", type=_switch, action="append", default=None, metavar="FRAME:PROMPT",
+                   help="switch to PROMPT at latent frame FRAME (0.25 s each; repeatable, increasing), with "
+                        "LongLive's KV re-cache: the window's frames re-run under the new prompt")
+    p.add_argument("--switch-memory", choices=("recompute", "keep", "forget"), default=None,
+                   help="what retrieval does with frames generated before a switch: recompute their K/V under the "
+                        "new prompt (default), keep them as computed, or forget them (never retrieved again)")
     p.add_argument("--seconds", type=float, default=30.0,
                    help="video length, rounded up to whole 0.75 s blocks (default 30 = 40 blocks; --demo: the "
                         "generated part, after the ground-truth prefix)")

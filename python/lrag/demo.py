@@ -70,7 +70,9 @@ REFUSED = (("prompt", "--prompt", "the toy world has no text: the demo continues
            ("lora_alpha", "--lora-alpha", _MODEL), ("lora_scale", "--lora-scale", _MODEL),
            ("lora_unmerged", "--lora-unmerged", _MODEL), ("checkpoint_name", "--checkpoint-name", _MODEL),
            ("steps", "--steps", _MODEL), ("first_block_steps", "--first-block-steps", _MODEL),
-           ("sink", "--sink", _MODEL), ("retrieve_every", "--retrieve-every", _POLICY))
+           ("sink", "--sink", _MODEL), ("retrieve_every", "--retrieve-every", _POLICY),
+           ("switch", "--switch", "the toy world has no text to switch"),
+           ("switch_memory", "--switch-memory", "the toy world has no text to switch"))
 
 
 # ------------------------------------------------------------------------------------------------- rendering

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -135,14 +135,15 @@ def stream_blocks(mode: str, num_blocks: int, render: Renderer, video_path: str,
 
 def run_mode(pipe: Pipeline, text: torch.Tensor, num_blocks: int, mode: str, render: Renderer, video_path: str,
              seed: int = 0, on_block: Optional[Callable[[BlockResult], None]] = None,
-             progress: Optional[Progress] = None, run: Optional[ModeRun] = None) -> ModeRun:
-    """Generates ``num_blocks`` blocks in ``mode`` with ``pipe`` (noise from ``seed``) and streams them into
-    ``video_path`` (:func:`stream_blocks`)."""
+             progress: Optional[Progress] = None, run: Optional[ModeRun] = None,
+             switches: Sequence[tuple[int, torch.Tensor]] = ()) -> ModeRun:
+    """Generates ``num_blocks`` blocks in ``mode`` with ``pipe`` (noise from ``seed``; prompt ``switches`` as
+    :meth:`Pipeline.generate` takes them) and streams them into ``video_path`` (:func:`stream_blocks`)."""
     def produce(callback):
         gen = torch.Generator().manual_seed(seed)
         # profile: the CLI reports device time per phase (it waits for every block's frames anyway, to write them)
         return pipe.generate(text, num_blocks * pipe.cfg.frames_per_block, generator=gen, mode=mode,
-                             callback=callback, profile=True)
+                             callback=callback, profile=True, switches=switches)
 
     return stream_blocks(mode, num_blocks, render, video_path, produce, on_block, progress, run)
 

@@ -30,6 +30,8 @@ from lrag.models.wan import CausalWanModel
 from lrag.scheduler import FlowMatchScheduler
 
 SAMPLERS = ("renoise", "euler")
+# What the retrieval memory does with frames generated under an earlier prompt, after a prompt switch
+SWITCH_MEMORY = ("recompute", "keep", "forget")
 
 
 class _Lazy:
@@ -68,6 +70,7 @@ class GenerationResult:
     memory_log: list = field(default_factory=list)   # one record per block with a retrieval
     x_in: Optional[torch.Tensor] = None    # trace: [blocks, steps + 1, B, F, C, H, W] input of every forward
     x0: Optional[torch.Tensor] = None      # trace: same shape, x0 of every forward (the rerun's included)
+    switches: list = field(default_factory=list)     # {"frame", "block", "start_frame"} per prompt switch applied
 
 
 class Pipeline:
@@ -79,6 +82,13 @@ class Pipeline:
         first_block_steps: nominal steps for block 0 only (Causal-Forcing's ``denoising_step_list_first_chunk``:
             its 1- and 2-step frame-wise models denoise the first frame in 4 steps); ``None``: block 0 uses
             ``denoising_steps`` like every other block.
+        switch_memory: after a prompt switch (``generate(switches=...)``), what ``rag`` mode does with retrieved
+            frames: ``"recompute"`` (default) their K/V from their latents under the current prompt, by one t = 0
+            forward per retrieval as ``storage="latent"`` does; ``"keep"``: their K/V as computed under the prompt
+            of their time; ``"forget"``: frames before the switch are never retrieved again
+            (:meth:`lrag_ext.RetrievalMemory.forget_before`, which also frees their K/V). LongLive's re-cache
+            recomputes the window's frames under the new prompt; recomputing the retrieved ones treats the memory
+            like the window, which is why it is the default (no measurement chose it: docs/generator.md).
         retrieve_every: ``rag`` mode retrieves at blocks ``0, N, 2N, ...`` only; the blocks in between keep the
             frames the last retrieval put in the cache's memory slots (at the same positions). 1 (default):
             every block, as the reference. A frame-wise model (1 frame per block) pays one retrieval per frame, so
@@ -114,12 +124,15 @@ class Pipeline:
                  scheduler: FlowMatchScheduler | None = None, context_noise: float = 0.0,
                  retrieval: lrag_ext.MemoryConfig | None = None, embed: Embedder | None = None,
                  sampler: str = "renoise", first_block_steps: Sequence[int] | None = None,
-                 retrieve_every: int = 1):
+                 retrieve_every: int = 1, switch_memory: str = "recompute"):
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if isinstance(retrieve_every, bool) or not isinstance(retrieve_every, int) or retrieve_every < 1:
             raise ValueError(f"retrieve_every must be an int >= 1, got {retrieve_every!r}")
         self.retrieve_every = retrieve_every
+        if switch_memory not in SWITCH_MEMORY:
+            raise ValueError(f"switch_memory must be one of {SWITCH_MEMORY}, got {switch_memory!r}")
+        self.switch_memory = switch_memory
         self.sampler = sampler
         self.model = model
         self.cfg = model.cfg
@@ -144,6 +157,25 @@ class Pipeline:
     def _memory_config(self, embed_dim: int | None = None) -> lrag_ext.MemoryConfig:
         """:attr:`retrieval` completed from the model as it is now (device, dtype) and the embedder's size."""
         return memory_config_for(self.cfg, self.retrieval, embed_dim, self.model.device, self.model.dtype)
+
+    def _check_switches(self, switches, num_frames: int, text: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """``switches`` as a list of ``(frame, text [B, L, text_dim])``, checked: frames strictly increasing in
+        ``(0, num_frames)``, each text shaped like the first prompt's batch."""
+        out, last = [], 0
+        for i, item in enumerate(switches or ()):
+            if not isinstance(item, (tuple, list)) or len(item) != 2:
+                raise ValueError(f"switches[{i}] must be a (frame, text_embeddings) pair, got {item!r}")
+            frame, emb = item
+            if isinstance(frame, bool) or not isinstance(frame, int) or not last < frame < num_frames:
+                raise ValueError(f"switches[{i}]: the frame must be an int in ({last}, {num_frames}) (after the "
+                                 f"previous switch, before the end), got {frame!r}")
+            if not isinstance(emb, torch.Tensor) or emb.dim() != 3 or emb.shape[0] != text.shape[0] \
+                    or emb.shape[2] != text.shape[2]:
+                raise ValueError(f"switches[{i}]: text embeddings must be [{text.shape[0]}, L, {text.shape[2]}], "
+                                 f"got {list(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__}")
+            out.append((frame, emb))
+            last = frame
+        return out
 
     def _check(self, text, num_frames, mode, noise, renoise, B, prefix=None):
         cfg, F = self.cfg, self.cfg.frames_per_block
@@ -171,7 +203,8 @@ class Pipeline:
     def generate(self, text_embeddings: torch.Tensor, num_frames: int, generator: torch.Generator | None = None,
                  mode: str = "rag", noise: torch.Tensor | None = None, renoise: torch.Tensor | None = None,
                  position_mode: str | None = None, callback: Callable[[BlockResult], None] | None = None,
-                 trace: bool = False, profile: bool = False, prefix: torch.Tensor | None = None) -> GenerationResult:
+                 trace: bool = False, profile: bool = False, prefix: torch.Tensor | None = None,
+                 switches: Sequence[tuple[int, torch.Tensor]] = ()) -> GenerationResult:
         """Generates ``num_frames`` latent frames.
 
         Args:
@@ -195,6 +228,12 @@ class Pipeline:
                 else as generated blocks do (retrieval, the context rerun that commits their K/V, the memory), and
                 they are the first ``P`` frames of the result. A run given its own first ``P`` generated frames as
                 ``prefix`` (and the same ``noise`` / ``renoise``) reproduces itself exactly.
+            switches: prompt switches ``(frame, text_embeddings [B, L, text_dim])``, frames strictly increasing,
+                as LongLive's interactive pipeline: at the first block starting at or after ``frame`` (one switch
+                per block) the prompt changes and the cache is re-cached (:meth:`CausalWanModel.recache`: the last
+                ``min(window, s)`` frames re-run at t = ``context_noise`` under the new prompt; the sink keeps its
+                K/V unless the re-run starts at frame 0). ``rag`` mode treats the retrieved frames as
+                ``switch_memory`` says. The blocks where a switch happened are in ``GenerationResult.switches``.
             profile: synchronise the device after each phase of a block, so that ``timings`` measure device time.
                 Off (the default), the loop never waits for the device: on a GPU ``timings`` then measure the
                 host's enqueue time; on the CPU they are the same either way. Memory records are read from the
@@ -206,6 +245,7 @@ class Pipeline:
         model, cfg, sched = self.model, self.cfg, self.scheduler
         B, F = text_embeddings.shape[0], cfg.frames_per_block
         self._check(text_embeddings, num_frames, mode, noise, renoise, B, prefix)
+        switches = self._check_switches(switches, num_frames, text_embeddings)
         n_prefix = 0 if prefix is None else prefix.shape[1]
         device, dtype = model.device, model.dtype
         shape = (B, num_frames, cfg.in_dim, cfg.latent_height, cfg.latent_width)
@@ -227,10 +267,19 @@ class Pipeline:
             result.x_in = torch.zeros((num_frames // F, steps + 1, B, F, *shape[2:]), dtype=dtype)
             result.x0 = torch.zeros_like(result.x_in)
 
+        next_switch = 0
         for b in range(num_frames // F):
             s = b * F
             timings = {}
             t_block = time.perf_counter()
+            if next_switch < len(switches) and s >= switches[next_switch][0]:
+                # LongLive's interactive pipeline: one switch per block, at the first block at or after its frame
+                model.set_text(cache, switches[next_switch][1])
+                model.recache(out[:, s - min(cfg.window, s):s], cache, self.context_noise)
+                if rag:
+                    memory.after_switch(self.switch_memory, s, out)
+                result.switches.append({"frame": switches[next_switch][0], "block": b, "start_frame": s})
+                next_switch += 1
             plan = memory.retrieve(s, cache, hold=b % self.retrieve_every != 0) if rag else None
             _sync(device, profile)
             timings["retrieval"] = time.perf_counter() - t_block

@@ -41,7 +41,7 @@ VAE_SPATIAL = 8              # Wan VAE: 8x spatial compression
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # The defaults of the options that the demo refuses (so the parser leaves them None when not given).
 REAL_DEFAULTS = {"top_k": 6, "recent_exclude": 5, "memory_position": 0, "storage": "kv", "device_frames": 64,
-                 "height": 480, "width": 832, "text_len": 512, "retrieve_every": 1}
+                 "height": 480, "width": 832, "text_len": 512, "retrieve_every": 1, "switch_memory": "recompute"}
 # The MemoryConfig fields the options set: a config error names the option instead of the field.
 MEMORY_OPTIONS = {"top_k": "--top-k", "recent_exclude": "--recent-exclude", "memory_position": "--memory-position",
                   "device_frames": "--device-frames", "host_frames": "--host-frames"}
@@ -54,6 +54,7 @@ class Setup:
     pipe: Pipeline
     text: torch.Tensor                       # [1, L, text_dim]
     make_renderer: Callable[[str], Callable]  # mode -> a fresh renderer (the VAE decoder carries a cache)
+    switches: list                           # [(latent frame, [1, L, text_dim])] prompt switches
     meta: dict
 
 
@@ -201,6 +202,12 @@ def _check_blocks(args, cfg: WanConfig, modes: list[str]) -> int:
     if "rag" in modes and args.top_k > cfg.window - cfg.sink - 1:
         raise UsageError(f"--top-k must be <= window - sink - 1 = {cfg.window - cfg.sink - 1} (the retrieved frames "
                          f"share the {cfg.window}-frame attention window), got {args.top_k}")
+    last = 0
+    for frame, _ in args.switch or ():
+        if not last < frame < frames:
+            raise UsageError(f"--switch {frame}:...: the frame must be in ({last}, {frames}) (after the previous "
+                             f"switch, inside the {frames} latent frames of --seconds {args.seconds:g})")
+        last = frame
     if "native" in modes and frames > cfg.rope_max_positions:
         raise UsageError(f"--seconds {args.seconds:g} needs {frames} latent frames; native mode uses absolute RoPE "
                          f"positions, at most {cfg.rope_max_positions} frames "
@@ -401,6 +408,7 @@ def _real_setup(args, cfg: WanConfig, num_frames: int, tokenizer=None) -> Setup:
         raise UsageError(f"the text encoder of --wan-dir gives {encoder.dim}-d states but the checkpoint expects "
                          f"text_dim={cfg.text_dim}")
     text = encoder.encode([args.prompt]).to(dtype)
+    switches = [(frame, encoder.encode([prompt]).to(dtype)) for frame, prompt in args.switch or ()]
     del encoder                                   # free the umT5 weights before loading the DiT
     vae = _from_wan_dir(args, "VAE", lambda: load_vae(args.wan_dir, device=device))
     if vae.config.z_dim != cfg.in_dim:
@@ -417,19 +425,22 @@ def _real_setup(args, cfg: WanConfig, num_frames: int, tokenizer=None) -> Setup:
     lora = _apply_lora(args, model)
     model = model.to(device=device, dtype=dtype)
     pipe = Pipeline(model, denoising_steps=args.steps, first_block_steps=args.first_block_steps,
-                    retrieval=_retrieval(args, num_frames), embed=embed, retrieve_every=args.retrieve_every)
+                    retrieval=_retrieval(args, num_frames), embed=embed, retrieve_every=args.retrieve_every,
+                    switch_memory=args.switch_memory)
     def make_renderer(mode: str):
         decode = StreamingVAEDecoder(vae).decode
         return lambda block: decode(block.latents[0])
 
     release = args.release
-    return Setup(pipe, text, make_renderer,
+    return Setup(pipe, text, make_renderer, switches,
                  {"source": f"{args.backbone}: {args.checkpoint}", "embedder": embedder, "lora": lora,
                   "release": None if release is None else release.name,
                   "state_dict_entry": {True: "generator_ema", False: "generator", None: "generator_ema if present"}[
                       args.use_ema],
                   "steps": args.steps, "first_block_steps": args.first_block_steps,
-                  "retrieve_every": args.retrieve_every})
+                  "retrieve_every": args.retrieve_every,
+                  "switches": [{"frame": f, "prompt": p} for f, p in args.switch or ()],
+                  "switch_memory": args.switch_memory if args.switch else None})
 
 
 def _apply_lora(args, model) -> dict | None:
@@ -515,7 +526,8 @@ def run_generate(args, on_block: Optional[Callable] = None, tokenizer=None) -> d
             run = ModeRun(mode, num_blocks, os.path.join(out, f"{mode}.mp4"))
             runs.append(run)
             run_mode(setup.pipe, setup.text, num_blocks, mode, setup.make_renderer(mode), run.video, seed=args.seed,
-                     on_block=on_block, progress=Progress(mode, num_blocks, enabled=not args.quiet), run=run)
+                     on_block=on_block, progress=Progress(mode, num_blocks, enabled=not args.quiet), run=run,
+                     switches=setup.switches)
         interrupted = False
     finally:
         meta["wall_s"] = time.perf_counter() - start

@@ -98,6 +98,23 @@ class _Plan:
     keep_ids: list[int]    # the window after a commit: full[:, :n_sink] + the last window - sink frames
 
 
+@dataclass(frozen=True)
+class _RecachePlan:
+    """A re-cache forward (LongLive's prompt switch, :meth:`CausalWanModel.recache`): the last
+    ``num_new = min(window, s)`` frames ``first .. s - 1`` run again as one forward. Their queries attend, all of
+    them, to the whole window ``[sink | rest]`` at once (no causal order inside it): the sink's committed K/V when
+    the re-run starts after frame 0 (``old_sink`` frames, kept as they were: LongLive's ``global_sink``), else its
+    new K/V, then the new K/V of every other frame of the window, ``new[:, write_from:]``. Those are the K/V the
+    re-cache writes; re-run frames before them (already out of the window) are queries only."""
+
+    first: int
+    num_new: int
+    old_sink: int
+    write_from: int
+    key_pos: torch.Tensor      # [sink | written] positions
+    query_pos: torch.Tensor
+
+
 class KVCache:
     """Self-attention cache of one generation (all layers), plus the memory slots and the text context.
 
@@ -285,6 +302,53 @@ class KVCache:
                      local_pos=as_t(pos[local_start:]), query_pos=as_t(pos[total - num_new:]),
                      keep_ids=ids[:n_sink] + ids[keep_start:])
 
+    def recache_plan(self) -> _RecachePlan:
+        """The plan of a re-cache forward over the last ``min(window, num_frames)`` frames (see
+        :class:`_RecachePlan`).
+
+        Raises:
+            ValueError: no frame has been committed.
+        """
+        cfg, s = self.cfg, self.num_frames
+        if s == 0:
+            raise ValueError("nothing to re-cache: no frame has been committed to this cache")
+        n = min(cfg.window, s)
+        first = s - n
+        n_sink = min(cfg.sink, len(self.frame_ids))
+        rest = self.frame_ids[n_sink:]                   # the window's other frames, consecutive up to s - 1
+        old_sink = n_sink if first > 0 else 0
+        write_from = n - len(rest) if first > 0 else 0
+        as_t = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+        if self.position_mode == "absolute":
+            key_pos, query_pos = self.frame_ids, list(range(first, s))
+        else:  # slot index in the window [sink | rest]; re-run frames already out of it are queries only
+            key_pos = list(range(len(self.frame_ids)))
+            query_pos = [self.frame_ids.index(f) if f in self.frame_ids else 0 for f in range(first, s)]
+        return _RecachePlan(first=first, num_new=n, old_sink=old_sink, write_from=write_from,
+                            key_pos=as_t(key_pos), query_pos=as_t(query_pos))
+
+    def _recache_kv(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, plan: _RecachePlan, rope: Rope3D):
+        """Roped keys and values ``[sink | written]`` of a re-cache forward (no memory frames)."""
+        sink = slice(self.ring, self.ring + plan.old_sink)
+        keys, vals = k_new[:, plan.write_from:], v_new[:, plan.write_from:]
+        if plan.old_sink:
+            keys = torch.cat([self.k[layer, :, sink], keys], dim=1)
+            vals = torch.cat([self.v[layer, :, sink], vals], dim=1)
+        return rope.apply(keys, plan.key_pos), vals
+
+    def commit_recache(self, new_k: list[torch.Tensor], new_v: list[torch.Tensor], plan: _RecachePlan) -> None:
+        """Writes the re-cache forward's K/V of the window's frames (``new[:, write_from:]``) into their ring slots,
+        and into the sink slots too when the re-run started at frame 0. The window's frames stay the same."""
+        n_sink = min(self.cfg.sink, plan.num_new) if plan.first == 0 else 0    # the sink re-run too
+        runs = self._ring_runs(plan.first + plan.write_from, plan.num_new - plan.write_from)
+        for layer, (k_new, v_new) in enumerate(zip(new_k, new_v)):
+            for store, new in ((self.k, k_new[:, plan.write_from:]), (self.v, v_new[:, plan.write_from:])):
+                for slot, offset, length in runs:
+                    store[layer, :, slot:slot + length] = new[:, offset:offset + length]
+                if n_sink:
+                    store[layer, :, self.ring:self.ring + n_sink] = new[:, :n_sink]
+        self._prefix_key = None          # the committed keys changed: the per-block roped prefix is stale
+
     def attention_kv(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, plan: _Plan):
         """Un-roped keys, values ``[B, Nk, T, H, d]`` and key positions ``[B, Nk]`` for ``layer`` (copies: the
         general path, for blocks that overlap the sink; :meth:`roped_attention_kv` is the per-block one)."""
@@ -311,6 +375,8 @@ class KVCache:
         A forward that records gradients (training) takes the general path too: the attention buffers are
         written in place and reused by the next forward, so they cannot carry an autograd graph.
         """
+        if isinstance(plan, _RecachePlan):
+            return self._recache_kv(layer, k_new, v_new, plan, rope)
         if plan.n_sink > plan.n_committed or plan.local_start > plan.n_committed or (
                 torch.is_grad_enabled() and (k_new.requires_grad or v_new.requires_grad)):
             # the block overlaps the sink (first block), is not wholly attended, or is differentiated: rope
@@ -540,6 +606,15 @@ class CausalWanModel(nn.Module):
         if timestep.shape != (B, frames):
             raise ValueError(f"timestep must be [{B}, {frames}], got {tuple(timestep.shape)}")
         plan = cache.plan(frames)
+        flow, new_k, new_v = self._run(x, timestep, cache, plan)
+        if update_cache:
+            cache.commit(new_k, new_v, plan)
+        return flow
+
+    def _run(self, x: torch.Tensor, timestep: torch.Tensor, cache: KVCache, plan):
+        """The forward for ``plan``: (flow ``[B, F, C, H, W]``, this forward's un-roped K and V per layer)."""
+        cfg = self.cfg
+        B, frames = x.shape[:2]
         # [B, F*T, dim], made contiguous once here: in the conv's layout every LayerNorm would copy it (3 a layer)
         tokens = self.patch_embedding(x.permute(0, 2, 1, 3, 4)).flatten(2).transpose(1, 2).contiguous()
         e = self.time_embedding(sinusoidal_embedding(cfg.freq_dim, timestep.flatten()).to(tokens.dtype))
@@ -549,10 +624,30 @@ class CausalWanModel(nn.Module):
             tokens, (k, v) = block(tokens, e0, cache.text.k[layer], cache.text.v[layer], cache, layer, plan, self.rope)
             new_k.append(k)
             new_v.append(v)
-        if update_cache:
-            cache.commit(new_k, new_v, plan)
         out = self.head(tokens, e.unflatten(0, (B, frames)).unsqueeze(2))
-        return self.unpatchify(out)
+        return self.unpatchify(out), new_k, new_v
+
+    def recache(self, latents: torch.Tensor, cache: KVCache, timestep: float = 0.0) -> None:
+        """LongLive's re-cache after a prompt switch: the last ``n = min(window, s)`` clean frames run again, as one
+        forward at ``t = timestep`` (the context noise, 0) under the cache's current text (set the new prompt with
+        :meth:`set_text` first), and their new K/V replace the window's (the sink's only when the re-run starts at
+        frame 0). See :class:`_RecachePlan` for what the re-run frames attend to.
+
+        Args:
+            latents: ``[B, n, C, H, W]``: frames ``s - n .. s - 1`` as generated.
+            cache: the generation's cache, ``s = cache.num_frames`` frames committed.
+
+        Raises:
+            ValueError: nothing committed yet, or ``latents`` of the wrong shape.
+        """
+        cfg = self.cfg
+        plan = cache.recache_plan()
+        want = (cache.batch, plan.num_new, cfg.in_dim, cfg.latent_height, cfg.latent_width)
+        if tuple(latents.shape) != want:
+            raise ValueError(f"latents must be the last {plan.num_new} frames {list(want)}, got {list(latents.shape)}")
+        t = torch.full(want[:2], float(timestep), dtype=torch.float32, device=self.device)
+        _, new_k, new_v = self._run(latents.to(device=self.device, dtype=self.dtype), t, cache, plan)
+        cache.commit_recache(new_k, new_v, plan)
 
     def recompute_kv(self, latents: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
         """Clean, un-roped K/V of stored latent frames, recomputed by one t = 0 forward (LongLive's re-cache).
