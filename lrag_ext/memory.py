@@ -88,7 +88,7 @@ class _Stream:
     num_frames: int = 0
     pages: list[int] = field(default_factory=list)          # logical page -> physical embedding page
     kv_code: list[int] = field(default_factory=list)        # frame -> segment << 32 | slot, or -1
-    first_retrievable: int = 0                               # frames below lost their K/V to the host limit
+    first_retrievable: int = 0                               # frames below: K/V lost to the host limit, or forgotten
     log: list[RetrievalRecord] = field(default_factory=list)
 
 
@@ -541,9 +541,11 @@ class RetrievalMemory:
         for s, st, lo in zip(plan.streams, plan._states, plan._eligible_lo):
             if self._streams.get(s) is not st:
                 raise ValueError(f"plan is stale: stream {s} was reset or removed after retrieve(); retrieve again")
-            if need_kv and st.first_retrievable > lo:
+            # frames below first_retrievable lost their K/V (host tier full) or were forgotten (forget_before,
+            # which also applies to stored latents)
+            if (need_kv or self.config.storage == "latent") and st.first_retrievable > lo:
                 raise ValueError(f"plan is stale: frames of stream {s} that it may have selected lost their K/V (host "
-                                 f"tier full) after retrieve(); retrieve again")
+                                 f"tier full) or were forgotten after retrieve(); retrieve again")
             states.append(st)
         return states
 

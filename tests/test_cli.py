@@ -752,6 +752,25 @@ def test_registered_frame_wise_release_runs_with_its_own_schedule(tiny_registry,
     assert blocks and all(b % 3 == 0 for b in blocks) and blocks == list(range(blocks[0], 20, 3))
 
 
+def test_a_release_resaved_without_its_entry_keeps_its_schedule(tiny_registry, tmp_path, capsys, monkeypatch):
+    # the frame-wise release re-saved as a plain state dict: recognised by name and shapes, run frame-wise with its
+    # own weights, with a note
+    sd = torch.load(fixture_path("cf_framewise_tiny_ckpt.pt"), weights_only=True)["generator_ema"]
+    path = tmp_path / "causal-forcing++" / "framewise-2step.pt"
+    path.parent.mkdir()
+    torch.save(sd, path)
+    from lrag import runner
+    seen = {}
+    monkeypatch.setattr(runner, "_real_setup", lambda args, cfg, *a, **k: (seen.update(cfg=cfg, args=args),
+                                                                          pytest.fail("stop"))[1])
+    with pytest.raises(pytest.fail.Exception):
+        cli.main(["generate", "--prompt", "a cat", "--out", str(tmp_path / "out"), "--checkpoint", str(path),
+                  "--num-heads", "2", "--wan-dir", str(fake_wan_dir(tmp_path / "wan"))])
+    assert "has no 'generator_ema' entry: its own generator weights are used" in capsys.readouterr().err
+    assert seen["cfg"].frames_per_block == 1 and seen["args"].use_ema is None
+    assert seen["args"].release.name == "causal-forcing-pp-framewise-2step"
+
+
 def test_registered_longlive_runs_with_sink_3_and_its_generator_entry(tiny_registry, tiny_wan, tmp_path, capsys):
     path = _as_release(tmp_path, "longlive_lora_tiny_ckpt.pt", "longlive_models/models/longlive_base.pt")
     meta, _ = _tiny_run(tiny_wan, tmp_path, path, "--seconds", "1.5", "--mode", "native")
@@ -775,10 +794,13 @@ def test_registered_longlive_runs_with_sink_3_and_its_generator_entry(tiny_regis
     (["--switch", "12"], "argument --switch: FRAME:PROMPT with FRAME a latent frame index"),
     (["--switch", "x:a dog"], "argument --switch: FRAME:PROMPT"),
     (["--switch", "12:"], "argument --switch: FRAME:PROMPT"),
-    (["--switch", "0:a dog"], "--switch 0:...: the frame must be in (0, 24)"),
-    (["--switch", "24:a dog"], "--switch 24:...: the frame must be in (0, 24)"),
-    (["--switch", "12:a dog", "--switch", "9:a cat"], "--switch 9:...: the frame must be in (12, 24)"),
+    (["--switch", "0:a dog"], "--switch 0:...: frame 0 must be in [1, 21]"),
+    (["--switch", "22:a dog"], "--switch 22:...: frame 22 must be in [1, 21]"),
+    (["--switch", "12:a dog", "--switch", "9:a cat"], "--switch 9:...: frame 9 must be in [13, 21]"),
+    (["--switch", "10:a dog", "--switch", "11:a cat"], "--switch 11:...: frame 11 must be in [13, 21]"),
     (["--switch-memory", "drop"], "argument --switch-memory: invalid choice"),
+    (["--switch-memory", "keep"], "--switch-memory needs --switch"),
+    (["--switch", "9:a cat", "--switch-memory", "keep", "--mode", "native"], "--switch-memory applies to --mode rag"),
 ])
 def test_switch_option_errors(tmp_path, capsys, monkeypatch, extra, message):
     from lrag import runner
@@ -803,9 +825,14 @@ def test_real_run_with_prompt_switches(tiny_wan, tmp_path, monkeypatch):
                         lambda self, latents, cache, timestep=0.0: (recaches.append(cache.num_frames),
                                                                     original(self, latents, cache, timestep))[1])
     meta, log = _tiny_run(tiny_wan, tmp_path, fixture_path(LL_CKPT), "--backbone", "longlive", "--no-ema",
-                          "--seconds", "6", "--mode", "both", "--switch", "10:a cat runs", "--switch",
-                          "17:the sky over the sea", "--switch-memory", "forget")
-    assert meta["switches"] == [{"frame": 10, "prompt": "a cat runs"}, {"frame": 17, "prompt": "the sky over the sea"}]
+                          "--seconds", "9", "--mode", "both", "--switch", "10:a cat runs", "--switch",
+                          "17:the sky over the sea", "--switch-memory", "forget", "--top-k", "2",
+                          "--recent-exclude", "0")
+    assert meta["switches"] == [{"frame": 10, "start_frame": 12, "prompt": "a cat runs"},
+                                {"frame": 17, "start_frame": 18, "prompt": "the sky over the sea"}]
     assert meta["switch_memory"] == "forget"
     assert recaches == [12, 18] * 2                   # at the first block start at or after each switch, both modes
-    assert all(f >= 18 for r in log["records"] if r["block"] >= 6 for f in r["selected_global_frames"][0])
+    later = [r for r in log["records"] if r["block"] >= 6]
+    # forgotten: nothing from before frame 18 is retrieved; retrieval resumes once frames from after it are old
+    assert later and any(r["selected_global_frames"][0] for r in later)
+    assert all(f >= 18 for r in later for f in r["selected_global_frames"][0])

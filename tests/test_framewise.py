@@ -76,8 +76,10 @@ def test_renoise_extent_follows_the_longest_step_list():
     assert pipe.max_steps == 4
     with pytest.raises(ValueError, match=r"renoise must be \[8, 3, \.\.\.\]"):
         pipe.generate(io["text_embeds"], 8, mode="native", noise=io["init_noise"], renoise=io["renoise"][:, :1])
-    with pytest.raises(ValueError, match="denoising steps must be non-empty"):
+    with pytest.raises(ValueError, match="first_block_steps: denoising steps must be non-empty"):
         Pipeline(model, denoising_steps=steps, first_block_steps=[])
+    with pytest.raises(ValueError, match=r"denoising_steps: denoising steps must be .* in \[0, 1000\]"):
+        Pipeline(model, denoising_steps=[1500])
 
 
 # --------------------------------------------------------------------------------- retrieval with F = 1

@@ -47,6 +47,28 @@ def test_two_switches_reproduce_longlive_bit_for_bit(golden):
     assert torch.equal(res.latents, io["output_latents"])
 
 
+def test_the_recache_forwards_themselves_match(golden, monkeypatch):
+    # the re-cache forwards' inputs and x0 (LongLive discards the x0; equal x0 means equal activations throughout)
+    run, io, model = golden
+    seen = []
+    original = CausalWanModel.recache
+
+    def spy(self, latents, cache, timestep=0.0):
+        flow = original(self, latents, cache, timestep)
+        t = torch.zeros(latents.shape[:2])
+        seen.append((latents.clone(), pipe.scheduler.to_x0(flow, latents, t)))
+        return flow
+
+    monkeypatch.setattr(CausalWanModel, "recache", spy)
+    pipe = Pipeline(model)
+    pipe.generate(io["text_embeds_0"], 30, mode="native", noise=io["init_noise"], renoise=io["renoise"],
+                  switches=_switches(run, io))
+    assert len(seen) == 2
+    for i, (latents, x0) in enumerate(seen):
+        assert torch.equal(latents, io[f"recache_{i}_x_in"])
+        assert torch.equal(x0, io[f"recache_{i}_x0"])
+
+
 def test_the_recache_matters(golden):
     run, io, model = golden
     pipe = Pipeline(model)
@@ -57,7 +79,7 @@ def test_the_recache_matters(golden):
     # switching the prompt without the re-cache (new text only) is not LongLive's result either
     original = CausalWanModel.recache
     try:
-        CausalWanModel.recache = lambda self, latents, cache, timestep=0.0: None
+        CausalWanModel.recache = lambda self, latents, cache, timestep=0.0: None  # noqa: E731
         no_recache = pipe.generate(io["text_embeds_0"], 30, switches=_switches(run, io), **kw).latents
     finally:
         CausalWanModel.recache = original
@@ -65,12 +87,14 @@ def test_the_recache_matters(golden):
 
 
 @pytest.mark.parametrize("switches, message", [
-    ([(0, None)], r"the frame must be an int in \(0, 30\)"),
-    ([(30, None)], r"the frame must be an int in \(0, 30\)"),
-    ([(9, "T"), (9, "T")], r"switches\[1\]: the frame must be an int in \(9, 30\)"),
+    ([(0, "T")], r"switches\[0\]: frame 0 must be in \[1, 27\]"),
+    ([(28, "T")], r"frame 28 must be in \[1, 27\]: .*\(a later one would never happen\)"),
+    ([(9, "T"), (9, "T")], r"switches\[1\]: frame 9 must be in \[10, 27\]"),
+    ([(10, "T"), (11, "T")], r"switches\[1\]: frame 11 must be in \[13, 27\]: .*one switch per block"),
     ([(True, "T")], "the frame must be an int"),
     ([(9, "T", 1)], r"must be a \(frame, text_embeddings\) pair"),
-    ([(9, torch.zeros(1, 16, 5))], r"text embeddings must be \[1, L, 32\]"),
+    ([(9, torch.zeros(1, 16, 5))], r"text embeddings must be \[1, L <= 16, 32\]"),
+    ([(9, torch.zeros(1, 40, 32))], r"text embeddings must be \[1, L <= 16, 32\], got \[1, 40, 32\]"),
 ])
 def test_bad_switches_are_refused(golden, switches, message):
     run, io, model = golden
@@ -133,17 +157,43 @@ def test_keep_gathers_the_stored_kv(rag_runs):
     assert calls == [] and any(r["block"] >= SWITCH // 3 for r in res.memory_log)
 
 
-def test_recompute_reruns_the_retrieved_latents_under_the_new_prompt(rag_runs, golden):
+def test_recompute_reruns_the_older_retrieved_latents_under_the_new_prompt(rag_runs, golden):
     _, io, model = golden
     _, res, calls = rag_runs["recompute"]
     after = [r for r in res.memory_log if r["block"] >= SWITCH // 3]
-    assert len(calls) == len(after) > 0                          # one recompute per retrieval after the switch
+    with_older = [r for r in after if any(f < SWITCH for f in r["selected_global_frames"][0])]
+    assert len(calls) == len(with_older) > 0           # one recompute per retrieval that selected an older frame
     cache = model.new_cache(1)
     model.set_text(cache, io["text_embeds_1"])
-    for rec, (latents, text_k) in zip(after, calls):
+    for rec, (latents, text_k) in zip(with_older, calls):
         frames = rec["selected_global_frames"][0]
         assert torch.equal(latents[0], res.latents[0, frames])     # the frames' own latents, selection order
         assert torch.equal(text_k, cache.text.k[0])               # under the new prompt
+
+
+def test_a_switch_block_retrieves_afresh_even_when_retrieval_is_held(golden, monkeypatch):
+    # retrieve_every=4 holds the slots at block 15 (frame 45); a switch there forces a new retrieval, which under
+    # "forget" finds nothing eligible: no frame from before the switch stays in the slots
+    from lrag import block_memory
+    run, io, model = golden
+    seen = {}
+    original = block_memory.BlockMemory.retrieve
+
+    def spy(self, s, cache, hold=False):
+        plan = original(self, s, cache, hold=hold)
+        seen[s] = (hold, cache.mem_count)
+        return plan
+
+    monkeypatch.setattr(block_memory.BlockMemory, "retrieve", spy)
+    pipe = Pipeline(model, retrieval=MemoryConfig(top_k=3, recent_exclude=2), switch_memory="forget",
+                    retrieve_every=4)
+    gen = lambda switches: pipe.generate(io["text_embeds_0"], N_FRAMES, mode="rag",  # noqa: E731
+                                         generator=torch.Generator().manual_seed(3), switches=switches)
+    gen([])
+    assert seen[SWITCH] == (True, 3)                                  # held: the block-12 retrieval's 3 frames
+    res = gen([(SWITCH, io["text_embeds_1"])])
+    assert res.switches[0]["block"] == 15 and seen[SWITCH] == (False, 0)
+    assert all(f >= SWITCH for r in res.memory_log if r["block"] >= 15 for f in r["selected_global_frames"][0])
 
 
 def test_forget_never_retrieves_frames_from_before_the_switch(rag_runs, tmp_path):
@@ -158,7 +208,10 @@ def test_forget_never_retrieves_frames_from_before_the_switch(rag_runs, tmp_path
     stream = mem.streams()[0]
     assert all(mem._code_of(stream, f) == -1 for f in range(SWITCH))                # their K/V freed
     mem.save(str(tmp_path / "m"))
-    assert RetrievalMemory.load(str(tmp_path / "m")).num_frames(stream) == N_FRAMES
+    back = RetrievalMemory.load(str(tmp_path / "m"))
+    assert back.num_frames(stream) == N_FRAMES
+    ids = back.retrieve(stream).ids[0].tolist()
+    assert ids and all(f == -1 or f >= SWITCH for f in ids)              # still forgotten after a reload
 
 
 def test_unknown_switch_memory_policy(golden):

@@ -105,6 +105,9 @@ FULL = dict(registry.entry("self-forcing-dmd").geometry)
     ("framewise-2step.pt", ["generator", "generator_ema"], "causal-forcing-pp-framewise-2step"),
     ("/m/longlive_models/models/longlive_base.pt", ["generator"], "longlive-base"),
     ("/x/self_forcing_dmd.pt", ["generator_ema"], "self-forcing-dmd"),
+    ("C:\\ckpts\\framewise\\causal_forcing.pt", ["generator", "generator_ema"], "causal-forcing-framewise"),
+    ("D:/Downloads/Framewise/Causal_Forcing.PT", ["generator", "generator_ema"], "causal-forcing-framewise"),
+    ("causal-forcing++/framewise-1step.pt", ["generator_ema"], "causal-forcing-pp-framewise-1step"),
 ])
 def test_identify_by_path(path, keys, expect):
     match = registry.identify(path, FULL, keys)
@@ -120,7 +123,8 @@ def test_identify_reports_ambiguity_differences_and_unknown_files():
     no_entry = registry.identify("/dl/framewise-1step.pt", FULL, ["generator"])
     assert "no 'generator_ema' entry, which the release's inference reads" in no_entry.describe()
     plain = registry.identify("/dl/framewise-1step.pt", FULL, None)
-    assert "a plain state dict" in plain.describe()
+    assert "a plain state dict" in plain.describe() and plain.only_entry_differs
+    assert not small.only_entry_differs
     unknown = registry.identify("/dl/my_finetune.pt", FULL, ["generator_ema"])
     assert unknown.entry is None and unknown.closest is None and unknown.describe().startswith("unknown")
 

@@ -279,6 +279,20 @@ def test_forget_before_frees_and_excludes_the_older_frames(tmp_path, device_fram
     assert torch.equal(back.retrieve(a).ids, mem.retrieve(a).ids)
 
 
+def test_a_latent_plan_from_before_forget_before_is_stale():
+    cfg = kv_config(storage="latent", kv_layout=None, latent_shape=(2, 3, 3), recent_exclude=0)
+    mem = RetrievalMemory(cfg)
+    g = torch.Generator().manual_seed(8)
+    s = mem.add_stream()
+    mem.append(s, torch.randn(12, cfg.embed_dim, generator=g), latents=torch.randn(12, 2, 3, 3, generator=g))
+    plan = mem.retrieve(s)
+    assert int(plan.ids[0, 0]) >= 1
+    mem.forget_before(s, 12)
+    with pytest.raises(ValueError, match="plan is stale: .* or were forgotten"):
+        mem.latents(plan)
+    assert (mem.retrieve(s).ids < 0).all()
+
+
 # --- save / restore --------------------------------------------------------------------------------------------
 
 def filled_memory(device="cpu", dtype=torch.float32):

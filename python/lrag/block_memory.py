@@ -51,9 +51,10 @@ class BlockMemory:
         self.model, self._config, self.embed = model, config, embed
         self.memory: Optional[lrag_ext.RetrievalMemory] = None
         self.streams: list[int] = []
-        # the generation's latents [B, T, C, H, W]: when set (after a prompt switch, switch_memory="recompute"),
-        # retrieved frames' K/V are recomputed from their latents under the cache's current text
+        # after a prompt switch with switch_memory="recompute": the generation's latents [B, T, C, H, W] and the
+        # switch's block start; retrieved frames older than it get their K/V recomputed under the current text
         self.recompute_from: Optional[torch.Tensor] = None
+        self.switch_frame = 0
         self.retrievals = 0          # retrieve calls on the memory: the index of each block's record in its log
 
     def retrieve(self, s: int, cache, hold: bool = False) -> Optional["lrag_ext.RetrievalPlan"]:
@@ -75,13 +76,8 @@ class BlockMemory:
         if m == 0:
             return None
         positions = self._positions(cache, plan, m)
-        if self.memory.config.storage == "latent" or self.recompute_from is not None:
-            if self.memory.config.storage == "latent":
-                latents = self.memory.latents(plan)[:, :m]
-            else:   # the frames' latents, by their global ids, from the generation's output
-                ids = plan.ids[:, :m].to(self.recompute_from.device)
-                latents = self.recompute_from[torch.arange(len(self.streams), device=ids.device)[:, None], ids]
-            k, v = self.model.recompute_kv(latents, cache)
+        if self.memory.config.storage == "latent":
+            k, v = self.model.recompute_kv(self.memory.latents(plan)[:, :m], cache)
             cache.set_memory(k, v, positions)
             return plan
         mem_k, mem_v = cache.memory_buffers()
@@ -90,14 +86,30 @@ class BlockMemory:
         # attention time, at the positions _positions gives the cache.
         self.memory.gather(plan, mem_k, mem_v, dst_frame=slots, positions="sink")
         cache.set_memory_positions(positions)
+        if self.recompute_from is not None:
+            self._recompute_older(plan, m, mem_k, mem_v, cache)
         return plan
 
+    def _recompute_older(self, plan, m: int, mem_k: torch.Tensor, mem_v: torch.Tensor, cache) -> None:
+        """After a prompt switch (``switch_memory="recompute"``): the selected frames generated before it get K/V
+        recomputed from their latents under the cache's current text (the m frames run together at t = 0, as
+        ``storage="latent"`` does), written over the gathered ones; frames from after the switch keep theirs."""
+        ids = plan.ids[:, :m].to(self.recompute_from.device)
+        older = ids < self.switch_frame                                    # [B, m]
+        if not bool(older.any()):                                          # one read of m booleans
+            return
+        latents = self.recompute_from[torch.arange(len(self.streams), device=ids.device)[:, None], ids]
+        k, v = self.model.recompute_kv(latents, cache)                    # [layers, B, m, T, H, d]
+        mask = older.to(mem_k.device)[None, :, :, None, None, None]
+        mem_k[:, :, :m] = torch.where(mask, k.to(mem_k.dtype), mem_k[:, :, :m])
+        mem_v[:, :, :m] = torch.where(mask, v.to(mem_v.dtype), mem_v[:, :, :m])
+
     def after_switch(self, policy: str, s: int, latents: torch.Tensor) -> None:
-        """A prompt switch at the block starting at ``s``: ``"recompute"`` recomputes every later retrieval's K/V
-        from ``latents`` (the generation's ``[B, T, C, H, W]`` output) under the cache's text; ``"forget"`` makes
-        frames ``< s`` unretrievable (and frees their K/V); ``"keep"`` changes nothing."""
+        """A prompt switch at the block starting at ``s``: ``"recompute"``: from now on, retrieved frames older than
+        ``s`` get K/V recomputed from ``latents`` (the generation's ``[B, T, C, H, W]`` output) under the cache's
+        text; ``"forget"`` makes frames ``< s`` unretrievable (and frees their K/V); ``"keep"`` changes nothing."""
         if policy == "recompute":
-            self.recompute_from = latents
+            self.recompute_from, self.switch_frame = latents, s
         elif policy == "forget" and self.memory is not None:
             for stream in self.streams:
                 self.memory.forget_before(stream, s)

@@ -216,7 +216,9 @@ def _describe(path: str, obj: dict) -> dict:
 
         info["kind"] = "generator"
         info["geometry"] = infer_geometry(sd)
-        match = identify(path, info["geometry"], info.get("top_level_keys"))
+        top = None if all(isinstance(v, torch.Tensor) for v in obj.values()) else sorted(str(k) for k in obj)
+        info["all_top_level_keys"] = top          # every entry (top_level_keys: the first 20, for display)
+        match = identify(path, info["geometry"], top)
         info["release"] = match.entry.name if match.entry is not None else None
         info["registry"] = match.describe()
         info["backbone_guess"] = (f"{match.entry.backbone} (the registered release {match.entry.name})"

@@ -34,6 +34,30 @@ SAMPLERS = ("renoise", "euler")
 SWITCH_MEMORY = ("recompute", "keep", "forget")
 
 
+def switch_starts(frames: Sequence[int], num_frames: int, frames_per_block: int,
+                  names: Sequence[str] | None = None) -> list[int]:
+    """The block start frame at which each prompt switch happens: the first block starting at or after its frame
+    (LongLive's interactive pipeline), checked so that every switch does happen, each in its own block.
+
+    Raises:
+        ValueError: a frame that is not an int, not after the previous one's block, or after the last block's start
+            (it would never happen); the message names the switch as ``names[i]`` (default ``switches[i]``).
+    """
+    F, starts = frames_per_block, []
+    last_start = (num_frames - 1) // F * F
+    for i, frame in enumerate(frames):
+        name = names[i] if names is not None else f"switches[{i}]"
+        if isinstance(frame, bool) or not isinstance(frame, int):
+            raise ValueError(f"{name}: the frame must be an int, got {frame!r}")
+        low = starts[-1] + 1 if starts else 1
+        if not low <= frame <= last_start:
+            raise ValueError(f"{name}: frame {frame} must be in [{low}, {last_start}]: after the previous switch's "
+                             f"block (one switch per block of {F} frames) and at most the last block's start (a later "
+                             f"one would never happen)")
+        starts.append(-(-frame // F) * F)
+    return starts
+
+
 class _Lazy:
     """A value computed on first use (a block's memory record reads the selection back from the device)."""
 
@@ -137,13 +161,19 @@ class Pipeline:
         self.model = model
         self.cfg = model.cfg
         self.scheduler = scheduler or FlowMatchScheduler(5.0)
-        self.timesteps = self.scheduler.warp(list(denoising_steps))          # float32 [S]
+        self.timesteps = self._warp("denoising_steps", denoising_steps)                      # float32 [S]
         self.first_timesteps = (None if first_block_steps is None
-                                else self.scheduler.warp(list(first_block_steps)))   # float32 [S0] or None
+                                else self._warp("first_block_steps", first_block_steps))   # float32 [S0] or None
         self.context_noise = float(context_noise)
         self.retrieval = memory_config_for(self.cfg, retrieval)
         self.embed = embed or mean_descriptor
         self.memory: lrag_ext.RetrievalMemory | None = None
+
+    def _warp(self, name: str, steps: Sequence[int]) -> torch.Tensor:
+        try:
+            return self.scheduler.warp(list(steps))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{name}: {e}") from None
 
     def block_timesteps(self, block: int) -> torch.Tensor:
         """The warped timesteps block ``block`` is denoised with (float32 ``[S_b]``)."""
@@ -161,21 +191,19 @@ class Pipeline:
     def _check_switches(self, switches, num_frames: int, text: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
         """``switches`` as a list of ``(frame, text [B, L, text_dim])``, checked: frames strictly increasing in
         ``(0, num_frames)``, each text shaped like the first prompt's batch."""
-        out, last = [], 0
+        out = []
         for i, item in enumerate(switches or ()):
             if not isinstance(item, (tuple, list)) or len(item) != 2:
                 raise ValueError(f"switches[{i}] must be a (frame, text_embeddings) pair, got {item!r}")
-            frame, emb = item
-            if isinstance(frame, bool) or not isinstance(frame, int) or not last < frame < num_frames:
-                raise ValueError(f"switches[{i}]: the frame must be an int in ({last}, {num_frames}) (after the "
-                                 f"previous switch, before the end), got {frame!r}")
+            emb = item[1]
             if not isinstance(emb, torch.Tensor) or emb.dim() != 3 or emb.shape[0] != text.shape[0] \
-                    or emb.shape[2] != text.shape[2]:
-                raise ValueError(f"switches[{i}]: text embeddings must be [{text.shape[0]}, L, {text.shape[2]}], "
-                                 f"got {list(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__}")
-            out.append((frame, emb))
-            last = frame
-        return out
+                    or emb.shape[2] != text.shape[2] or not 1 <= emb.shape[1] <= self.cfg.text_len:
+                raise ValueError(f"switches[{i}]: text embeddings must be [{text.shape[0]}, L <= {self.cfg.text_len}, "
+                                 f"{text.shape[2]}], got "
+                                 f"{list(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__}")
+            out.append(tuple(item))
+        starts = switch_starts([frame for frame, _ in out], num_frames, self.cfg.frames_per_block)
+        return [(start, emb) for start, (_, emb) in zip(starts, out)], [frame for frame, _ in out]
 
     def _check(self, text, num_frames, mode, noise, renoise, B, prefix=None):
         cfg, F = self.cfg, self.cfg.frames_per_block
@@ -245,7 +273,7 @@ class Pipeline:
         model, cfg, sched = self.model, self.cfg, self.scheduler
         B, F = text_embeddings.shape[0], cfg.frames_per_block
         self._check(text_embeddings, num_frames, mode, noise, renoise, B, prefix)
-        switches = self._check_switches(switches, num_frames, text_embeddings)
+        switches, switch_frames = self._check_switches(switches, num_frames, text_embeddings)
         n_prefix = 0 if prefix is None else prefix.shape[1]
         device, dtype = model.device, model.dtype
         shape = (B, num_frames, cfg.in_dim, cfg.latent_height, cfg.latent_width)
@@ -272,15 +300,18 @@ class Pipeline:
             s = b * F
             timings = {}
             t_block = time.perf_counter()
-            if next_switch < len(switches) and s >= switches[next_switch][0]:
-                # LongLive's interactive pipeline: one switch per block, at the first block at or after its frame
+            switched = next_switch < len(switches) and s == switches[next_switch][0]
+            if switched:
+                # LongLive's interactive pipeline: at the first block starting at or after the switch's frame
                 model.set_text(cache, switches[next_switch][1])
                 model.recache(out[:, s - min(cfg.window, s):s], cache, self.context_noise)
                 if rag:
                     memory.after_switch(self.switch_memory, s, out)
-                result.switches.append({"frame": switches[next_switch][0], "block": b, "start_frame": s})
+                result.switches.append({"frame": switch_frames[next_switch], "block": b, "start_frame": s})
                 next_switch += 1
-            plan = memory.retrieve(s, cache, hold=b % self.retrieve_every != 0) if rag else None
+            # a switch block always retrieves afresh: held slots would carry the old prompt's frames over
+            hold = b % self.retrieve_every != 0 and not switched
+            plan = memory.retrieve(s, cache, hold=hold) if rag else None
             _sync(device, profile)
             timings["retrieval"] = time.perf_counter() - t_block
 

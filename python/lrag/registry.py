@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import functools
 import json
-import os
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Optional
 
 REGISTRY_FORMAT = "lrag-checkpoint-registry/1"
 EMA_KEYS = ("generator_ema", "generator")
+ENTRY_DIFF = "no "      # how compare() starts the difference "the file lacks the release's state-dict entry"
 GEOMETRY_FIELDS = ("num_layers", "dim", "ffn_dim", "text_dim", "freq_dim", "in_dim", "out_dim", "patch_size",
                    "qk_norm", "cross_attn_norm")
 
@@ -69,6 +70,11 @@ class CheckpointEntry:
 class Match:
     """What :func:`identify` found: ``entry`` when a file is recognised with nothing differing; otherwise the
     ``closest`` entry (or ``None``) and the ``differences``; ``candidates``: every entry the name fits."""
+
+    @property
+    def only_entry_differs(self) -> bool:
+        """The closest release fits in everything but the state-dict entry (e.g. a re-saved plain state dict)."""
+        return self.closest is not None and all(d.startswith(ENTRY_DIFF) for d in self.differences)
 
     entry: Optional[CheckpointEntry] = None
     closest: Optional[CheckpointEntry] = None
@@ -184,13 +190,19 @@ def backbone_default(backbone: str) -> CheckpointEntry:
     return _registry()[0][_registry()[1][backbone]]
 
 
+def _path_parts(path: str) -> list[str]:
+    """The components of a path, split at ``/`` and ``\\`` (a Windows path given on any system), lower-cased (file
+    systems and downloads differ in case)."""
+    return [part for part in re.split(r"[\\/]+", path.lower()) if part not in ("", ".")]
+
+
 def _path_fits(path: str, file: str) -> str | None:
-    """How ``path`` fits the release's relative ``file``: ``"path"`` (ends with it), ``"name"`` (same base
-    name), or ``None``."""
-    norm = os.path.normpath(os.path.abspath(path)).replace(os.sep, "/")
-    if norm.endswith("/" + file.strip("/")):
+    """How ``path`` (as given: a relative path is compared as written) fits the release's relative ``file``:
+    ``"path"`` (ends with all its components), ``"name"`` (same base name), or ``None``."""
+    given, release = _path_parts(path), _path_parts(file)
+    if len(given) >= len(release) and given[-len(release):] == release:
         return "path"
-    return "name" if os.path.basename(norm) == os.path.basename(file) else None
+    return "name" if given and given[-1] == release[-1] else None
 
 
 def name_candidates(path: str) -> tuple[list[CheckpointEntry], str]:
@@ -216,7 +228,7 @@ def compare(found: CheckpointEntry, geometry: dict, top_level_keys: list[str] | 
             diffs.append(f"{key} {got} (the release: {want})")
     keys = set(top_level_keys or ())
     if found.ema_key not in keys:
-        diffs.append(f"no {found.ema_key!r} entry, which the release's inference reads"
+        diffs.append(f"{ENTRY_DIFF}{found.ema_key!r} entry, which the release's inference reads"
                      + (f" (entries: {', '.join(sorted(keys)[:6])})" if keys else " (a plain state dict)"))
     return diffs
 

@@ -31,7 +31,7 @@ from lrag.config import WanConfig, wan_1_3b
 from lrag_ext.memory_config import MemoryConfig
 from lrag.lora import check_lora_scaling
 from lrag.generate import ModeRun, Progress, blocks_for_seconds, run_mode, write_outputs
-from lrag.pipeline import Pipeline
+from lrag.pipeline import Pipeline, switch_starts
 from lrag_ext.state_dicts import (InputFileError, check_output_dir, check_regular_file, device_memory, error_summary,
                                   parse_device)
 
@@ -79,6 +79,10 @@ def _check_common(args) -> None:
         raise UsageError(f"--seed must be in [0, 2**64), got {args.seed}")
     if args.retrieve_every < 1:
         raise UsageError(f"--retrieve-every must be >= 1, got {args.retrieve_every}")
+    if args.switch_memory_given and not args.switch:
+        raise UsageError("--switch-memory needs --switch (it says what retrieval does across a prompt switch)")
+    if args.switch_memory_given and args.mode == "native":
+        raise UsageError("--switch-memory applies to --mode rag or both: native mode retrieves nothing")
     if args.sink is not None and args.sink < 0:
         raise UsageError(f"--sink must be >= 0, got {args.sink}")
     _retrieval(args)
@@ -202,12 +206,12 @@ def _check_blocks(args, cfg: WanConfig, modes: list[str]) -> int:
     if "rag" in modes and args.top_k > cfg.window - cfg.sink - 1:
         raise UsageError(f"--top-k must be <= window - sink - 1 = {cfg.window - cfg.sink - 1} (the retrieved frames "
                          f"share the {cfg.window}-frame attention window), got {args.top_k}")
-    last = 0
-    for frame, _ in args.switch or ():
-        if not last < frame < frames:
-            raise UsageError(f"--switch {frame}:...: the frame must be in ({last}, {frames}) (after the previous "
-                             f"switch, inside the {frames} latent frames of --seconds {args.seconds:g})")
-        last = frame
+    switches = args.switch or ()
+    try:
+        args.switch_starts = switch_starts([frame for frame, _ in switches], frames, cfg.frames_per_block,
+                                           names=[f"--switch {frame}:..." for frame, _ in switches])
+    except ValueError as e:
+        raise UsageError(f"{e} (--seconds {args.seconds:g} = {frames} latent frames)") from None
     if "native" in modes and frames > cfg.rope_max_positions:
         raise UsageError(f"--seconds {args.seconds:g} needs {frames} latent frames; native mode uses absolute RoPE "
                          f"positions, at most {cfg.rope_max_positions} frames "
@@ -296,19 +300,26 @@ def _release_schedule(args, info: dict) -> dict:
     refuses combinations that cannot work. Sets on ``args`` (the run's own copy): ``release`` (the registered
     entry or ``None``), ``backbone``, ``steps``, ``first_block_steps``, ``use_ema``; returns the
     :class:`~lrag.config.WanConfig` schedule fields."""
-    release = None
+    release, own_entry = None, False
+    top = info.get("all_top_level_keys")
     if args.checkpoint_name is not None:
         release = registry.entry(args.checkpoint_name)
-        diffs = [d for d in registry.compare(release, info["geometry"], info.get("top_level_keys"))
-                 if not d.startswith("no ")]            # a missing entry is refused when the weights are read
-        if diffs:
+        diffs = registry.compare(release, info["geometry"], top)
+        own_entry = any(d.startswith(registry.ENTRY_DIFF) for d in diffs)
+        geometry = [d for d in diffs if not d.startswith(registry.ENTRY_DIFF)]
+        if geometry:
             print(f"lrag: warning: --checkpoint-name {release.name}: the file differs from that release "
-                  f"({'; '.join(diffs)}); its geometry is read from the weights", file=sys.stderr)
+                  f"({'; '.join(geometry)}); its geometry is read from the weights", file=sys.stderr)
     else:
-        match = registry.identify(args.checkpoint, info["geometry"], info.get("top_level_keys"))
+        match = registry.identify(args.checkpoint, info["geometry"], top)
         release = match.entry
-        if release is None and (match.closest is not None or len(match.candidates) > 1):
+        if release is None and match.only_entry_differs:
+            release, own_entry = match.closest, True
+        elif release is None and (match.closest is not None or len(match.candidates) > 1):
             print(f"lrag: note: --checkpoint: {match.describe()}", file=sys.stderr)
+    if own_entry:
+        print(f"lrag: note: --checkpoint is {release.name} by its name and shapes but has no {release.ema_key!r} "
+              "entry: its own generator weights are used (generator_ema when present)", file=sys.stderr)
     if release is not None:
         if args.backbone is not None and args.backbone != release.backbone:
             raise UsageError(f"--backbone {args.backbone} does not fit --checkpoint, the {release.backbone} release "
@@ -328,7 +339,7 @@ def _release_schedule(args, info: dict) -> dict:
     args.steps = list(args.steps or defaults.steps)
     first = defaults.first_block_steps if args.first_block_steps is None else args.first_block_steps
     args.first_block_steps = list(first) if first else None
-    args.use_ema = False if args.no_ema else (release.use_ema if release is not None else None)
+    args.use_ema = False if args.no_ema else (release.use_ema if release is not None and not own_entry else None)
     return dict(frames_per_block=defaults.frames_per_block if args.frames_per_block is None else args.frames_per_block,
                 window=defaults.window,
                 sink=defaults.sink if args.sink is None else args.sink)
@@ -439,7 +450,8 @@ def _real_setup(args, cfg: WanConfig, num_frames: int, tokenizer=None) -> Setup:
                       args.use_ema],
                   "steps": args.steps, "first_block_steps": args.first_block_steps,
                   "retrieve_every": args.retrieve_every,
-                  "switches": [{"frame": f, "prompt": p} for f, p in args.switch or ()],
+                  "switches": [{"frame": f, "start_frame": start, "prompt": p}
+                               for (f, p), start in zip(args.switch or (), args.switch_starts)],
                   "switch_memory": args.switch_memory if args.switch else None})
 
 
@@ -503,7 +515,8 @@ def run_generate(args, on_block: Optional[Callable] = None, tokenizer=None) -> d
 
         return run_demo(args, on_block)
     # a copy with the defaults of the options the demo refuses (the caller's args stay as parsed)
-    args = Namespace(**{**vars(args), **{k: v for k, v in REAL_DEFAULTS.items() if getattr(args, k) is None}})
+    args = Namespace(**{**vars(args), **{k: v for k, v in REAL_DEFAULTS.items() if getattr(args, k) is None},
+                        "switch_memory_given": args.switch_memory is not None})
     out = output_dir(args)
     _check_common(args)
     modes = {"both": ["rag", "native"], None: ["rag"]}.get(args.mode, [args.mode])

@@ -98,6 +98,11 @@ class _Plan:
     keep_ids: list[int]    # the window after a commit: full[:, :n_sink] + the last window - sink frames
 
 
+def _long(values: list[int]) -> torch.Tensor:
+    """A host int64 tensor of positions."""
+    return torch.tensor(values, dtype=torch.long)
+
+
 @dataclass(frozen=True)
 class _RecachePlan:
     """A re-cache forward (LongLive's prompt switch, :meth:`CausalWanModel.recache`): the last
@@ -297,9 +302,8 @@ class KVCache:
             pos = ids
         else:  # slot index in the window [sink | kept rest]
             pos = list(range(n_sink)) + [None] * (keep_start - n_sink) + list(range(n_sink, n_sink + keep_rest))
-        as_t = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
-        return _Plan(n_committed=n_c, n_sink=n_sink, local_start=local_start, sink_pos=as_t(pos[:n_sink]),
-                     local_pos=as_t(pos[local_start:]), query_pos=as_t(pos[total - num_new:]),
+        return _Plan(n_committed=n_c, n_sink=n_sink, local_start=local_start, sink_pos=_long(pos[:n_sink]),
+                     local_pos=_long(pos[local_start:]), query_pos=_long(pos[total - num_new:]),
                      keep_ids=ids[:n_sink] + ids[keep_start:])
 
     def recache_plan(self) -> _RecachePlan:
@@ -318,14 +322,13 @@ class KVCache:
         rest = self.frame_ids[n_sink:]                   # the window's other frames, consecutive up to s - 1
         old_sink = n_sink if first > 0 else 0
         write_from = n - len(rest) if first > 0 else 0
-        as_t = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
         if self.position_mode == "absolute":
             key_pos, query_pos = self.frame_ids, list(range(first, s))
         else:  # slot index in the window [sink | rest]; re-run frames already out of it are queries only
             key_pos = list(range(len(self.frame_ids)))
             query_pos = [self.frame_ids.index(f) if f in self.frame_ids else 0 for f in range(first, s)]
         return _RecachePlan(first=first, num_new=n, old_sink=old_sink, write_from=write_from,
-                            key_pos=as_t(key_pos), query_pos=as_t(query_pos))
+                            key_pos=_long(key_pos), query_pos=_long(query_pos))
 
     def _recache_kv(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, plan: _RecachePlan, rope: Rope3D):
         """Roped keys and values ``[sink | written]`` of a re-cache forward (no memory frames)."""
@@ -340,14 +343,20 @@ class KVCache:
         """Writes the re-cache forward's K/V of the window's frames (``new[:, write_from:]``) into their ring slots,
         and into the sink slots too when the re-run started at frame 0. The window's frames stay the same."""
         n_sink = min(self.cfg.sink, plan.num_new) if plan.first == 0 else 0    # the sink re-run too
-        runs = self._ring_runs(plan.first + plan.write_from, plan.num_new - plan.write_from)
+        self._write_frames(plan.first + plan.write_from, [k[:, plan.write_from:] for k in new_k],
+                           [v[:, plan.write_from:] for v in new_v], n_sink)
+        self._prefix_key = None          # the committed keys changed: the per-block roped prefix is stale
+
+    def _write_frames(self, first: int, new_k: list[torch.Tensor], new_v: list[torch.Tensor], n_sink: int) -> None:
+        """Writes frames ``first ..`` (one ``[B, n, T, H, d]`` K and V per layer) into their ring slots, and the
+        first ``n_sink`` of them into the sink slots ``first ..`` too."""
+        runs = self._ring_runs(first, new_k[0].shape[1])
         for layer, (k_new, v_new) in enumerate(zip(new_k, new_v)):
-            for store, new in ((self.k, k_new[:, plan.write_from:]), (self.v, v_new[:, plan.write_from:])):
+            for store, new in ((self.k, k_new), (self.v, v_new)):
                 for slot, offset, length in runs:
                     store[layer, :, slot:slot + length] = new[:, offset:offset + length]
                 if n_sink:
-                    store[layer, :, self.ring:self.ring + n_sink] = new[:, :n_sink]
-        self._prefix_key = None          # the committed keys changed: the per-block roped prefix is stale
+                    store[layer, :, self.ring + first:self.ring + first + n_sink] = new[:, :n_sink]
 
     def attention_kv(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, plan: _Plan):
         """Un-roped keys, values ``[B, Nk, T, H, d]`` and key positions ``[B, Nk]`` for ``layer`` (copies: the
@@ -441,14 +450,7 @@ class KVCache:
                              f"{sorted({tuple(t.shape) for t in (*new_k, *new_v)})}")
         if plan.n_committed != len(self.frame_ids) or plan.keep_ids[-1] != first + n - 1:
             raise ValueError("commit needs the plan of this cache's current state and the block it was made for")
-        runs = self._ring_runs(first, n)
-        n_sink = max(0, min(self.cfg.sink - first, n))
-        for layer, (k_new, v_new) in enumerate(zip(new_k, new_v)):
-            for store, new in ((self.k, k_new), (self.v, v_new)):
-                for slot, offset, length in runs:
-                    store[layer, :, slot:slot + length] = new[:, offset:offset + length]
-                if n_sink:
-                    store[layer, :, self.ring + first:self.ring + first + n_sink] = new[:, :n_sink]
+        self._write_frames(first, new_k, new_v, max(0, min(self.cfg.sink - first, n)))
         self.frame_ids = plan.keep_ids
         self.num_frames += n
         self._last_block = (first, n)
@@ -627,7 +629,7 @@ class CausalWanModel(nn.Module):
         out = self.head(tokens, e.unflatten(0, (B, frames)).unsqueeze(2))
         return self.unpatchify(out), new_k, new_v
 
-    def recache(self, latents: torch.Tensor, cache: KVCache, timestep: float = 0.0) -> None:
+    def recache(self, latents: torch.Tensor, cache: KVCache, timestep: float = 0.0) -> torch.Tensor:
         """LongLive's re-cache after a prompt switch: the last ``n = min(window, s)`` clean frames run again, as one
         forward at ``t = timestep`` (the context noise, 0) under the cache's current text (set the new prompt with
         :meth:`set_text` first), and their new K/V replace the window's (the sink's only when the re-run starts at
@@ -636,6 +638,9 @@ class CausalWanModel(nn.Module):
         Args:
             latents: ``[B, n, C, H, W]``: frames ``s - n .. s - 1`` as generated.
             cache: the generation's cache, ``s = cache.num_frames`` frames committed.
+
+        Returns:
+            the re-run's flow ``[B, n, C, H, W]`` (LongLive discards it; for checks).
 
         Raises:
             ValueError: nothing committed yet, or ``latents`` of the wrong shape.
@@ -646,11 +651,13 @@ class CausalWanModel(nn.Module):
         if tuple(latents.shape) != want:
             raise ValueError(f"latents must be the last {plan.num_new} frames {list(want)}, got {list(latents.shape)}")
         t = torch.full(want[:2], float(timestep), dtype=torch.float32, device=self.device)
-        _, new_k, new_v = self._run(latents.to(device=self.device, dtype=self.dtype), t, cache, plan)
+        flow, new_k, new_v = self._run(latents.to(device=self.device, dtype=self.dtype), t, cache, plan)
         cache.commit_recache(new_k, new_v, plan)
+        return flow
 
     def recompute_kv(self, latents: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
-        """Clean, un-roped K/V of stored latent frames, recomputed by one t = 0 forward (LongLive's re-cache).
+        """Clean, un-roped K/V of stored latent frames, recomputed by one t = 0 forward (for the retrieval memory;
+        :meth:`recache` is LongLive's re-cache of the window).
 
         The ``m`` frames are run as one block on a fresh window-relative cache with ``cache``'s text context, so
         they attend to each other only. Used by the ``"latent"`` memory mode, which keeps 200 KB latents per
