@@ -180,6 +180,11 @@ def _consistency_config(geo: dict):
     return wan_1_3b(**{**geo, "num_heads": geo.get("num_heads", 1)}, latent_height=patch[1], latent_width=patch[2])
 
 
+def _entries(obj: dict) -> list[str] | None:
+    """Every top-level entry of a wrapper checkpoint, sorted; ``None`` for a plain state dict."""
+    return None if all(isinstance(v, torch.Tensor) for v in obj.values()) else sorted(str(k) for k in obj)
+
+
 def _is_lora(obj: dict) -> bool:
     from lrag.lora import GENERATOR_ENTRY  # noqa: PLC0415
 
@@ -198,8 +203,8 @@ def _describe_lora(path: str, obj: dict) -> dict:
     info = {"path": path, "bytes": os.path.getsize(path), "kind": "LoRA adapter (LongLive lora.pt / peft format)",
             "rank": adapter.rank, "num_layers_adapted": len(adapter.layers), "layer_kinds": dict(sorted(kinds.items())),
             "ema": False, **_tensor_stats(tensors)}
-    if not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        info["top_level_keys"] = sorted(str(k) for k in obj)[:20]
+    if _entries(obj) is not None:
+        info["top_level_keys"] = _entries(obj)[:20]
     return info
 
 
@@ -207,8 +212,9 @@ def _describe(path: str, obj: dict) -> dict:
     if _is_lora(obj):
         return _describe_lora(path, obj)
     info: dict = {"path": path, "bytes": os.path.getsize(path)}
-    if not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        info["top_level_keys"] = sorted(str(k) for k in obj)[:20]       # a wrapper, not a plain state dict
+    top = _entries(obj)
+    if top is not None:
+        info["top_level_keys"] = top[:20]       # a wrapper, not a plain state dict (the first 20, for display)
     info["ema"] = "generator_ema" in obj
     sd = normalize_keys(_tensors(select_state_dict(obj)))
     if "patch_embedding.weight" in sd:
@@ -216,8 +222,7 @@ def _describe(path: str, obj: dict) -> dict:
 
         info["kind"] = "generator"
         info["geometry"] = infer_geometry(sd)
-        top = None if all(isinstance(v, torch.Tensor) for v in obj.values()) else sorted(str(k) for k in obj)
-        info["all_top_level_keys"] = top          # every entry (top_level_keys: the first 20, for display)
+        info["all_top_level_keys"] = top          # every entry, for the registry's comparison
         match = identify(path, info["geometry"], top)
         info["release"] = match.entry.name if match.entry is not None else None
         info["registry"] = match.describe()

@@ -62,9 +62,13 @@ class LoraAdapter:
     layers: dict[str, tuple[torch.Tensor, torch.Tensor]]
     rank: int
 
+    def alpha(self, alpha: float | None = None) -> float:
+        """The alpha in use: ``alpha``, or the rank when ``None`` (LongLive's ``configure_lora_for_model``)."""
+        return float(self.rank if alpha is None else alpha)
+
     def scaling(self, alpha: float | None = None, scale: float = 1.0) -> float:
         """``s = scale · alpha / r`` (``alpha`` defaults to ``r``)."""
-        return float(scale) * float(self.rank if alpha is None else alpha) / self.rank
+        return float(scale) * self.alpha(alpha) / self.rank
 
     @property
     def num_params(self) -> int:

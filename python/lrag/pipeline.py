@@ -188,9 +188,10 @@ class Pipeline:
         """:attr:`retrieval` completed from the model as it is now (device, dtype) and the embedder's size."""
         return memory_config_for(self.cfg, self.retrieval, embed_dim, self.model.device, self.model.dtype)
 
-    def _check_switches(self, switches, num_frames: int, text: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-        """``switches`` as a list of ``(frame, text [B, L, text_dim])``, checked: frames strictly increasing in
-        ``(0, num_frames)``, each text shaped like the first prompt's batch."""
+    def _check_switches(self, switches, num_frames: int, text: torch.Tensor
+                        ) -> tuple[list[tuple[int, torch.Tensor]], list[int]]:
+        """``([(block start, text [B, L, text_dim])], requested frames)`` of ``switches``, checked: each text shaped
+        like the first prompt's batch, the frames by :func:`switch_starts`."""
         out = []
         for i, item in enumerate(switches or ()):
             if not isinstance(item, (tuple, list)) or len(item) != 2:

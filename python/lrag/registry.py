@@ -187,7 +187,8 @@ def entry(name: str) -> CheckpointEntry:
 
 def backbone_default(backbone: str) -> CheckpointEntry:
     """The entry whose schedule an unrecognised checkpoint of ``backbone`` gets (its chunk-wise release)."""
-    return _registry()[0][_registry()[1][backbone]]
+    known, defaults = _registry()
+    return known[defaults[backbone]]
 
 
 def _path_parts(path: str) -> list[str]:

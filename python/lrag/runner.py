@@ -470,7 +470,7 @@ def _apply_lora(args, model) -> dict | None:
     except ValueError as e:
         raise UsageError(f"--lora {args.lora!r}: {e}") from None
     return {"path": args.lora, "rank": adapter.rank, "layers": len(adapter.layers),
-            "alpha": adapter.rank if args.lora_alpha is None else args.lora_alpha, "lora_scale": scale,
+            "alpha": adapter.alpha(args.lora_alpha), "lora_scale": scale,
             "scaling": adapter.scaling(args.lora_alpha, scale), "merged": not args.lora_unmerged}
 
 
